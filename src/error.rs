@@ -1,0 +1,225 @@
+//! Errors, one enum per boundary, so that a caller can tell apart bad input,
+//! a concurrency conflict, a failing store, undecodable data and the
+//! domain's own rejections. Every enum converts into the umbrella [`Error`].
+
+use uuid::Uuid;
+
+use crate::event::{ExpectedVersion, StreamId, Version};
+
+/// Input refused before anything was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidInput {
+    /// A name (stream id, event type, checkpoint name, ...) was empty.
+    #[error("{what} is empty")]
+    EmptyName {
+        /// Which kind of name.
+        what: &'static str,
+    },
+    /// A name was longer than its documented maximum.
+    #[error("{what} is {len} bytes, more than the maximum of {max}")]
+    NameTooLong {
+        /// Which kind of name.
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// A name held a refused character (control characters are refused).
+    #[error("{what} contains the refused character {character:?}")]
+    InvalidCharacter {
+        /// Which kind of name.
+        what: &'static str,
+        /// The refused character.
+        character: char,
+    },
+    /// Stream ids starting with `$` are reserved for system streams.
+    #[error("stream id {0:?} starts with '$', which is reserved")]
+    ReservedStreamId(String),
+    /// An append carried no events.
+    #[error("an append must carry at least one event")]
+    EmptyAppend,
+    /// An append carried more events than allowed.
+    #[error("an append carries {count} events, more than the maximum of {max}")]
+    TooManyEvents {
+        /// Events in the append.
+        count: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// An event was larger than the store's maximum event size.
+    #[error("an event is {size} bytes, more than the maximum of {max}")]
+    EventTooLarge {
+        /// The event's size.
+        size: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// The same event id appeared twice in one append.
+    #[error("event id {0} appears twice in one append")]
+    DuplicateEventIdInAppend(Uuid),
+    /// A read limit of zero.
+    #[error("a read limit must be at least 1")]
+    ZeroLimit,
+}
+
+/// A failure of the storage itself (I/O, corruption, a closed store).
+/// The operation may not have happened; for appends, see [`AppendError`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled reported an error.
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    /// An I/O error outside sled (for example the fdatasync of its files).
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored record did not decode: the store's files are damaged.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The path holds an annals store of another format version.
+    #[error("store format version {found}, this build reads version {expected}")]
+    FormatMismatch {
+        /// The version found on disk.
+        found: u32,
+        /// The version this build reads.
+        expected: u32,
+    },
+    /// The path holds something that is not an annals store.
+    #[error("{0} does not hold an annals store")]
+    NotAStore(String),
+    /// The store was shut down.
+    #[error("the store is shut down")]
+    Closed,
+    /// An earlier write failed part-way through a flush; the store refuses
+    /// further writes until it is reopened, because what is on disk is not
+    /// known (the same policy as PostgreSQL after a failed fsync).
+    #[error("the store failed an earlier flush and must be reopened: {0}")]
+    Poisoned(String),
+    /// A name or argument was refused.
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
+    /// Injected by the fault-injecting test wrapper.
+    #[error("injected fault: {0}")]
+    Injected(&'static str),
+}
+
+/// Why an append failed. Except for [`AppendError::Store`], nothing was
+/// written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// The stream was not at the expected version (a concurrency conflict).
+    #[error("stream {stream}: expected version {expected:?}, actual {actual}")]
+    WrongExpectedVersion {
+        /// The stream.
+        stream: StreamId,
+        /// What the caller expected.
+        expected: ExpectedVersion,
+        /// The stream's actual version.
+        actual: Version,
+    },
+    /// Some but not all of the append's event ids are already stored, or an
+    /// id is stored on another stream or at another version: the append is
+    /// neither new nor a retry of an earlier one.
+    #[error("event id {event_id} is already stored ({reason})")]
+    DuplicateEventId {
+        /// The offending id.
+        event_id: Uuid,
+        /// Why the append is not an idempotent retry.
+        reason: &'static str,
+    },
+    /// The input was refused; nothing was written.
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
+    /// The store failed. For the sled store this means the batch was not
+    /// acknowledged: either it was not written or the store is poisoned.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The input was refused.
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
+    /// The store failed or a record is corrupt.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sled::Error> for ReadError {
+    fn from(error: sled::Error) -> Self {
+        ReadError::Store(StoreError::Sled(error))
+    }
+}
+
+impl From<sled::Error> for AppendError {
+    fn from(error: sled::Error) -> Self {
+        AppendError::Store(StoreError::Sled(error))
+    }
+}
+
+/// Encoding or decoding failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The value could not be encoded.
+    #[error("cannot encode {what}: {message}")]
+    Encode {
+        /// What was being encoded.
+        what: String,
+        /// postcard's message.
+        message: String,
+    },
+    /// The bytes did not decode.
+    #[error("cannot decode {what}: {message}")]
+    Decode {
+        /// What was being decoded.
+        what: String,
+        /// postcard's message.
+        message: String,
+    },
+    /// The stored event type is not one of the event enum's variants.
+    #[error("unknown event type {event_type:?}")]
+    UnknownEventType {
+        /// The stored name.
+        event_type: String,
+    },
+    /// No upcaster leads from the stored schema version to the current one.
+    #[error(
+        "event type {event_type:?}: no upcaster from schema version {found} (current {current})"
+    )]
+    NoUpcaster {
+        /// The stored name.
+        event_type: String,
+        /// The stored schema version.
+        found: u16,
+        /// The current schema version.
+        current: u16,
+    },
+}
+
+/// The umbrella error: any of the above.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// See [`InvalidInput`].
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
+    /// See [`StoreError`].
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// See [`AppendError`].
+    #[error(transparent)]
+    Append(#[from] AppendError),
+    /// See [`ReadError`].
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// See [`CodecError`].
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}

@@ -1,0 +1,42 @@
+//! # annals
+//!
+//! Event-sourced aggregates for tokio services: a durable, group-committed
+//! event log on sled, with an in-memory twin for tests.
+//!
+//! ```
+//! use annals::{EventStore, ExpectedVersion, NewEvent, ReadDirection, SledStore, StreamId, Version};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let store = SledStore::open(dir.path())?;
+//! let order = StreamId::new("order-42")?;
+//!
+//! // Acknowledged only once on disk (fdatasync), with version 1 and position 1.
+//! let appended = store
+//!     .append(&order, ExpectedVersion::NoStream, vec![NewEvent::new("OrderPlaced", b"...".to_vec())])
+//!     .await?;
+//! assert_eq!(appended.last_version, Version(1));
+//!
+//! let events = store.read_stream(&order, Version::FIRST, ReadDirection::Forward, 100).await?;
+//! assert_eq!(events[0].event_type, "OrderPlaced");
+//! store.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod event;
+mod store;
+
+pub use crate::error::{AppendError, CodecError, Error, InvalidInput, ReadError, StoreError};
+pub use crate::event::{
+    AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position, ReadDirection,
+    RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_EVENTS_PER_APPEND,
+    MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
+};
+pub use crate::store::memory::MemoryStore;
+pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, FORMAT_VERSION};
+pub use crate::store::{
+    Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
+};

@@ -1,0 +1,275 @@
+//! The log: the [`EventStore`] trait every backend implements, the live feed
+//! of commits, and the rules the backends share (idempotent retries).
+//! Backends: [`SledStore`](crate::SledStore) on disk and
+//! [`MemoryStore`](crate::MemoryStore) for tests.
+
+pub(crate) mod memory;
+pub(crate) mod sled;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::error::{AppendError, InvalidInput, ReadError, StoreError};
+use crate::event::{
+    validate_name, AppendResult, EventFilter, ExpectedVersion, NewEvent, Position, ReadDirection,
+    RecordedEvent, Snapshot, StreamId, Version,
+};
+
+/// The longest checkpoint name, in bytes.
+pub const MAX_CHECKPOINT_NAME_LEN: usize = 256;
+/// Commits the live feed keeps for a slow subscriber before it lags.
+pub const DEFAULT_LIVE_FEED_CAPACITY: usize = 4096;
+
+/// An append-only log of streams of events.
+///
+/// Every backend guarantees:
+/// - an append commits all of its events or none, with versions `n+1..`
+///   and global positions with no gap, in commit order;
+/// - a wrong [`ExpectedVersion`] fails with
+///   [`AppendError::WrongExpectedVersion`] and writes nothing;
+/// - an append whose event ids are all stored already, on the same stream at
+///   consecutive versions, returns the original [`AppendResult`] and writes
+///   nothing (a retried request is not duplicated); a partial overlap is
+///   [`AppendError::DuplicateEventId`];
+/// - bad input gets [`InvalidInput`] and writes nothing;
+/// - every committed event is published on the [`LiveFeed`] after it is
+///   readable, in position order.
+///
+/// Durability depends on the backend; see [`SledStore`](crate::SledStore).
+#[async_trait]
+pub trait EventStore: Send + Sync + fmt::Debug + 'static {
+    /// Appends `events` to `stream` if its version satisfies `expected`.
+    /// Returns once the events are committed (for the sled store, with its
+    /// default durability, once they are on disk).
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, AppendError>;
+
+    /// Reads up to `limit` events of one stream, starting at version `from`
+    /// (inclusive) and going in `direction`. Reading forward from
+    /// [`Version::FIRST`] gives the whole stream; backward from
+    /// [`Version::MAX`] gives the newest first.
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: Version,
+        direction: ReadDirection,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, ReadError>;
+
+    /// The stream's current version ([`Version::NONE`] if it has no events),
+    /// without reading its events.
+    async fn stream_version(&self, stream: &StreamId) -> Result<Version, ReadError>;
+
+    /// Reads up to `limit` events of the whole log that pass `filter`,
+    /// starting at position `from` (inclusive), in `direction`.
+    async fn read_all(
+        &self,
+        from: Position,
+        direction: ReadDirection,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Vec<RecordedEvent>, ReadError>;
+
+    /// The position of the last committed event ([`Position::START`] when
+    /// the log is empty). Every event up to it is readable.
+    fn head_position(&self) -> Position;
+
+    /// Subscribes to commits from now on. Events committed before this call
+    /// are not delivered; read them with [`EventStore::read_all`] (the
+    /// subscriptions in [`crate::projection`] do both without a gap).
+    fn subscribe_live(&self) -> LiveFeed;
+
+    /// Saves `snapshot` as the latest snapshot of `stream`, replacing any
+    /// earlier one.
+    async fn save_snapshot(&self, stream: &StreamId, snapshot: Snapshot) -> Result<(), StoreError>;
+
+    /// Loads the latest snapshot of `stream`, if any.
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, ReadError>;
+
+    /// Deletes the snapshot of `stream`, if any.
+    async fn delete_snapshot(&self, stream: &StreamId) -> Result<(), StoreError>;
+
+    /// Saves a named position (a projection's checkpoint). Durable under the
+    /// store's durability once this returns.
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
+
+    /// Loads a named position, if saved.
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, ReadError>;
+
+    /// Stops accepting writes, finishes the queued ones and flushes. Later
+    /// appends fail with [`StoreError::Closed`]. Calling it twice is fine.
+    async fn shutdown(&self) -> Result<(), StoreError>;
+}
+
+/// Checks a checkpoint name.
+pub(crate) fn validate_checkpoint_name(name: &str) -> Result<(), InvalidInput> {
+    validate_name("checkpoint name", name, MAX_CHECKPOINT_NAME_LEN)
+}
+
+/// Refuses a read limit of zero, which would make paging loops spin.
+pub(crate) fn validate_limit(limit: usize) -> Result<(), InvalidInput> {
+    if limit == 0 {
+        return Err(InvalidInput::ZeroLimit);
+    }
+    Ok(())
+}
+
+/// The events committed together by one group commit, in position order.
+pub type Commit = Arc<[RecordedEvent]>;
+
+/// Why [`LiveFeed::recv`] returned no commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FeedError {
+    /// The subscriber fell behind and this many commits were dropped for it.
+    /// It must re-read from the store from its last position.
+    #[error("the subscriber lagged; {0} commits were dropped for it")]
+    Lagged(u64),
+    /// The store shut down.
+    #[error("the store shut down")]
+    Closed,
+}
+
+/// A subscription to commits as they happen.
+///
+/// The feed never makes an append wait and holds a bounded number of
+/// commits: a subscriber that falls behind gets [`FeedError::Lagged`] and
+/// must catch up from the store.
+#[derive(Debug)]
+pub struct LiveFeed {
+    receiver: broadcast::Receiver<Commit>,
+}
+
+impl LiveFeed {
+    /// The next commit, in position order.
+    ///
+    /// # Errors
+    /// [`FeedError::Lagged`] when commits were dropped for this subscriber
+    /// (later calls continue with the oldest commit still kept), and
+    /// [`FeedError::Closed`] when the store shut down.
+    pub async fn recv(&mut self) -> Result<Commit, FeedError> {
+        self.receiver.recv().await.map_err(|error| match error {
+            broadcast::error::RecvError::Lagged(n) => FeedError::Lagged(n),
+            broadcast::error::RecvError::Closed => FeedError::Closed,
+        })
+    }
+}
+
+/// The publishing side shared by the backends: the head position and the
+/// broadcast of commits. The head moves before the commit is sent, so that
+/// a subscriber that reads the head after subscribing gets every later event
+/// from the feed (see `projection::Subscription`).
+#[derive(Debug)]
+pub(crate) struct CommitFeed {
+    sender: broadcast::Sender<Commit>,
+    head: AtomicU64,
+}
+
+impl CommitFeed {
+    pub(crate) fn new(capacity: usize, head: Position) -> Self {
+        let (sender, _) = broadcast::channel(capacity.max(1));
+        Self {
+            sender,
+            head: AtomicU64::new(head.0),
+        }
+    }
+
+    pub(crate) fn head(&self) -> Position {
+        Position(self.head.load(Ordering::Acquire))
+    }
+
+    /// Publishes a commit whose events are already readable.
+    pub(crate) fn publish(&self, commit: Commit) {
+        if let Some(last) = commit.last() {
+            self.head.store(last.position.0, Ordering::Release);
+            // No subscriber is not an error: the events are in the store.
+            let _ = self.sender.send(commit);
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> LiveFeed {
+        LiveFeed {
+            receiver: self.sender.subscribe(),
+        }
+    }
+}
+
+/// Where an event id is already stored.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredId {
+    pub(crate) stream: StreamId,
+    pub(crate) version: Version,
+    pub(crate) position: Position,
+}
+
+/// What the idempotency check decided.
+#[derive(Debug)]
+pub(crate) enum IdCheck {
+    /// No event id is stored: append normally.
+    New,
+    /// Every id is stored on this stream at consecutive versions: the append
+    /// is a retry, answer with the original result.
+    Retry(AppendResult),
+}
+
+/// The idempotency rule shared by every backend.
+pub(crate) fn check_idempotency<E>(
+    stream: &StreamId,
+    events: &[NewEvent],
+    mut lookup: impl FnMut(Uuid) -> Result<Option<StoredId>, E>,
+) -> Result<Result<IdCheck, AppendError>, E> {
+    let mut found: Vec<StoredId> = Vec::new();
+    for (index, event) in events.iter().enumerate() {
+        match lookup(event.event_id)? {
+            Some(stored) => {
+                if found.len() != index {
+                    return Ok(Err(partial(event.event_id)));
+                }
+                if &stored.stream != stream {
+                    return Ok(Err(AppendError::DuplicateEventId {
+                        event_id: event.event_id,
+                        reason: "it is stored on another stream",
+                    }));
+                }
+                if let Some(previous) = found.last() {
+                    if stored.version.0 != previous.version.0 + 1
+                        || stored.position.0 != previous.position.0 + 1
+                    {
+                        return Ok(Err(AppendError::DuplicateEventId {
+                            event_id: event.event_id,
+                            reason: "the stored events are not in the same order",
+                        }));
+                    }
+                }
+                found.push(stored);
+            }
+            None if !found.is_empty() => return Ok(Err(partial(events[0].event_id))),
+            None => {}
+        }
+    }
+    Ok(Ok(match (found.first(), found.last()) {
+        (Some(first), Some(last)) => IdCheck::Retry(AppendResult {
+            first_version: first.version,
+            last_version: last.version,
+            first_position: first.position,
+            last_position: last.position,
+        }),
+        _ => IdCheck::New,
+    }))
+}
+
+fn partial(event_id: Uuid) -> AppendError {
+    AppendError::DuplicateEventId {
+        event_id,
+        reason: "only part of the append is already stored",
+    }
+}

@@ -1,0 +1,982 @@
+//! The embedded [`EventStore`] on sled 0.34: one writer thread owns every
+//! append and commits them in groups, one flush (and fdatasync) per group.
+//! The key layout and the durability argument are in docs/design.md.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
+use uuid::Uuid;
+
+use crate::error::{AppendError, ReadError, StoreError};
+use crate::event::{
+    now_micros, validate_append, AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent,
+    Position, ReadDirection, RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE,
+};
+use crate::store::{
+    check_idempotency, validate_checkpoint_name, validate_limit, CommitFeed, EventStore, IdCheck,
+    LiveFeed, StoredId, DEFAULT_LIVE_FEED_CAPACITY,
+};
+
+/// The on-disk format this build reads and writes (docs/design.md).
+pub const FORMAT_VERSION: u32 = 1;
+
+// Key prefixes of the `log` tree. One tree, so that one `sled::Batch` commits
+// an append's events, its indexes and the new heads atomically.
+const EVENT: u8 = b'E';
+const STREAM: u8 = b'S';
+const HEAD: u8 = b'H';
+const EVENT_ID: u8 = b'I';
+const META_FORMAT: &[u8] = b"Mformat";
+const META_HEAD: &[u8] = b"Mhead";
+
+/// When an append is acknowledged, relative to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// The default. Each group commit is flushed by sled and then made
+    /// durable with fdatasync of sled's log file (and fsync of any new blob
+    /// files and their directory) before any of its appends is acknowledged.
+    /// An acknowledged append survives `kill -9` and power loss.
+    #[default]
+    Fsync,
+    /// sled's own flush only, which on Linux is `sync_file_range`: an
+    /// acknowledged append survives `kill -9` of the process, but not a power
+    /// loss or kernel crash (file metadata and the drive's cache may not be
+    /// on stable storage). Measured to show what the fdatasync costs.
+    Flush,
+    /// Acknowledged once applied in memory, before any flush; sled flushes in
+    /// the background every `flush_every_ms`. A crash loses the appends of at
+    /// most the last `flush_every_ms` milliseconds (plus the flush's own
+    /// time); what survives is still a prefix of the log with no gap.
+    Buffered {
+        /// Background flush period in milliseconds.
+        flush_every_ms: u64,
+    },
+}
+
+/// How to open a [`SledStore`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SledStoreConfig {
+    /// The directory of the store; created if missing.
+    pub path: PathBuf,
+    /// When appends are acknowledged. Default [`Durability::Fsync`].
+    pub durability: Durability,
+    /// sled's page cache, in bytes. Default 64 MiB (sled's own is 1 GiB).
+    pub cache_capacity_bytes: u64,
+    /// The largest event accepted, in bytes. Default 1 MiB.
+    pub max_event_size: usize,
+    /// Commits kept for slow live subscribers before they lag. Default 4096.
+    pub live_feed_capacity: usize,
+    /// Appends waiting for the writer before `append` waits for room.
+    /// Default 65,536.
+    pub queue_capacity: usize,
+    /// The most appends one group commit takes. Default 8,192.
+    pub max_group_commit: usize,
+}
+
+impl SledStoreConfig {
+    /// The defaults, at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            durability: Durability::default(),
+            cache_capacity_bytes: 64 << 20,
+            max_event_size: DEFAULT_MAX_EVENT_SIZE,
+            live_feed_capacity: DEFAULT_LIVE_FEED_CAPACITY,
+            queue_capacity: 65_536,
+            max_group_commit: 8_192,
+        }
+    }
+
+    /// Sets the durability.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Sets sled's cache capacity in bytes.
+    pub fn cache_capacity_bytes(mut self, bytes: u64) -> Self {
+        self.cache_capacity_bytes = bytes;
+        self
+    }
+
+    /// Sets the largest event accepted, in bytes.
+    pub fn max_event_size(mut self, bytes: usize) -> Self {
+        self.max_event_size = bytes;
+        self
+    }
+
+    /// Sets how many commits the live feed keeps for slow subscribers.
+    pub fn live_feed_capacity(mut self, commits: usize) -> Self {
+        self.live_feed_capacity = commits;
+        self
+    }
+}
+
+/// The embedded event store on sled.
+///
+/// One writer thread owns every append: it takes all queued appends as one
+/// group, checks each expected version against the stream heads (stored,
+/// plus those moved earlier in the same group), writes the group as one
+/// atomic sled batch, flushes once, and only then answers every waiter and
+/// publishes the committed events. One flush serves many appends and
+/// positions are assigned in commit order, so `$all` has no gap.
+///
+/// Opening does not scan the log: the last position and every stream's head
+/// are stored. Dropping the store without [`EventStore::shutdown`] loses
+/// nothing that was acknowledged; the writer flushes as it stops.
+#[derive(Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    log: sled::Tree,
+    snapshots: sled::Tree,
+    checkpoints: sled::Tree,
+    sender: mpsc::Sender<WriteRequest>,
+    feed: Arc<CommitFeed>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    config: SledStoreConfig,
+}
+
+#[derive(Debug)]
+enum WriteRequest {
+    Append {
+        stream: StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<AppendResult, AppendError>>,
+    },
+    /// Makes everything written so far durable (checkpoints, read models).
+    Sync {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// An event record as stored under `E + position`. Strings and bytes borrow
+/// from the stored value when decoding, so that a filtered scan allocates
+/// only for the events it returns.
+#[derive(Serialize, Deserialize)]
+struct StoredRecord<'a> {
+    event_id: Uuid,
+    stream: &'a str,
+    version: u64,
+    event_type: &'a str,
+    schema_version: u16,
+    recorded_at_micros: u64,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    extra: Vec<(&'a str, &'a str)>,
+    #[serde(with = "serde_bytes")]
+    payload: &'a [u8],
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot<'a> {
+    version: u64,
+    #[serde(with = "serde_bytes")]
+    payload: &'a [u8],
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn event_key(position: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = EVENT;
+    key[1..].copy_from_slice(&position.to_be_bytes());
+    key
+}
+
+/// `S + stream + \0`: the prefix of one stream's index keys. Stream ids hold
+/// no `\0`, so no stream's prefix is a prefix of another's.
+fn stream_prefix(stream: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(stream.len() + 10);
+    key.push(STREAM);
+    key.extend_from_slice(stream.as_bytes());
+    key.push(0);
+    key
+}
+
+fn stream_key(stream: &str, version: u64) -> Vec<u8> {
+    let mut key = stream_prefix(stream);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+fn head_key(stream: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(stream.len() + 1);
+    key.push(HEAD);
+    key.extend_from_slice(stream.as_bytes());
+    key
+}
+
+fn id_key(id: Uuid) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = EVENT_ID;
+    key[1..].copy_from_slice(id.as_bytes());
+    key
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| corrupt(format_args!("expected 8 bytes, found {}", bytes.len())))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+fn decode_record(position: u64, bytes: &[u8]) -> Result<StoredRecord<'_>, StoreError> {
+    postcard::from_bytes(bytes)
+        .map_err(|e| corrupt(format_args!("event at position {position}: {e}")))
+}
+
+fn to_recorded(position: u64, record: &StoredRecord<'_>) -> Result<RecordedEvent, StoreError> {
+    Ok(RecordedEvent {
+        event_id: record.event_id,
+        stream_id: StreamId::new(record.stream)
+            .map_err(|e| corrupt(format_args!("event at position {position}: {e}")))?,
+        version: Version(record.version),
+        position: Position(position),
+        event_type: record.event_type.to_owned(),
+        schema_version: record.schema_version,
+        recorded_at_micros: record.recorded_at_micros,
+        metadata: Metadata {
+            correlation_id: record.correlation_id,
+            causation_id: record.causation_id,
+            extra: record
+                .extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        },
+        payload: record.payload.to_vec(),
+    })
+}
+
+impl SledStore {
+    /// Opens (or creates) a store at `path` with the default configuration.
+    ///
+    /// # Errors
+    /// As [`SledStore::open_with`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(SledStoreConfig::new(path.as_ref()))
+    }
+
+    /// Opens (or creates) a store. Must be called within a tokio runtime's
+    /// context only for the async methods; opening itself blocks.
+    ///
+    /// # Errors
+    /// [`StoreError::NotAStore`] when the path holds something else,
+    /// [`StoreError::FormatMismatch`] for a store of another format,
+    /// [`StoreError::Corrupt`] when the files are damaged, and
+    /// [`StoreError::Sled`] / [`StoreError::Io`] when they cannot be read.
+    pub fn open_with(config: SledStoreConfig) -> Result<Self, StoreError> {
+        let path = config.path.clone();
+        check_path(&path)?;
+        let mut sled_config = sled::Config::new()
+            .path(&path)
+            .cache_capacity(config.cache_capacity_bytes)
+            .mode(sled::Mode::HighThroughput);
+        sled_config = match config.durability {
+            Durability::Buffered { flush_every_ms } => {
+                sled_config.flush_every_ms(Some(flush_every_ms.max(1)))
+            }
+            // Flushes happen per group commit; sled's own timer would only
+            // add flushes that nobody waits for.
+            Durability::Fsync | Durability::Flush => sled_config.flush_every_ms(None),
+        };
+        // sled 0.34 panics on some kinds of damaged files; a damaged store is
+        // an error for the caller, never a panic in their service.
+        let db = catch_unwind(AssertUnwindSafe(|| sled_config.open()))
+            .map_err(|_| corrupt(format_args!("sled panicked opening {}", path.display())))??;
+        let log = db.open_tree("log")?;
+        let snapshots = db.open_tree("snapshots")?;
+        let checkpoints = db.open_tree("checkpoints")?;
+
+        let head = match log.get(META_FORMAT)? {
+            Some(found) => {
+                let found = u32::from_be_bytes(
+                    found
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| corrupt("format version record"))?,
+                );
+                if found != FORMAT_VERSION {
+                    return Err(StoreError::FormatMismatch {
+                        found,
+                        expected: FORMAT_VERSION,
+                    });
+                }
+                let head = log
+                    .get(META_HEAD)?
+                    .map(|v| decode_u64(&v))
+                    .transpose()?
+                    .unwrap_or(0);
+                // O(log n), not a scan: the stored head must be the last event.
+                let last = log
+                    .scan_prefix([EVENT])
+                    .next_back()
+                    .transpose()?
+                    .map(|(k, _)| decode_u64(&k[1..]))
+                    .transpose()?
+                    .unwrap_or(0);
+                if last != head {
+                    return Err(corrupt(format_args!(
+                        "stored head position {head} but last event at {last}"
+                    )));
+                }
+                head
+            }
+            None => {
+                if !log.is_empty() || db.tree_names().len() > 4 || !db.is_empty() {
+                    return Err(StoreError::NotAStore(path.display().to_string()));
+                }
+                log.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+                log.insert(META_HEAD, &0u64.to_be_bytes())?;
+                db.flush()?;
+                0
+            }
+        };
+
+        let syncer = Syncer::new(&path, config.durability)?;
+        let feed = Arc::new(CommitFeed::new(config.live_feed_capacity, Position(head)));
+        let (sender, receiver) = mpsc::channel(config.queue_capacity.max(1));
+        let writer = Writer {
+            db: db.clone(),
+            log: log.clone(),
+            feed: Arc::clone(&feed),
+            receiver,
+            last_position: head,
+            syncer,
+            poisoned: None,
+            max_group_commit: config.max_group_commit.max(1),
+        };
+        let writer = std::thread::Builder::new()
+            .name("annals-writer".into())
+            .spawn(move || writer.run())?;
+        debug!(path = %path.display(), head, "opened sled store");
+        Ok(Self {
+            db,
+            log,
+            snapshots,
+            checkpoints,
+            sender,
+            feed,
+            writer: Mutex::new(Some(writer)),
+            config,
+        })
+    }
+
+    /// The configuration the store was opened with.
+    pub fn config(&self) -> &SledStoreConfig {
+        &self.config
+    }
+
+    /// The sled database, for read models that commit atomically with their
+    /// checkpoint (see [`crate::projection`]). Trees whose names start with
+    /// `log`, `snapshots` or `checkpoints` belong to the store.
+    pub fn database(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Makes everything written to the database so far durable, under the
+    /// store's durability; shares a group commit with concurrent appends.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the flush fails or the store is shut down.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(WriteRequest::Sync { reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn read_event(&self, position: u64) -> Result<Option<RecordedEvent>, StoreError> {
+        match self.log.get(event_key(position))? {
+            Some(bytes) => Ok(Some(to_recorded(
+                position,
+                &decode_record(position, &bytes)?,
+            )?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Refuses paths that hold something other than a sled directory.
+fn check_path(path: &Path) -> Result<(), StoreError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+        Ok(meta) if !meta.is_dir() => Err(StoreError::NotAStore(path.display().to_string())),
+        Ok(_) => {
+            let mut entries = std::fs::read_dir(path)?;
+            let empty = entries.next().is_none();
+            if empty || path.join("db").is_file() && path.join("conf").is_file() {
+                Ok(())
+            } else {
+                Err(StoreError::NotAStore(path.display().to_string()))
+            }
+        }
+    }
+}
+
+/// Closes the gap between sled's flush and stable storage (sled issues
+/// #1351, #1452): sled 0.34 flushes its log with `sync_file_range`, which
+/// neither flushes the drive's cache nor the file's metadata, and writes
+/// large pages to `blobs/` files it never syncs.
+#[derive(Debug)]
+struct Syncer {
+    durability: Durability,
+    db_file: Option<File>,
+    blobs_dir: PathBuf,
+    /// The largest blob id already synced; sled names blobs by increasing lsn.
+    synced_blob: i64,
+}
+
+impl Syncer {
+    fn new(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        let db_file = match durability {
+            Durability::Fsync => {
+                // The directory entries of `db`, `conf` and `blobs` must be
+                // durable too; they are created once, so sync the directory once.
+                File::open(path)?.sync_all()?;
+                Some(File::open(path.join("db"))?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            durability,
+            db_file,
+            blobs_dir: path.join("blobs"),
+            synced_blob: -1,
+        })
+    }
+
+    /// Makes what sled flushed durable.
+    fn sync(&mut self) -> std::io::Result<()> {
+        let Some(db_file) = &self.db_file else {
+            return Ok(());
+        };
+        let mut newest = self.synced_blob;
+        for entry in std::fs::read_dir(&self.blobs_dir)? {
+            let entry = entry?;
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i64>().ok())
+            else {
+                continue;
+            };
+            if id > self.synced_blob {
+                File::open(entry.path())?.sync_data()?;
+                newest = newest.max(id);
+            }
+        }
+        if newest > self.synced_blob {
+            File::open(&self.blobs_dir)?.sync_all()?;
+            self.synced_blob = newest;
+        }
+        db_file.sync_data()
+    }
+}
+
+/// The writer thread's state. Owns every write to the `log` tree.
+struct Writer {
+    db: sled::Db,
+    log: sled::Tree,
+    feed: Arc<CommitFeed>,
+    receiver: mpsc::Receiver<WriteRequest>,
+    last_position: u64,
+    syncer: Syncer,
+    /// Set when a write or flush failed: what is on disk is then unknown, so
+    /// every later write is refused until the store is reopened.
+    poisoned: Option<String>,
+    max_group_commit: usize,
+}
+
+/// One append of a group, decided but not yet durable.
+struct Decided {
+    reply: oneshot::Sender<Result<AppendResult, AppendError>>,
+    outcome: Result<AppendResult, AppendError>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut group = Vec::new();
+        let mut shutdown = None;
+        while shutdown.is_none() {
+            let Some(first) = self.receiver.blocking_recv() else {
+                break;
+            };
+            group.push(first);
+            while group.len() < self.max_group_commit {
+                match self.receiver.try_recv() {
+                    Ok(request) => group.push(request),
+                    Err(_) => break,
+                }
+            }
+            shutdown = self.commit_group(&mut group);
+        }
+        // Drop and shutdown both end here: what was applied gets flushed.
+        let result = self.flush_and_sync();
+        if let Err(e) = &result {
+            error!(error = %e, "final flush of the event store failed");
+        }
+        self.receiver.close();
+        while let Ok(request) = self.receiver.try_recv() {
+            refuse(request, || StoreError::Closed);
+        }
+        if let Some(reply) = shutdown {
+            let _ = reply.send(result.map_err(|e| StoreError::Io(std::io::Error::other(e))));
+        }
+        debug!("event store writer stopped");
+    }
+
+    fn flush_and_sync(&mut self) -> Result<(), String> {
+        self.db.flush().map_err(|e| e.to_string())?;
+        self.syncer.sync().map_err(|e| e.to_string())
+    }
+
+    /// Commits one group; returns the shutdown reply if the group asked to
+    /// stop (requests after a shutdown in the same group are refused).
+    fn commit_group(
+        &mut self,
+        group: &mut Vec<WriteRequest>,
+    ) -> Option<oneshot::Sender<Result<(), StoreError>>> {
+        let mut batch = sled::Batch::default();
+        let mut heads: HashMap<StreamId, u64> = HashMap::new();
+        let mut new_ids: HashMap<Uuid, StoredId> = HashMap::new();
+        let mut next_position = self.last_position + 1;
+        let mut decided: Vec<Decided> = Vec::new();
+        let mut syncs = Vec::new();
+        let mut committed: Vec<RecordedEvent> = Vec::new();
+        let mut shutdown = None;
+        let recorded_at_micros = now_micros();
+
+        for request in group.drain(..) {
+            if shutdown.is_some() {
+                refuse(request, || StoreError::Closed);
+                continue;
+            }
+            match request {
+                WriteRequest::Shutdown { reply } => shutdown = Some(reply),
+                WriteRequest::Sync { reply } => syncs.push(reply),
+                WriteRequest::Append {
+                    stream,
+                    expected,
+                    events,
+                    reply,
+                } => {
+                    let outcome = match &self.poisoned {
+                        Some(why) => Err(StoreError::Poisoned(why.clone()).into()),
+                        None => self.decide(
+                            &stream,
+                            expected,
+                            events,
+                            &mut Pending {
+                                batch: &mut batch,
+                                heads: &mut heads,
+                                new_ids: &mut new_ids,
+                                next_position: &mut next_position,
+                                committed: &mut committed,
+                                recorded_at_micros,
+                            },
+                        ),
+                    };
+                    decided.push(Decided { reply, outcome });
+                }
+            }
+        }
+
+        let wrote = !committed.is_empty();
+        let result = if wrote {
+            for (stream, version) in &heads {
+                batch.insert(head_key(stream.as_str()), &version.to_be_bytes());
+            }
+            batch.insert(META_HEAD, &(next_position - 1).to_be_bytes());
+            self.log.apply_batch(batch).map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        let needs_sync = wrote || !syncs.is_empty();
+        let result = result.and_then(|()| match self.syncer.durability {
+            Durability::Buffered { .. } if syncs.is_empty() => Ok(()),
+            _ if needs_sync => self.flush_and_sync(),
+            _ => Ok(()),
+        });
+
+        match result {
+            Ok(()) => {
+                self.last_position = next_position - 1;
+                for Decided { reply, outcome } in decided {
+                    let _ = reply.send(outcome);
+                }
+                for reply in syncs {
+                    let _ = reply.send(Ok(()));
+                }
+                if wrote {
+                    self.feed.publish(committed.into());
+                }
+            }
+            Err(why) => {
+                error!(error = %why, "group commit failed; the store refuses writes until reopened");
+                self.poisoned = Some(why.clone());
+                for Decided { reply, outcome } in decided {
+                    let outcome = outcome.and(Err(StoreError::Poisoned(why.clone()).into()));
+                    let _ = reply.send(outcome);
+                }
+                for reply in syncs {
+                    let _ = reply.send(Err(StoreError::Poisoned(why.clone())));
+                }
+            }
+        }
+        shutdown
+    }
+
+    /// Decides one append of the group: idempotency, expected version, then
+    /// versions and positions, staged into the batch.
+    fn decide(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        pending: &mut Pending<'_>,
+    ) -> Result<AppendResult, AppendError> {
+        let check = check_idempotency(stream, &events, |id| self.lookup_id(id, pending.new_ids))?;
+        if let IdCheck::Retry(result) = check? {
+            return Ok(result);
+        }
+        let actual = match pending.heads.get(stream) {
+            Some(&version) => version,
+            None => self
+                .log
+                .get(head_key(stream.as_str()))?
+                .map(|v| decode_u64(&v))
+                .transpose()?
+                .unwrap_or(0),
+        };
+        if !expected.accepts(Version(actual)) {
+            return Err(AppendError::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual: Version(actual),
+            });
+        }
+        let first_position = *pending.next_position;
+        let count = events.len() as u64;
+        for (offset, event) in events.into_iter().enumerate() {
+            let version = actual + 1 + offset as u64;
+            let position = first_position + offset as u64;
+            let record = StoredRecord {
+                event_id: event.event_id,
+                stream: stream.as_str(),
+                version,
+                event_type: &event.event_type,
+                schema_version: event.schema_version,
+                recorded_at_micros: pending.recorded_at_micros,
+                correlation_id: event.metadata.correlation_id,
+                causation_id: event.metadata.causation_id,
+                extra: event
+                    .metadata
+                    .extra
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect(),
+                payload: &event.payload,
+            };
+            let bytes = postcard::to_stdvec(&record).map_err(|e| corrupt(e))?;
+            pending.batch.insert(&event_key(position), bytes);
+            pending.batch.insert(
+                stream_key(stream.as_str(), version),
+                &position.to_be_bytes(),
+            );
+            pending
+                .batch
+                .insert(&id_key(event.event_id), &position.to_be_bytes());
+            pending.new_ids.insert(
+                event.event_id,
+                StoredId {
+                    stream: stream.clone(),
+                    version: Version(version),
+                    position: Position(position),
+                },
+            );
+            pending.committed.push(RecordedEvent {
+                event_id: event.event_id,
+                stream_id: stream.clone(),
+                version: Version(version),
+                position: Position(position),
+                event_type: event.event_type,
+                schema_version: event.schema_version,
+                recorded_at_micros: pending.recorded_at_micros,
+                metadata: event.metadata,
+                payload: event.payload,
+            });
+        }
+        *pending.next_position += count;
+        pending.heads.insert(stream.clone(), actual + count);
+        Ok(AppendResult {
+            first_version: Version(actual + 1),
+            last_version: Version(actual + count),
+            first_position: Position(first_position),
+            last_position: Position(first_position + count - 1),
+        })
+    }
+
+    fn lookup_id(
+        &self,
+        id: Uuid,
+        new_ids: &HashMap<Uuid, StoredId>,
+    ) -> Result<Option<StoredId>, StoreError> {
+        if let Some(stored) = new_ids.get(&id) {
+            return Ok(Some(stored.clone()));
+        }
+        let Some(position) = self.log.get(id_key(id))? else {
+            return Ok(None);
+        };
+        let position = decode_u64(&position)?;
+        let bytes = self
+            .log
+            .get(event_key(position))?
+            .ok_or_else(|| corrupt(format_args!("event id {id} points at missing {position}")))?;
+        let record = decode_record(position, &bytes)?;
+        Ok(Some(StoredId {
+            stream: StreamId::new(record.stream).map_err(corrupt)?,
+            version: Version(record.version),
+            position: Position(position),
+        }))
+    }
+}
+
+/// What the appends of a group have staged so far.
+struct Pending<'a> {
+    batch: &'a mut sled::Batch,
+    heads: &'a mut HashMap<StreamId, u64>,
+    new_ids: &'a mut HashMap<Uuid, StoredId>,
+    next_position: &'a mut u64,
+    committed: &'a mut Vec<RecordedEvent>,
+    recorded_at_micros: u64,
+}
+
+fn refuse(request: WriteRequest, error: impl Fn() -> StoreError) {
+    match request {
+        WriteRequest::Append { reply, .. } => {
+            let _ = reply.send(Err(error().into()));
+        }
+        WriteRequest::Sync { reply } | WriteRequest::Shutdown { reply } => {
+            let _ = reply.send(Err(error()));
+        }
+    }
+}
+
+#[async_trait]
+impl EventStore for SledStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, AppendError> {
+        validate_append(&events, self.config.max_event_size)?;
+        let (reply, answer) = oneshot::channel();
+        let request = WriteRequest::Append {
+            stream: stream.clone(),
+            expected,
+            events,
+            reply,
+        };
+        self.sender
+            .send(request)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: Version,
+        direction: ReadDirection,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        validate_limit(limit)?;
+        let prefix = stream_prefix(stream.as_str());
+        let range = match direction {
+            ReadDirection::Forward => self.log.range(stream_key(stream.as_str(), from.0)..),
+            ReadDirection::Backward => self
+                .log
+                .range(prefix.clone()..=stream_key(stream.as_str(), from.0)),
+        };
+        let mut events = Vec::new();
+        let mut push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
+            let (key, value) = entry?;
+            if !key.starts_with(&prefix) {
+                return Ok(false);
+            }
+            let position = decode_u64(&value)?;
+            let event = self.read_event(position)?.ok_or_else(|| {
+                corrupt(format_args!("{stream} index points at missing {position}"))
+            })?;
+            events.push(event);
+            Ok(events.len() < limit)
+        };
+        match direction {
+            ReadDirection::Forward => {
+                for entry in range {
+                    if !push(entry)? {
+                        break;
+                    }
+                }
+            }
+            ReadDirection::Backward => {
+                for entry in range.rev() {
+                    if !push(entry)? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<Version, ReadError> {
+        Ok(Version(
+            self.log
+                .get(head_key(stream.as_str()))?
+                .map(|v| decode_u64(&v))
+                .transpose()?
+                .unwrap_or(0),
+        ))
+    }
+
+    async fn read_all(
+        &self,
+        from: Position,
+        direction: ReadDirection,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        validate_limit(limit)?;
+        let range = match direction {
+            ReadDirection::Forward => self
+                .log
+                .range(event_key(from.0.max(1))..event_key(u64::MAX)),
+            ReadDirection::Backward => self.log.range(event_key(0)..=event_key(from.0)),
+        };
+        let mut events = Vec::with_capacity(limit.min(4096));
+        let mut push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
+            let (key, value) = entry?;
+            let position = decode_u64(&key[1..])?;
+            let record = decode_record(position, &value)?;
+            if filter.matches(record.stream, record.event_type) {
+                events.push(to_recorded(position, &record)?);
+            }
+            Ok(events.len() < limit)
+        };
+        match direction {
+            ReadDirection::Forward => {
+                for entry in range {
+                    if !push(entry)? {
+                        break;
+                    }
+                }
+            }
+            ReadDirection::Backward => {
+                for entry in range.rev() {
+                    if !push(entry)? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    fn head_position(&self) -> Position {
+        self.feed.head()
+    }
+
+    fn subscribe_live(&self) -> LiveFeed {
+        self.feed.subscribe()
+    }
+
+    async fn save_snapshot(&self, stream: &StreamId, snapshot: Snapshot) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(&StoredSnapshot {
+            version: snapshot.version.0,
+            payload: &snapshot.payload,
+        })
+        .map_err(corrupt)?;
+        // Not synced on its own: a snapshot is a cache, and the next group
+        // commit flushes it. Losing it in a crash costs a longer replay.
+        self.snapshots.insert(stream.as_str(), bytes)?;
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, ReadError> {
+        let Some(bytes) = self.snapshots.get(stream.as_str())? else {
+            return Ok(None);
+        };
+        match postcard::from_bytes::<StoredSnapshot<'_>>(&bytes) {
+            Ok(stored) => Ok(Some(Snapshot {
+                version: Version(stored.version),
+                payload: stored.payload.to_vec(),
+            })),
+            Err(e) => {
+                warn!(%stream, error = %e, "snapshot record does not decode; ignoring it");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn delete_snapshot(&self, stream: &StreamId) -> Result<(), StoreError> {
+        self.snapshots.remove(stream.as_str())?;
+        Ok(())
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        validate_checkpoint_name(name)?;
+        self.checkpoints.insert(name, &position.0.to_be_bytes())?;
+        self.sync().await
+    }
+
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, ReadError> {
+        validate_checkpoint_name(name)?;
+        Ok(self
+            .checkpoints
+            .get(name)?
+            .map(|v| decode_u64(&v).map(Position))
+            .transpose()?)
+    }
+
+    async fn shutdown(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .sender
+            .send(WriteRequest::Shutdown { reply })
+            .await
+            .is_err()
+        {
+            return Ok(()); // already shut down
+        }
+        let result = answer.await.unwrap_or(Ok(()));
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            // The writer has answered the shutdown and only returns now.
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        result
+    }
+}
