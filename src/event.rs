@@ -308,7 +308,7 @@ pub(crate) fn validate_append(
     let mut ids = std::collections::HashSet::with_capacity(events.len());
     for event in events {
         validate_name("event type", &event.event_type, MAX_EVENT_TYPE_LEN)?;
-        for (key, _) in &event.metadata.extra {
+        for key in event.metadata.extra.keys() {
             validate_name("metadata key", key, MAX_EVENT_TYPE_LEN)?;
         }
         if event.size() > max_event_size {

@@ -25,10 +25,15 @@
 //! # }
 //! ```
 
+mod codec;
 mod error;
 mod event;
 mod store;
 
+pub use crate::codec::{
+    decode_event, decode_event_parts, decode_value, encode_event, encode_value, event_type_of,
+    DomainEvent, Upcasters,
+};
 pub use crate::error::{AppendError, CodecError, Error, InvalidInput, ReadError, StoreError};
 pub use crate::event::{
     AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position, ReadDirection,

@@ -697,7 +697,7 @@ impl Writer {
                     .collect(),
                 payload: &event.payload,
             };
-            let bytes = postcard::to_stdvec(&record).map_err(|e| corrupt(e))?;
+            let bytes = postcard::to_stdvec(&record).map_err(corrupt)?;
             pending.batch.insert(&event_key(position), bytes);
             pending.batch.insert(
                 stream_key(stream.as_str(), version),
