@@ -28,6 +28,7 @@
 mod codec;
 mod error;
 mod event;
+mod faults;
 mod store;
 
 pub use crate::codec::{
@@ -40,6 +41,7 @@ pub use crate::event::{
     RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_EVENTS_PER_APPEND,
     MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
+pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore};
 pub use crate::store::memory::MemoryStore;
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, FORMAT_VERSION};
 pub use crate::store::{
