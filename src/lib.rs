@@ -43,7 +43,7 @@ pub use crate::event::{
 };
 pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore};
 pub use crate::store::memory::MemoryStore;
-pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, FORMAT_VERSION};
+pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{
     Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
 };

@@ -108,7 +108,13 @@ struct Ack {
 /// Runs one child until a random moment, kills it, returns what it acked.
 fn run_and_kill(dir: &Path, seed: u64, run_for: Duration) -> HashMap<Uuid, Ack> {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_DIR, dir)
         .env(CHILD_SEED, seed.to_string())
         .stdout(Stdio::piped())
@@ -129,7 +135,9 @@ fn run_and_kill(dir: &Path, seed: u64, run_for: Duration) -> HashMap<Uuid, Ack> 
     // let it run for the random time.
     let deadline = Instant::now() + Duration::from_secs(60);
     let first = std::iter::from_fn(|| {
-        received.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok()
+        received
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok()
     })
     .find(|line| line.starts_with("ACK "));
     std::thread::sleep(run_for);
@@ -169,7 +177,12 @@ async fn check_store(dir: &Path, acked: &HashMap<Uuid, Ack>, findings: &mut Find
     let store = SledStore::open(dir).expect("the store reopens after kill -9");
     let head = store.head_position();
     let all = store
-        .read_all(Position::START, ReadDirection::Forward, usize::MAX, &EventFilter::All)
+        .read_all(
+            Position::START,
+            ReadDirection::Forward,
+            usize::MAX,
+            &EventFilter::All,
+        )
         .await
         .unwrap();
     // $all: positions 1..=head, each once.
@@ -185,7 +198,10 @@ async fn check_store(dir: &Path, acked: &HashMap<Uuid, Ack>, findings: &mut Find
     let mut versions: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     let mut ids = HashSet::new();
     for event in &all {
-        versions.entry(event.stream_id.as_str()).or_default().push(event.version.0);
+        versions
+            .entry(event.stream_id.as_str())
+            .or_default()
+            .push(event.version.0);
         if !ids.insert(event.event_id) {
             findings.duplicates += 1;
         }
@@ -219,7 +235,11 @@ async fn check_store(dir: &Path, acked: &HashMap<Uuid, Ack>, findings: &mut Find
     let stream = StreamId::new("crash-check").unwrap();
     let before = store.stream_version(&stream).await.unwrap();
     let done = store
-        .append(&stream, ExpectedVersion::Exact(before), vec![NewEvent::new("Checked", vec![])])
+        .append(
+            &stream,
+            ExpectedVersion::Exact(before),
+            vec![NewEvent::new("Checked", vec![])],
+        )
         .await
         .unwrap();
     assert_eq!(done.first_position, head.next());
@@ -241,7 +261,10 @@ fn crash_cycles_lose_nothing() {
     for cycle in 0..cycles {
         let run_for = Duration::from_millis(rng.next() % 150);
         let acked = run_and_kill(dir.path(), cycle + 1, run_for);
-        assert!(!acked.is_empty(), "cycle {cycle}: the child acknowledged nothing");
+        assert!(
+            !acked.is_empty(),
+            "cycle {cycle}: the child acknowledged nothing"
+        );
         runtime.block_on(check_store(dir.path(), &acked, &mut findings));
         assert_eq!(
             (findings.lost, findings.gaps, findings.duplicates),
