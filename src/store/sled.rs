@@ -669,14 +669,17 @@ impl Writer {
                 if wrote {
                     counters.group_commits.fetch_add(1, Ordering::Relaxed);
                 }
+                // Publish (which moves the head) before answering, so that a
+                // caller whose append returned sees it in `head_position()`
+                // and a subscriber has it on the feed, as with MemoryStore.
+                if wrote {
+                    self.feed.publish(committed.into());
+                }
                 for Decided { reply, outcome } in decided {
                     let _ = reply.send(outcome);
                 }
                 for reply in syncs {
                     let _ = reply.send(Ok(()));
-                }
-                if wrote {
-                    self.feed.publish(committed.into());
                 }
             }
             Err(why) => {
