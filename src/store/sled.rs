@@ -449,6 +449,29 @@ impl SledStore {
     }
 }
 
+impl Drop for SledStore {
+    /// Without [`EventStore::shutdown`], closes the writer's queue and waits
+    /// for its final flush. Otherwise a program that exits right after the
+    /// drop kills the writer before that flush and loses appends already
+    /// acknowledged in [`Durability::Buffered`] mode, and the writer would
+    /// keep sled's files open after the store is gone. This blocks the
+    /// dropping thread for one flush; `shutdown()` avoids that.
+    fn drop(&mut self) {
+        let handle = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            // The store holds the only sender: dropping it ends the writer's
+            // loop, which commits what is queued, flushes and returns.
+            let (closed, _) = mpsc::channel(1);
+            drop(std::mem::replace(&mut self.sender, closed));
+            let _ = handle.join();
+        }
+    }
+}
+
 /// Refuses paths that hold something other than a sled directory.
 fn check_path(path: &Path) -> Result<(), StoreError> {
     match std::fs::metadata(path) {
