@@ -1,15 +1,17 @@
 //! The store conformance suite: every rule of the `EventStore` trait, written
-//! once in `cases` and run against every backend by `conformance_suite!`.
+//! once in `cases` and run against every backend by `conformance_suite!`
+//! (and against the fault-injecting wrapper with no faults planned).
 //! A backend that passes here behaves like the others for every caller.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use annals::{
-    AppendError, AppendResult, Commit, EventFilter, EventStore, ExpectedVersion, FeedError,
-    InvalidInput, LiveFeed, MemoryStore, Metadata, NewEvent, Position, ReadDirection, ReadError,
-    RecordedEvent, SledStore, SledStoreConfig, Snapshot, StoreError, StreamId, Version,
-    DEFAULT_LIVE_FEED_CAPACITY, DEFAULT_MAX_EVENT_SIZE, MAX_CHECKPOINT_NAME_LEN,
+    AppendError, AppendResult, Commit, EventFilter, EventStore, ExpectedVersion, FaultPlan,
+    FaultyStore, FeedError, InvalidInput, LiveFeed, MemoryStore, Metadata, NewEvent, Position,
+    ReadDirection, ReadError, RecordedEvent, SledStore, SledStoreConfig, Snapshot, StoreError,
+    StreamId, Version, DEFAULT_LIVE_FEED_CAPACITY, DEFAULT_MAX_EVENT_SIZE, MAX_CHECKPOINT_NAME_LEN,
     MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
 use tempfile::TempDir;
@@ -62,6 +64,16 @@ fn sled(limits: Limits) -> Backend {
     }
 }
 
+/// The fault-injecting test wrapper with no faults planned, around a sled
+/// store: it must be invisible to every caller.
+fn fault_free_wrapper(limits: Limits) -> Backend {
+    let Backend { store, _dir } = sled(limits);
+    Backend {
+        store: Box::new(FaultyStore::new(Arc::from(store), FaultPlan::none())),
+        _dir,
+    }
+}
+
 /// One `#[tokio::test]` per case and backend, so a failure names both.
 macro_rules! conformance_suite {
     ($($case:ident),* $(,)?) => {
@@ -78,6 +90,14 @@ macro_rules! conformance_suite {
                 #[tokio::test]
                 async fn $case() {
                     super::cases::$case(super::sled).await;
+                }
+            )*
+        }
+        mod fault_free_wrapper {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::cases::$case(super::fault_free_wrapper).await;
                 }
             )*
         }
