@@ -604,6 +604,8 @@ impl Writer {
         while let Ok(request) = self.receiver.try_recv() {
             refuse(request, || StoreError::Closed);
         }
+        // Nothing commits after this point: subscribers get FeedError::Closed.
+        self.feed.close();
         if let Some(reply) = shutdown {
             let _ = reply.send(result.map_err(|e| StoreError::Io(std::io::Error::other(e))));
         }
