@@ -134,6 +134,7 @@ conformance_suite!(
     lagging_subscriber_never_blocks_appends,
     metadata_round_trips,
     shutdown_refuses_appends,
+    shutdown_closes_the_live_feed,
 );
 
 // ---------------------------------------------------------------------------
@@ -1406,5 +1407,23 @@ mod cases {
         store.shutdown().await.expect("a second shutdown is fine");
         // What was committed before stays readable.
         assert_eq!(versions(&whole_stream(store, &id).await), [1, 2]);
+    }
+
+    pub(super) async fn shutdown_closes_the_live_feed(open: Open) {
+        let backend = open(Limits::default());
+        let store = &*backend.store;
+        let mut feed = store.subscribe_live();
+        let id = stream("closing-2");
+        append(store, &id, ExpectedVersion::Any, events("a", 2)).await;
+        store.shutdown().await.unwrap();
+
+        // A subscriber first gets every commit made before the shutdown,
+        // then learns that the store shut down, instead of waiting forever.
+        let commit = next_commit(&mut feed).await.expect("the last commit");
+        assert_eq!(positions(&commit), [1, 2]);
+        assert_eq!(next_commit(&mut feed).await, Err(FeedError::Closed));
+        // So does one that subscribes after the shutdown.
+        let mut late = store.subscribe_live();
+        assert_eq!(next_commit(&mut late).await, Err(FeedError::Closed));
     }
 }
