@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annals::{
-    Durability, EventStore, ExpectedVersion, NewEvent, SledStore, SledStoreConfig, StreamId,
+    Durability, EventStore, ExpectedVersion, NewEvent, SledStore, SledStoreConfig, StoreStats,
+    StreamId,
 };
 use tokio::sync::Barrier;
 
@@ -41,6 +42,8 @@ struct Mode {
 struct Measured {
     events: u64,
     elapsed: Duration,
+    /// The writer's counters at the end of the run.
+    stats: StoreStats,
 }
 
 impl Measured {
@@ -74,8 +77,13 @@ async fn sequential(mode: &Mode) -> Result<Measured, Box<dyn Error>> {
         events += 1;
     }
     let elapsed = start.elapsed();
+    let stats = store.stats();
     store.shutdown().await?;
-    Ok(Measured { events, elapsed })
+    Ok(Measured {
+        events,
+        elapsed,
+        stats,
+    })
 }
 
 /// `tasks` tasks, each appending single events to its own stream until the
@@ -109,8 +117,13 @@ async fn concurrent(mode: &Mode, tasks: usize) -> Result<Measured, Box<dyn Error
         events += handle.await??;
     }
     let elapsed = start.elapsed();
+    let stats = store.stats();
     store.shutdown().await?;
-    Ok(Measured { events, elapsed })
+    Ok(Measured {
+        events,
+        elapsed,
+        stats,
+    })
 }
 
 #[tokio::main]
@@ -159,6 +172,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 "{}_concurrent_{tasks}_tasks_events_per_s: {:.0}",
                 mode.name,
                 measured.per_second()
+            );
+            println!(
+                "{}_concurrent_{tasks}_tasks_appends_per_group_commit: {:.1}",
+                mode.name,
+                measured.stats.appends as f64 / measured.stats.group_commits.max(1) as f64
             );
             figures.push(measured.per_second());
         }
