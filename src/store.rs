@@ -8,7 +8,7 @@ pub(crate) mod sled;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -170,7 +170,10 @@ impl LiveFeed {
 /// from the feed (see `projection::Subscription`).
 #[derive(Debug)]
 pub(crate) struct CommitFeed {
-    sender: broadcast::Sender<Commit>,
+    /// `None` once the store shut down: dropping the sender ends every
+    /// subscription with [`FeedError::Closed`] after the commits it holds.
+    /// A std Mutex, not a tokio one: no await happens while it is held.
+    sender: Mutex<Option<broadcast::Sender<Commit>>>,
     head: AtomicU64,
 }
 
@@ -178,9 +181,14 @@ impl CommitFeed {
     pub(crate) fn new(capacity: usize, head: Position) -> Self {
         let (sender, _) = broadcast::channel(capacity.max(1));
         Self {
-            sender,
+            sender: Mutex::new(Some(sender)),
             head: AtomicU64::new(head.0),
         }
+    }
+
+    fn sender(&self) -> std::sync::MutexGuard<'_, Option<broadcast::Sender<Commit>>> {
+        // Nothing can panic while the lock is held.
+        self.sender.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn head(&self) -> Position {
@@ -191,15 +199,26 @@ impl CommitFeed {
     pub(crate) fn publish(&self, commit: Commit) {
         if let Some(last) = commit.last() {
             self.head.store(last.position.0, Ordering::Release);
-            // No subscriber is not an error: the events are in the store.
-            let _ = self.sender.send(commit);
+            if let Some(sender) = &*self.sender() {
+                // No subscriber is not an error: the events are in the store.
+                let _ = sender.send(commit);
+            }
         }
     }
 
     pub(crate) fn subscribe(&self) -> LiveFeed {
-        LiveFeed {
-            receiver: self.sender.subscribe(),
-        }
+        let receiver = match &*self.sender() {
+            Some(sender) => sender.subscribe(),
+            // Shut down: a feed that is closed from the start.
+            None => broadcast::channel(1).1,
+        };
+        LiveFeed { receiver }
+    }
+
+    /// Called when the store shuts down, after its last commit was published:
+    /// subscribers get what is left, then [`FeedError::Closed`].
+    pub(crate) fn close(&self) {
+        self.sender().take();
     }
 }
 

@@ -248,7 +248,10 @@ impl EventStore for MemoryStore {
     }
 
     async fn shutdown(&self) -> Result<(), StoreError> {
-        self.lock().closed = true;
+        let mut inner = self.lock();
+        inner.closed = true;
+        // Under the lock, so that no append publishes after the feed closed.
+        self.feed.close();
         Ok(())
     }
 }

@@ -450,15 +450,23 @@ impl SledStore {
 }
 
 impl Drop for SledStore {
-    /// Closes the queue and waits for the writer to finish the queued appends
-    /// and flush, so that nothing acknowledged is lost and the directory can
-    /// be opened again as soon as `drop` returns. Blocks for that flush;
-    /// prefer [`EventStore::shutdown`] in async code.
+    /// Without [`EventStore::shutdown`], closes the writer's queue and waits
+    /// for its final flush. Otherwise a program that exits right after the
+    /// drop kills the writer before that flush and loses appends already
+    /// acknowledged in [`Durability::Buffered`] mode, and the writer would
+    /// keep sled's files open after the store is gone. This blocks the
+    /// dropping thread for one flush; `shutdown()` avoids that.
     fn drop(&mut self) {
-        let (closed, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.sender, closed));
-        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(handle) = handle {
+            // The store holds the only sender: dropping it ends the writer's
+            // loop, which commits what is queued, flushes and returns.
+            let (closed, _) = mpsc::channel(1);
+            drop(std::mem::replace(&mut self.sender, closed));
             let _ = handle.join();
         }
     }
@@ -601,6 +609,8 @@ impl Writer {
         while let Ok(request) = self.receiver.try_recv() {
             refuse(request, || StoreError::Closed);
         }
+        // Nothing commits after this point: subscribers get FeedError::Closed.
+        self.feed.close();
         if let Some(reply) = shutdown {
             let _ = reply.send(result.map_err(|e| StoreError::Io(std::io::Error::other(e))));
         }
@@ -689,14 +699,17 @@ impl Writer {
                 if wrote {
                     counters.group_commits.fetch_add(1, Ordering::Relaxed);
                 }
+                // Publish (which moves the head) before answering, so that a
+                // caller whose append returned sees it in `head_position()`
+                // and a subscriber has it on the feed, as with MemoryStore.
+                if wrote {
+                    self.feed.publish(committed.into());
+                }
                 for Decided { reply, outcome } in decided {
                     let _ = reply.send(outcome);
                 }
                 for reply in syncs {
                     let _ = reply.send(Ok(()));
-                }
-                if wrote {
-                    self.feed.publish(committed.into());
                 }
             }
             Err(why) => {
