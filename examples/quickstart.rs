@@ -9,7 +9,9 @@ use annals::{
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let path = std::env::args().nth(1).map_or_else(|| dir.path().to_path_buf(), Into::into);
+    let path = std::env::args()
+        .nth(1)
+        .map_or_else(|| dir.path().to_path_buf(), Into::into);
     let store = SledStore::open(&path)?;
 
     let mut appended = 0;
@@ -19,14 +21,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             NewEvent::new("OrderPlaced", format!("order {order}").into_bytes()),
             NewEvent::new("OrderShipped", Vec::new()),
         ];
-        store.append(&stream, ExpectedVersion::NoStream, events).await?;
+        store
+            .append(&stream, ExpectedVersion::NoStream, events)
+            .await?;
         appended += 2;
     }
 
     let stream = StreamId::new("order-7")?;
-    let events = store.read_stream(&stream, Version::FIRST, ReadDirection::Forward, 10).await?;
+    let events = store
+        .read_stream(&stream, Version::FIRST, ReadDirection::Forward, 10)
+        .await?;
     let conflict = store
-        .append(&stream, ExpectedVersion::NoStream, vec![NewEvent::new("OrderPlaced", Vec::new())])
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("OrderPlaced", Vec::new())],
+        )
         .await
         .unwrap_err();
     let shipped = store
@@ -37,10 +47,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             &EventFilter::EventTypes(vec!["OrderShipped".into()]),
         )
         .await?;
-    println!("appended {appended} events to 100 streams at {}", path.display());
-    println!("order-7 holds {} events, the last at version {}", events.len(), events[1].version);
+    println!(
+        "appended {appended} events to 100 streams at {}",
+        path.display()
+    );
+    println!(
+        "order-7 holds {} events, the last at version {}",
+        events.len(),
+        events[1].version
+    );
     println!("a second OrderPlaced on order-7 is refused: {conflict}");
-    println!("{} OrderShipped events in $all, head position {}", shipped.len(), store.head_position());
+    println!(
+        "{} OrderShipped events in $all, head position {}",
+        shipped.len(),
+        store.head_position()
+    );
     store.shutdown().await?;
     Ok(())
 }

@@ -25,23 +25,31 @@
 //! # }
 //! ```
 
+mod aggregate;
 mod codec;
 mod error;
 mod event;
+mod runtime;
 mod store;
+mod testing;
 
+pub use crate::aggregate::Aggregate;
 pub use crate::codec::{
     decode_event, decode_event_parts, decode_value, encode_event, encode_value, event_type_of,
     DomainEvent, Upcasters,
 };
-pub use crate::error::{AppendError, CodecError, Error, InvalidInput, ReadError, StoreError};
+pub use crate::error::{
+    AppendError, CodecError, CommandError, Error, InvalidInput, QueryError, ReadError, StoreError,
+};
 pub use crate::event::{
     AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position, ReadDirection,
     RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_EVENTS_PER_APPEND,
     MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
+pub use crate::runtime::{Aggregates, CommandContext, Executed, Runtime, RuntimeConfig};
 pub use crate::store::memory::MemoryStore;
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, FORMAT_VERSION};
 pub use crate::store::{
     Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
 };
+pub use crate::testing::{AggregateTest, AggregateTestResult};
