@@ -305,6 +305,10 @@ impl Runtime {
             key: key.clone(),
             slot: Arc::clone(slot),
             aggregate: PhantomData,
+            unregister: actor::Unregister {
+                registry: Arc::clone(&self.inner.registry),
+                id: std::sync::OnceLock::new(),
+            },
         };
         match Actor::spawn_linked(None, actor, (), supervisor).await {
             Ok((actor, _)) => {

@@ -69,6 +69,25 @@ pub(crate) struct AggregateActor<A> {
     pub(crate) key: SlotKey,
     pub(crate) slot: Arc<Slot>,
     pub(crate) aggregate: PhantomData<fn() -> A>,
+    /// Declared last so that it drops last, after the store handle.
+    pub(crate) unregister: Unregister,
+}
+
+/// Removes an actor from the registry when its handler is dropped, which
+/// ractor does at the very end of the actor's task. The runtime's shutdown
+/// waits for that, so that once it returns no actor holds the store (and
+/// the sled directory can be opened again).
+pub(crate) struct Unregister {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) id: std::sync::OnceLock<ractor::ActorId>,
+}
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.get() {
+            self.registry.actor_dropped(*id);
+        }
+    }
 }
 
 /// The mutable side of an [`AggregateActor`].
@@ -219,6 +238,7 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         // actor the supervisor will hear of.
         self.registry
             .actor_started(myself.get_id(), self.key.clone(), Arc::clone(&self.slot));
+        let _ = self.unregister.id.set(myself.get_id());
         debug!(stream = %self.key.stream, version = %rebuilt.version,
             snapshot = %rebuilt.snapshot_version, "aggregate recovered");
         Ok(ActorState {

@@ -197,12 +197,21 @@ impl Registry {
     }
 
     /// An actor stopped or failed: its slot takes no more commands and is
-    /// removed. Safe to call twice.
+    /// removed, so that the next command gets a fresh actor. Safe to call
+    /// twice.
     pub(crate) fn actor_stopped(&self, id: ActorId) {
-        if let Some((_, (key, slot))) = self.actors.remove(&id) {
+        let entry = self.actors.get(&id).map(|entry| entry.value().clone());
+        if let Some((key, slot)) = entry {
             slot.close();
             self.remove(&key, &slot);
         }
+    }
+
+    /// An actor's handler was dropped: nothing of it (its store handle
+    /// included) is left.
+    pub(crate) fn actor_dropped(&self, id: ActorId) {
+        self.actor_stopped(id);
+        self.actors.remove(&id);
     }
 
     /// Running actors, including those stopping.
