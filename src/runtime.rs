@@ -529,7 +529,9 @@ impl<A: Aggregate> Aggregates<A> {
     }
 
     /// The current state of aggregate `id` (the default state if it has no
-    /// events), after every command that arrived before this call.
+    /// events): after every command that arrived before this call, and
+    /// after every event in the store when it is read (the actor catches up
+    /// with other writers first).
     ///
     /// # Errors
     /// As for a command: overload, timeout, a panic while recovering, the
@@ -577,7 +579,7 @@ impl<A: Aggregate> Aggregates<A> {
             permit.hand_over();
             match timeout_at(deadline, answer).await {
                 Err(_) => return Err(timeout()),
-                Ok(Ok(StateReply::State(state))) => return Ok(state),
+                Ok(Ok(StateReply::Done(result))) => return result,
                 Ok(Ok(StateReply::Bounced)) => {}
                 Ok(Err(_)) if self.runtime.inner.registry.is_shut_down() => {
                     return Err(QueryError::ShutDown)

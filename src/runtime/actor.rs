@@ -56,7 +56,7 @@ pub(crate) enum ExecuteReply<A: Aggregate> {
 
 /// The answer to [`AggregateMessage::State`].
 pub(crate) enum StateReply<A> {
-    State(A),
+    Done(Result<A, QueryError>),
     Bounced,
 }
 
@@ -294,7 +294,7 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
             } => {
                 let answer = if state.retiring {
                     ExecuteReply::Bounced(command)
-                } else if Instant::now() > deadline {
+                } else if Instant::now() >= deadline {
                     // The caller has given up; running it now would commit a
                     // command whose caller was told "timeout".
                     debug!(parent: &span, stream = %self.key.stream, "command dropped unrun: past its deadline");
@@ -318,11 +318,22 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
             AggregateMessage::State { deadline, reply } => {
                 let answer = if state.retiring {
                     StateReply::Bounced
+                } else if Instant::now() >= deadline {
+                    StateReply::Done(Err(QueryError::Timeout {
+                        stream: self.key.stream.clone(),
+                        after: self.config.command_timeout,
+                    }))
                 } else {
-                    if Instant::now() <= deadline {
-                        state.last_activity = Instant::now();
+                    state.last_activity = Instant::now();
+                    // Another writer (another process) may have appended
+                    // since our last command: the state answered is the
+                    // stream's, not just this actor's view of it.
+                    match self.catch_up(&myself, state).await {
+                        Ok(()) => StateReply::Done(Ok(state.aggregate.clone())),
+                        Err(error) => {
+                            StateReply::Done(Err(error.into_query_error(&self.key.stream)))
+                        }
                     }
-                    StateReply::State(state.aggregate.clone())
                 };
                 self.slot.release();
                 let _ = reply.send(answer);
@@ -415,7 +426,9 @@ impl<A: Aggregate> AggregateActor<A> {
                     }
                     debug!(%stream, expected = %state.version, %actual, attempts,
                         "conflict: catching up and deciding again");
-                    self.catch_up(myself, state).await?;
+                    self.catch_up(myself, state)
+                        .await
+                        .map_err(|e| e.into_command_error(stream))?;
                 }
                 Err(AppendError::InvalidInput(e)) => return Err(CommandError::InvalidInput(e)),
                 Err(AppendError::Store(e)) => return Err(CommandError::Store(e)),
@@ -424,12 +437,13 @@ impl<A: Aggregate> AggregateActor<A> {
         }
     }
 
-    /// Applies the events another writer appended after our version.
+    /// Applies the events another writer appended after our version. A
+    /// panic in `apply` retires the actor (the state is suspect).
     async fn catch_up(
         &self,
         myself: &ActorRef<AggregateMessage<A>>,
         state: &mut ActorState<A>,
-    ) -> Result<(), CommandError<A::Error>> {
+    ) -> Result<(), LoadError> {
         let stream = &self.key.stream;
         loop {
             let events = self
@@ -440,15 +454,15 @@ impl<A: Aggregate> AggregateActor<A> {
                     ReadDirection::Forward,
                     REPLAY_PAGE,
                 )
-                .await
-                .map_err(|e| LoadError::Read(e).into_command_error(stream))?;
+                .await?;
             if events.is_empty() {
                 return Ok(());
             }
             for recorded in &events {
                 let event = decode_event::<A::Event>(recorded)?;
                 if let Err(message) = apply_guarded(&mut state.aggregate, &event) {
-                    return Err(self.retire(myself, state, "apply", Box::new(message)));
+                    let _ = self.retire(myself, state, "apply", Box::new(message.clone()));
+                    return Err(LoadError::Panicked(message));
                 }
                 state.version = recorded.version;
             }

@@ -239,24 +239,27 @@ impl Registry {
         if self.actors.len() <= max_live || self.evicting.swap(true, Ordering::AcqRel) {
             return;
         }
-        let mut candidates: Vec<(u64, SlotKey, Arc<Slot>, ActorCell)> = self
-            .actors
-            .iter()
-            .filter_map(|entry| {
-                let (key, slot) = entry.value();
-                let cell = slot.actor.get()?;
-                (!slot.is_closed()).then(|| {
-                    (
-                        slot.last_used(),
-                        key.clone(),
-                        Arc::clone(slot),
-                        cell.clone(),
-                    )
-                })
-            })
-            .collect();
+        // Every open actor counts, including one whose spawn is finishing
+        // (its cell is not published yet); only published ones can be asked.
+        let mut live = 0usize;
+        let mut candidates: Vec<(u64, SlotKey, Arc<Slot>, ActorCell)> = Vec::new();
+        for entry in self.actors.iter() {
+            let (key, slot) = entry.value();
+            if slot.is_closed() {
+                continue;
+            }
+            live += 1;
+            if let Some(cell) = slot.actor.get() {
+                candidates.push((
+                    slot.last_used(),
+                    key.clone(),
+                    Arc::clone(slot),
+                    cell.clone(),
+                ));
+            }
+        }
         let target = max_live - max_live / 10;
-        let excess = candidates.len().saturating_sub(target);
+        let excess = live.saturating_sub(target);
         if excess > 0 {
             candidates.sort_unstable_by_key(|(last_used, ..)| *last_used);
             let mut evicted = 0;
