@@ -63,6 +63,21 @@ async fn the_retry_decides_again_on_the_new_state() {
 }
 
 #[tokio::test]
+async fn a_refusal_is_never_decided_on_a_stale_state() {
+    let store = Arc::new(TestStore::new());
+    let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
+    let handle = runtime.aggregates::<Ledger>();
+    handle.execute("f", C::Open).await.unwrap();
+    handle.execute("f", C::Deposit(10)).await.unwrap();
+    // The actor believes the balance is 10; another writer made it 30.
+    outside_append(&*store, "ledger-f", LedgerEvent::Deposited { amount: 20 }).await;
+    let executed = handle.execute("f", C::Withdraw(25)).await.unwrap();
+    assert_eq!(executed.version, Version(4));
+    assert_eq!(handle.state("f").await.unwrap().balance, 5);
+    runtime.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_conflict_that_persists_past_the_retries_is_reported_and_stores_nothing() {
     let store = Arc::new(TestStore::new());
     let runtime = Runtime::new(

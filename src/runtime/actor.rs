@@ -377,6 +377,22 @@ impl<A: Aggregate> AggregateActor<A> {
             let events = match decided {
                 Ok(Ok(events)) => events,
                 Ok(Err(refusal)) => {
+                    // A refusal stores nothing, so no conflict would reveal
+                    // that another writer moved the stream on: check before
+                    // answering (one cheap read, on refusals only).
+                    let current = self
+                        .store
+                        .stream_version(stream)
+                        .await
+                        .map_err(|e| LoadError::Read(e).into_command_error(stream))?;
+                    if current > state.version && attempts <= self.config.max_conflict_retries {
+                        debug!(%stream, known = %state.version, %current,
+                            "refused on a stale state: catching up and deciding again");
+                        self.catch_up(myself, state)
+                            .await
+                            .map_err(|e| e.into_command_error(stream))?;
+                        continue;
+                    }
                     debug!(%stream, error = %refusal, "command refused by the domain");
                     return Err(CommandError::Domain(refusal));
                 }
