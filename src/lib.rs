@@ -29,6 +29,7 @@ mod aggregate;
 mod codec;
 mod error;
 mod event;
+mod faults;
 mod runtime;
 mod store;
 mod testing;
@@ -46,9 +47,10 @@ pub use crate::event::{
     RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_EVENTS_PER_APPEND,
     MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
+pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore};
 pub use crate::runtime::{Aggregates, CommandContext, Executed, Runtime, RuntimeConfig};
 pub use crate::store::memory::MemoryStore;
-pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, FORMAT_VERSION};
+pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{
     Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
 };
