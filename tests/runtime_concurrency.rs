@@ -106,9 +106,11 @@ async fn many_tasks_on_sled_match_the_model_and_survive_a_restart() {
     run_scripts(&runtime, 64, 12, 32).await;
     check_against_model(&runtime, 64, 12).await;
     runtime.shutdown().await.unwrap();
-    drop(runtime); // releases sled's lock on the directory
+    // Once shutdown returns, no actor holds the store any more...
+    assert_eq!(Arc::strong_count(runtime.store()), 1);
+    drop(runtime); // ...so this releases sled's lock on the directory
 
-    let reopened = Runtime::new(Arc::new(SledStore::open(dir.path()).unwrap()), config);
+    let reopened = Runtime::new(Arc::new(common::reopen_sled(dir.path()).await), config);
     check_against_model(&reopened, 64, 12).await;
     reopened.shutdown().await.unwrap();
 }

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use annals::{EventStore, Runtime, RuntimeConfig, SledStore, Snapshot, StreamId, Version};
+use annals::{EventStore, Runtime, RuntimeConfig, Snapshot, StreamId, Version};
 use common::{Ledger, LedgerCommand as C, TestStore};
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -167,11 +167,15 @@ async fn an_undecodable_snapshot_is_ignored_with_a_warning() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_recovery_across_restarts_with_and_without_snapshots() {
     let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
     let open = |every| {
-        let store = Arc::new(SledStore::open(dir.path()).unwrap());
-        Runtime::new(store, RuntimeConfig::default().snapshot_every(every))
+        let path = path.clone();
+        async move {
+            let store = Arc::new(common::reopen_sled(&path).await);
+            Runtime::new(store, RuntimeConfig::default().snapshot_every(every))
+        }
     };
-    let runtime = open(10);
+    let runtime = open(10).await;
     fill(&runtime, "d", 54).await; // 55 events, snapshot at 50
     let before = runtime.aggregates::<Ledger>().state("d").await.unwrap();
     runtime.shutdown().await.unwrap(); // waits for the snapshot in flight
@@ -185,16 +189,21 @@ async fn sled_recovery_across_restarts_with_and_without_snapshots() {
     assert_eq!(snapshot.version, Version(50));
     drop(runtime);
 
-    let runtime = open(10);
+    let runtime = open(10).await;
     let handle = runtime.aggregates::<Ledger>();
     assert_eq!(handle.state("d").await.unwrap(), before);
     handle.execute("d", C::Deposit(1000)).await.unwrap();
     drop(handle);
     runtime.shutdown().await.unwrap();
     runtime.store().delete_snapshot(&stream).await.unwrap();
+    assert_eq!(
+        Arc::strong_count(runtime.store()),
+        1,
+        "no actor holds the store"
+    );
     drop(runtime);
 
-    let runtime = open(0);
+    let runtime = open(0).await;
     let after = runtime.aggregates::<Ledger>().state("d").await.unwrap();
     assert_eq!(after.balance, before.balance + 1000);
     assert_eq!(after.events, 56);
