@@ -231,7 +231,12 @@ impl Runtime {
         debug!(asked, "runtime shutting down");
         // Actors with pending commands stop by themselves after the last;
         // wait for all, but not forever for one stuck in the user's code.
-        let deadline = Instant::now() + self.inner.config.command_timeout + Duration::from_secs(1);
+        let deadline = deadline_after(
+            self.inner
+                .config
+                .command_timeout
+                .saturating_add(Duration::from_secs(1)),
+        );
         while self.inner.registry.running() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -458,7 +463,7 @@ impl<A: Aggregate> Aggregates<A> {
         let key = Self::key(id)?;
         let stream = key.stream.clone();
         let config = &self.runtime.inner.config;
-        let deadline = Instant::now() + config.command_timeout;
+        let deadline = deadline_after(config.command_timeout);
         let timeout = || CommandError::Timeout {
             stream: stream.clone(),
             after: config.command_timeout,
@@ -540,7 +545,7 @@ impl<A: Aggregate> Aggregates<A> {
         let key = Self::key(id)?;
         let stream = key.stream.clone();
         let config = &self.runtime.inner.config;
-        let deadline = Instant::now() + config.command_timeout;
+        let deadline = deadline_after(config.command_timeout);
         let timeout = || QueryError::Timeout {
             stream: stream.clone(),
             after: config.command_timeout,
@@ -644,6 +649,14 @@ impl<A: Aggregate> Aggregates<A> {
             Err(Refused::Overloaded) => Err(Acquire::Overloaded),
         }
     }
+}
+
+/// Now plus `timeout`, saturating far in the future (so that
+/// `Duration::MAX` means "no timeout" rather than an overflow panic).
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 enum Acquire {

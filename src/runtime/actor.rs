@@ -520,6 +520,9 @@ impl<A: Aggregate> AggregateActor<A> {
         myself: &ActorRef<AggregateMessage<A>>,
         after: std::time::Duration,
     ) {
+        // At least a millisecond: a zero timeout must not turn a busy actor's
+        // rescheduled checks into a spin.
+        let after = after.max(std::time::Duration::from_millis(1));
         ractor::time::send_after(after, myself.get_cell(), || {
             AggregateMessage::<A>::IdleCheck
         });
