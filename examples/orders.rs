@@ -374,6 +374,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let events = store.head_position().0;
+    let stats = store.stats();
     runtime.shutdown().await?;
 
     // The raw store, same run: single-event appends from as many concurrent
@@ -414,6 +415,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "commands/s:      {:.0} (through the actors, fdatasync before each ack)",
         rate(commands, elapsed)
+    );
+    println!(
+        "group commits:   {} for {} appends ({:.1} appends per fdatasync)",
+        stats.group_commits,
+        stats.appends,
+        stats.appends as f64 / stats.group_commits.max(1) as f64
     );
     println!(
         "raw appends/s:   {:.0} ({commands} single-event appends from {orders} tasks on a second SledStore)",

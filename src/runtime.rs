@@ -149,7 +149,9 @@ pub struct Executed<A: Aggregate> {
 /// parallel and share the store's group commits.
 ///
 /// Cloning is cheap and every clone is the same runtime. Call
-/// [`Runtime::shutdown`] to stop it: nothing relies on `Drop`.
+/// [`Runtime::shutdown`] to stop it: nothing relies on `Drop` (dropping every
+/// handle without it loses nothing acknowledged, but live actors keep the
+/// store open until they passivate).
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,

@@ -116,6 +116,38 @@ async fn many_tasks_on_sled_match_the_model_and_survive_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_aggregates_share_group_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
+    let handle = runtime.aggregates::<Ledger>();
+    let mut joins = Vec::new();
+    for ledger in 0..200 {
+        let handle = handle.clone();
+        joins.push(tokio::spawn(async move {
+            let id = ledger.to_string();
+            handle.execute(&id, C::Open).await.unwrap();
+            handle.execute(&id, C::Deposit(1)).await.unwrap();
+            handle.execute(&id, C::Deposit(2)).await.unwrap();
+        }));
+    }
+    for join in joins {
+        join.await.unwrap();
+    }
+    let stats = store.stats();
+    assert_eq!(stats.appends, 600);
+    // Each actor awaits its own append, so while one group is being synced
+    // the others queue up for the next: far fewer syncs than appends.
+    assert!(
+        stats.group_commits * 3 <= stats.appends,
+        "{} group commits for {} appends",
+        stats.group_commits,
+        stats.appends
+    );
+    runtime.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_first_commands_spawn_exactly_one_actor() {
     let store = Arc::new(TestStore::new());
     let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
