@@ -149,7 +149,12 @@ async fn different_aggregates_share_group_commits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_first_commands_spawn_exactly_one_actor() {
-    let store = Arc::new(TestStore::new());
+    // A slow recovery keeps the race open: every task arrives while the
+    // first actor is still starting.
+    let store = Arc::new(TestStore {
+        load_delay: Some(std::time::Duration::from_millis(20)),
+        ..TestStore::new()
+    });
     let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
     let handle = runtime.aggregates::<Ledger>();
     handle.execute("other", C::Open).await.unwrap();

@@ -171,6 +171,8 @@ pub struct TestStore {
     /// When set, another writer appends a `Noted` event to the stream just
     /// before each append, so every append conflicts.
     pub interfere: AtomicBool,
+    /// When set, `load_snapshot` (the start of every recovery) takes this long.
+    pub load_delay: Option<std::time::Duration>,
 }
 
 impl TestStore {
@@ -182,6 +184,7 @@ impl TestStore {
             appends: AtomicU64::new(0),
             gate: None,
             interfere: AtomicBool::new(false),
+            load_delay: None,
         }
     }
 
@@ -271,6 +274,9 @@ impl EventStore for TestStore {
             .unwrap()
             .entry(stream.to_string())
             .or_default() += 1;
+        if let Some(delay) = self.load_delay {
+            tokio::time::sleep(delay).await;
+        }
         self.inner.load_snapshot(stream).await
     }
 
