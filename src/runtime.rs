@@ -415,8 +415,14 @@ impl<A: Aggregate> Aggregates<A> {
     /// The stream id of aggregate `id`: `A::CATEGORY-id`.
     ///
     /// # Errors
-    /// [`crate::InvalidInput`] when the id makes an invalid stream id.
+    /// [`crate::InvalidInput`] when the id is empty (`order-` names no
+    /// order) or makes an invalid stream id.
     pub fn stream_id(id: &str) -> Result<StreamId, crate::InvalidInput> {
+        if id.is_empty() {
+            return Err(crate::InvalidInput::EmptyName {
+                what: "aggregate id",
+            });
+        }
         StreamId::for_aggregate(A::CATEGORY, id)
     }
 
