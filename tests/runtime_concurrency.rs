@@ -294,11 +294,8 @@ async fn domain_refusals_store_nothing_and_context_reaches_the_events() {
     assert_eq!(stored[0].metadata.causation_id, context.causation_id);
     assert_eq!(stored[1].metadata.correlation_id, None);
 
-    let invalid = handle.execute("", C::Open).await;
-    assert!(
-        invalid.is_ok(),
-        "an empty id still makes the stream id `ledger-`"
-    );
+    let empty = handle.execute("", C::Open).await.unwrap_err();
+    assert!(matches!(empty, CommandError::InvalidInput(_)), "{empty}");
     let too_long = handle.execute(&"x".repeat(300), C::Open).await.unwrap_err();
     assert!(
         matches!(too_long, CommandError::InvalidInput(_)),
