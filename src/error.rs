@@ -203,6 +203,132 @@ pub enum CodecError {
     },
 }
 
+/// Why [`Aggregates::execute`](crate::Aggregates::execute) did not commit a
+/// command. [`CommandError::Domain`] is the domain's own refusal; every
+/// other variant is the infrastructure's.
+///
+/// Unless said otherwise, nothing was stored. The exceptions are
+/// [`CommandError::Timeout`] and, for some store failures,
+/// [`CommandError::Store`]: the outcome is then unknown and the stream tells.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError<E: std::error::Error + 'static> {
+    /// The domain refused the command ([`crate::Aggregate::handle`] returned
+    /// an error). Nothing was stored.
+    #[error("the command was refused: {0}")]
+    Domain(#[source] E),
+    /// Another writer kept appending to the stream: every attempt (the first
+    /// plus the configured retries, each after catching up) met a newer
+    /// version. Nothing was stored.
+    #[error("stream {stream}: still in conflict after {attempts} attempts")]
+    Conflict {
+        /// The stream.
+        stream: StreamId,
+        /// How many times the command was decided and appended.
+        attempts: u32,
+    },
+    /// The aggregate already had its maximum of pending commands; the command
+    /// was refused at once, without queueing. Nothing was stored.
+    #[error("stream {stream}: {pending} commands pending, the maximum")]
+    Overloaded {
+        /// The stream.
+        stream: StreamId,
+        /// The configured maximum of pending commands.
+        pending: usize,
+    },
+    /// No answer within the command timeout. A command that had not started
+    /// by then is dropped unrun; one that had started may still commit, so
+    /// the outcome is unknown.
+    #[error("stream {stream}: no answer within {after:?}")]
+    Timeout {
+        /// The stream.
+        stream: StreamId,
+        /// The configured timeout.
+        after: std::time::Duration,
+    },
+    /// The aggregate's code panicked in `handle` or `apply`. Nothing of this
+    /// command was stored (its events are applied to a copy before they are
+    /// stored). The actor was retired; the next command reloads the
+    /// aggregate from the store.
+    #[error("stream {stream}: the aggregate panicked: {message}")]
+    AggregatePanicked {
+        /// The stream.
+        stream: StreamId,
+        /// The panic's message.
+        message: String,
+    },
+    /// The store failed to read or write. For a failed append, the sled store
+    /// guarantees nothing was acknowledged; see [`AppendError::Store`].
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store refused the append for a reason other than a conflict.
+    #[error(transparent)]
+    Append(AppendError),
+    /// An event or the state did not encode or a stored event did not
+    /// decode. Nothing of this command was stored.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The aggregate id or an event was refused (too long, too large, ...).
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
+    /// The runtime was shut down.
+    #[error("the runtime is shut down")]
+    ShutDown,
+}
+
+/// Why [`Aggregates::state`](crate::Aggregates::state) or
+/// [`Aggregates::state_at`](crate::Aggregates::state_at) gave no state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    /// The stream has not reached the requested version.
+    #[error("stream {stream} is at version {current}, version {requested} does not exist")]
+    VersionNotFound {
+        /// The stream.
+        stream: StreamId,
+        /// The version asked for.
+        requested: Version,
+        /// The stream's version.
+        current: Version,
+    },
+    /// The aggregate panicked while rebuilding its state.
+    #[error("stream {stream}: the aggregate panicked: {message}")]
+    AggregatePanicked {
+        /// The stream.
+        stream: StreamId,
+        /// The panic's message.
+        message: String,
+    },
+    /// The aggregate had its maximum of pending commands.
+    #[error("stream {stream}: {pending} commands pending, the maximum")]
+    Overloaded {
+        /// The stream.
+        stream: StreamId,
+        /// The configured maximum of pending commands.
+        pending: usize,
+    },
+    /// No answer within the command timeout.
+    #[error("stream {stream}: no answer within {after:?}")]
+    Timeout {
+        /// The stream.
+        stream: StreamId,
+        /// The configured timeout.
+        after: std::time::Duration,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored event did not decode.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The aggregate id was refused.
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
+    /// The runtime was shut down.
+    #[error("the runtime is shut down")]
+    ShutDown,
+}
+
 /// The umbrella error: any of the above.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -222,4 +348,7 @@ pub enum Error {
     /// See [`CodecError`].
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// See [`QueryError`].
+    #[error(transparent)]
+    Query(#[from] QueryError),
 }

@@ -24,26 +24,94 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## Aggregates on the runtime
+//!
+//! An [`Aggregate`] decides in `handle` and evolves in `apply`; the
+//! [`Runtime`] hosts each instance in its own actor, one command at a time.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use annals::{Aggregate, CommandError, DomainEvent, MemoryStore, Runtime, RuntimeConfig};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize)]
+//! enum AccountEvent { Deposited { amount: u64 }, Withdrawn { amount: u64 } }
+//! impl DomainEvent for AccountEvent {}
+//!
+//! #[derive(Debug)]
+//! enum AccountCommand { Deposit(u64), Withdraw(u64) }
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error("insufficient funds")]
+//! struct InsufficientFunds;
+//!
+//! #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+//! struct Account { balance: u64 }
+//!
+//! impl Aggregate for Account {
+//!     type Command = AccountCommand;
+//!     type Event = AccountEvent;
+//!     type Error = InsufficientFunds;
+//!     const CATEGORY: &'static str = "account";
+//!
+//!     fn handle(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, InsufficientFunds> {
+//!         match *command {
+//!             AccountCommand::Deposit(amount) => Ok(vec![AccountEvent::Deposited { amount }]),
+//!             AccountCommand::Withdraw(amount) if amount > self.balance => Err(InsufficientFunds),
+//!             AccountCommand::Withdraw(amount) => Ok(vec![AccountEvent::Withdrawn { amount }]),
+//!         }
+//!     }
+//!
+//!     fn apply(&mut self, event: &AccountEvent) {
+//!         match event {
+//!             AccountEvent::Deposited { amount } => self.balance += amount,
+//!             AccountEvent::Withdrawn { amount } => self.balance -= amount,
+//!         }
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let runtime = Runtime::new(Arc::new(MemoryStore::new()), RuntimeConfig::default());
+//! let accounts = runtime.aggregates::<Account>();
+//! let executed = accounts.execute("7", AccountCommand::Deposit(100)).await?;
+//! assert_eq!(executed.version.0, 1); // stored in stream `account-7`
+//! let refused = accounts.execute("7", AccountCommand::Withdraw(500)).await;
+//! assert!(matches!(refused, Err(CommandError::Domain(InsufficientFunds))));
+//! assert_eq!(accounts.state("7").await?.balance, 100);
+//! runtime.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
 
+mod aggregate;
 mod codec;
 mod error;
 mod event;
 mod faults;
+mod runtime;
 mod store;
+mod testing;
 
+pub use crate::aggregate::Aggregate;
 pub use crate::codec::{
     decode_event, decode_event_parts, decode_value, encode_event, encode_value, event_type_of,
     DomainEvent, Upcasters,
 };
-pub use crate::error::{AppendError, CodecError, Error, InvalidInput, ReadError, StoreError};
+pub use crate::error::{
+    AppendError, CodecError, CommandError, Error, InvalidInput, QueryError, ReadError, StoreError,
+};
 pub use crate::event::{
     AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position, ReadDirection,
     RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_EVENTS_PER_APPEND,
     MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
 pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore};
+pub use crate::runtime::{Aggregates, CommandContext, Executed, Runtime, RuntimeConfig};
 pub use crate::store::memory::MemoryStore;
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{
     Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
 };
+pub use crate::testing::{AggregateTest, AggregateTestResult};

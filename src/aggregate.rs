@@ -1,0 +1,58 @@
+//! The user's domain: an [`Aggregate`] decides with a pure
+//! [`handle`](Aggregate::handle) that turns a command into events or a
+//! domain error, and evolves with a rule-free [`apply`](Aggregate::apply).
+//! The runtime ([`crate::Runtime`]) hosts each aggregate instance in its own
+//! actor; [`crate::AggregateTest`] checks one without a store.
+
+use std::fmt::Debug;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::DomainEvent;
+
+/// One consistency boundary of the domain (an order, an account), rebuilt
+/// from its events.
+///
+/// The contract the runtime relies on:
+/// - [`handle`](Aggregate::handle) holds every business rule, does no I/O and
+///   is deterministic given the state and the command: on a concurrency
+///   conflict the runtime catches up with the stream and calls it again with
+///   the *same* command.
+/// - [`apply`](Aggregate::apply) holds no rules and does not fail: an event
+///   is a fact already decided. It must be deterministic, because the state
+///   is rebuilt by replaying events (and from a snapshot plus the events
+///   after it, which must give the same state as a full replay).
+/// - `Default` is the state before the first event; the state serializes so
+///   that the runtime can snapshot it. A snapshot that no longer decodes
+///   after the state type changed is ignored and the state is rebuilt from
+///   events.
+/// - `Clone` lets the runtime try the new events on a copy before storing
+///   them (see [`crate::CommandError::AggregatePanicked`]) and hand out
+///   states.
+pub trait Aggregate:
+    Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+    /// What the aggregate is asked to do (imperative: `ShipOrder`).
+    type Command: Debug + Send + 'static;
+    /// What happened (past tense: `OrderShipped`), stored under its variant
+    /// name by [`crate::encode_event`].
+    type Event: DomainEvent;
+    /// Why a command was refused by the domain's rules.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The stream category: an instance `42` lives in stream `CATEGORY-42`.
+    /// It must be a valid stream id prefix without `-`.
+    const CATEGORY: &'static str;
+
+    /// Decides: the events that `command` causes in the current state, or
+    /// the domain's refusal. An empty vector means "nothing to do" and
+    /// stores nothing.
+    ///
+    /// # Errors
+    /// The domain's refusal; nothing is stored.
+    fn handle(&self, command: &Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+
+    /// Evolves the state by one event. No rules, no failure.
+    fn apply(&mut self, event: &Self::Event);
+}

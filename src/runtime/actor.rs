@@ -1,0 +1,567 @@
+//! [`AggregateActor`]: the ractor actor that hosts one aggregate stream. It
+//! recovers in `pre_start` (latest snapshot, then the events after it), runs
+//! that stream's commands one at a time (decide, try the events on a copy,
+//! append with the expected version, catch up and retry on a conflict),
+//! snapshots every N events in the background, and stops when idle.
+//! Panics in the user's code become errors for the caller and retire the
+//! actor; the next command gets a fresh one that reloads from the store.
+
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn, Instrument, Span};
+
+use crate::aggregate::Aggregate;
+use crate::codec::{decode_event, decode_value, encode_event, encode_value};
+use crate::error::{AppendError, CodecError, CommandError, QueryError, ReadError};
+use crate::event::{ExpectedVersion, Metadata, ReadDirection, Snapshot, StreamId, Version};
+use crate::runtime::registry::{Registry, Slot, SlotKey};
+use crate::runtime::{CommandContext, Executed, RuntimeConfig};
+use crate::store::EventStore;
+
+/// Events read per page while replaying a stream.
+const REPLAY_PAGE: usize = 1024;
+
+/// What callers and timers send to an [`AggregateActor`].
+pub(crate) enum AggregateMessage<A: Aggregate> {
+    /// Run a command. `deadline` is the caller's: past it nobody waits for
+    /// the answer, so a command that has not started by then is dropped.
+    Execute {
+        command: A::Command,
+        context: CommandContext,
+        deadline: Instant,
+        span: Span,
+        reply: RpcReplyPort<ExecuteReply<A>>,
+    },
+    /// A copy of the current state.
+    State {
+        deadline: Instant,
+        reply: RpcReplyPort<StateReply<A>>,
+    },
+    /// The idle timer fired.
+    IdleCheck,
+}
+
+/// The answer to [`AggregateMessage::Execute`].
+pub(crate) enum ExecuteReply<A: Aggregate> {
+    Done(Result<Executed<A>, CommandError<A::Error>>),
+    /// The actor was retired before running the command: send it again (to
+    /// the actor that replaces it).
+    Bounced(A::Command),
+}
+
+/// The answer to [`AggregateMessage::State`].
+pub(crate) enum StateReply<A> {
+    Done(Result<A, QueryError>),
+    Bounced,
+}
+
+/// The actor of one stream. Holds configuration only; the aggregate lives in
+/// [`ActorState`].
+pub(crate) struct AggregateActor<A> {
+    pub(crate) store: Arc<dyn EventStore>,
+    pub(crate) config: Arc<RuntimeConfig>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) key: SlotKey,
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) aggregate: PhantomData<fn() -> A>,
+    /// Declared last so that it drops last, after the store handle.
+    pub(crate) unregister: Unregister,
+}
+
+/// Removes an actor from the registry when its handler is dropped, which
+/// ractor does at the very end of the actor's task. The runtime's shutdown
+/// waits for that, so that once it returns no actor holds the store (and
+/// the sled directory can be opened again).
+pub(crate) struct Unregister {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) id: std::sync::OnceLock<ractor::ActorId>,
+}
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.get() {
+            self.registry.actor_dropped(*id);
+        }
+    }
+}
+
+/// The mutable side of an [`AggregateActor`].
+pub(crate) struct ActorState<A> {
+    aggregate: A,
+    version: Version,
+    /// The version of the last snapshot saved or being saved.
+    snapshot_version: Version,
+    snapshot_task: Option<JoinHandle<()>>,
+    last_activity: Instant,
+    /// Set after a panic: the state is suspect, the slot is closed, and the
+    /// commands still queued are bounced to the replacement actor.
+    retiring: bool,
+}
+
+/// Why an aggregate could not be rebuilt from the store.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoadError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("the aggregate panicked in apply: {0}")]
+    Panicked(String),
+}
+
+impl LoadError {
+    pub(crate) fn into_command_error<E: std::error::Error>(
+        self,
+        stream: &StreamId,
+    ) -> CommandError<E> {
+        match self {
+            LoadError::Read(ReadError::Store(e)) => CommandError::Store(e),
+            LoadError::Read(ReadError::InvalidInput(e)) => CommandError::InvalidInput(e),
+            LoadError::Codec(e) => CommandError::Codec(e),
+            LoadError::Panicked(message) => CommandError::AggregatePanicked {
+                stream: stream.clone(),
+                message,
+            },
+        }
+    }
+
+    pub(crate) fn into_query_error(self, stream: &StreamId) -> QueryError {
+        match self {
+            LoadError::Read(ReadError::Store(e)) => QueryError::Store(e),
+            LoadError::Read(ReadError::InvalidInput(e)) => QueryError::InvalidInput(e),
+            LoadError::Codec(e) => QueryError::Codec(e),
+            LoadError::Panicked(message) => QueryError::AggregatePanicked {
+                stream: stream.clone(),
+                message,
+            },
+        }
+    }
+}
+
+/// An aggregate rebuilt from the store.
+pub(crate) struct Rebuilt<A> {
+    pub(crate) aggregate: A,
+    pub(crate) version: Version,
+    pub(crate) snapshot_version: Version,
+}
+
+/// Rebuilds `stream` up to version `up_to` (the whole stream when `None`):
+/// the latest snapshot at or below it if it decodes, then the events after.
+///
+/// A snapshot that does not decode (the state type changed) or that is
+/// ahead of the stream (it belongs to another store) is ignored with a
+/// warning: snapshots are only a cache.
+pub(crate) async fn rebuild<A: Aggregate>(
+    store: &dyn EventStore,
+    stream: &StreamId,
+    up_to: Option<Version>,
+) -> Result<Rebuilt<A>, LoadError> {
+    let current = store.stream_version(stream).await?;
+    let target = up_to.unwrap_or(current).min(current);
+    let mut aggregate = A::default();
+    let mut version = Version::NONE;
+    match store.load_snapshot(stream).await? {
+        Some(snapshot) if snapshot.version > current => {
+            warn!(%stream, snapshot = %snapshot.version, %current,
+                "snapshot is ahead of the stream; ignoring it");
+        }
+        Some(snapshot) if snapshot.version <= target && snapshot.version > Version::NONE => {
+            match decode_value::<A>(&snapshot.payload) {
+                Ok(state) => {
+                    aggregate = state;
+                    version = snapshot.version;
+                }
+                Err(error) => warn!(%stream, snapshot = %snapshot.version, %error,
+                    "snapshot does not decode; rebuilding from events"),
+            }
+        }
+        _ => {}
+    }
+    let snapshot_version = version;
+    let mut replayed = 0usize;
+    while version < target {
+        let limit =
+            usize::try_from(target.0 - version.0).map_or(REPLAY_PAGE, |n| n.min(REPLAY_PAGE));
+        let events = store
+            .read_stream(stream, version.next(), ReadDirection::Forward, limit)
+            .await?;
+        if events.is_empty() {
+            break;
+        }
+        for recorded in &events {
+            let event = decode_event::<A::Event>(recorded)?;
+            apply_guarded(&mut aggregate, &event).map_err(LoadError::Panicked)?;
+            version = recorded.version;
+            replayed += 1;
+        }
+    }
+    debug!(%stream, %version, snapshot = %snapshot_version, replayed, "aggregate rebuilt");
+    Ok(Rebuilt {
+        aggregate,
+        version,
+        snapshot_version,
+    })
+}
+
+/// Applies one event, turning a panic into its message.
+fn apply_guarded<A: Aggregate>(aggregate: &mut A, event: &A::Event) -> Result<(), String> {
+    catch_unwind(AssertUnwindSafe(|| aggregate.apply(event))).map_err(panic_message)
+}
+
+pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    match panic.downcast::<String>() {
+        Ok(message) => *message,
+        Err(panic) => match panic.downcast::<&'static str>() {
+            Ok(message) => (*message).to_owned(),
+            Err(_) => "a panic without a message".to_owned(),
+        },
+    }
+}
+
+impl<A: Aggregate> Actor for AggregateActor<A> {
+    type Msg = AggregateMessage<A>;
+    type State = ActorState<A>;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        (): (),
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let rebuilt = rebuild::<A>(&*self.store, &self.key.stream, None).await?;
+        // Registered only once recovery succeeded: a failed start is not an
+        // actor the supervisor will hear of.
+        self.registry
+            .actor_started(myself.get_id(), self.key.clone(), Arc::clone(&self.slot));
+        let _ = self.unregister.id.set(myself.get_id());
+        debug!(stream = %self.key.stream, version = %rebuilt.version,
+            snapshot = %rebuilt.snapshot_version, "aggregate recovered");
+        Ok(ActorState {
+            aggregate: rebuilt.aggregate,
+            version: rebuilt.version,
+            snapshot_version: rebuilt.snapshot_version,
+            snapshot_task: None,
+            last_activity: Instant::now(),
+            retiring: false,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // A long replay is worth a snapshot even before the next command.
+        self.maybe_snapshot(state);
+        self.schedule_idle_check(&myself, self.config.idle_timeout);
+        self.stop_if_done(&myself);
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Finish the snapshot in flight, so that after a shutdown the store
+        // holds it (it is flushed with the store).
+        if let Some(task) = state.snapshot_task.take() {
+            let _ = task.await;
+        }
+        self.registry.remove(&self.key, &self.slot);
+        debug!(stream = %self.key.stream, version = %state.version, "aggregate actor stopped");
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            AggregateMessage::Execute {
+                command,
+                context,
+                deadline,
+                span,
+                reply,
+            } => {
+                let answer = if state.retiring {
+                    ExecuteReply::Bounced(command)
+                } else if Instant::now() >= deadline {
+                    // The caller has given up; running it now would commit a
+                    // command whose caller was told "timeout".
+                    debug!(parent: &span, stream = %self.key.stream, "command dropped unrun: past its deadline");
+                    ExecuteReply::Done(Err(CommandError::Timeout {
+                        stream: self.key.stream.clone(),
+                        after: self.config.command_timeout,
+                    }))
+                } else {
+                    state.last_activity = Instant::now();
+                    let result = self
+                        .execute(&myself, state, command, context)
+                        .instrument(span)
+                        .await;
+                    ExecuteReply::Done(result)
+                };
+                // Released before replying, so that a caller that got its
+                // answer never finds its own command still counted.
+                self.slot.release();
+                let _ = reply.send(answer);
+            }
+            AggregateMessage::State { deadline, reply } => {
+                let answer = if state.retiring {
+                    StateReply::Bounced
+                } else if Instant::now() >= deadline {
+                    StateReply::Done(Err(QueryError::Timeout {
+                        stream: self.key.stream.clone(),
+                        after: self.config.command_timeout,
+                    }))
+                } else {
+                    state.last_activity = Instant::now();
+                    // Another writer (another process) may have appended
+                    // since our last command: the state answered is the
+                    // stream's, not just this actor's view of it.
+                    match self.catch_up(&myself, state).await {
+                        Ok(()) => StateReply::Done(Ok(state.aggregate.clone())),
+                        Err(error) => {
+                            StateReply::Done(Err(error.into_query_error(&self.key.stream)))
+                        }
+                    }
+                };
+                self.slot.release();
+                let _ = reply.send(answer);
+            }
+            AggregateMessage::IdleCheck => {
+                let idle_for = state.last_activity.elapsed();
+                let timeout = self.config.idle_timeout;
+                if idle_for < timeout {
+                    self.schedule_idle_check(&myself, timeout - idle_for);
+                } else if !state.retiring && self.slot.close_if_idle() {
+                    self.registry.remove(&self.key, &self.slot);
+                    debug!(stream = %self.key.stream, version = %state.version, ?idle_for, "aggregate passivated: idle");
+                    myself.stop(Some("passivated: idle".to_owned()));
+                } else {
+                    self.schedule_idle_check(&myself, timeout);
+                }
+            }
+        }
+        self.stop_if_done(&myself);
+        Ok(())
+    }
+}
+
+impl<A: Aggregate> AggregateActor<A> {
+    /// Runs one command: decide, check, append, and on a conflict catch up
+    /// and decide again.
+    async fn execute(
+        &self,
+        myself: &ActorRef<AggregateMessage<A>>,
+        state: &mut ActorState<A>,
+        command: A::Command,
+        context: CommandContext,
+    ) -> Result<Executed<A>, CommandError<A::Error>> {
+        // Owned here (not borrowed from the message) so that the future
+        // holding it across the append needs `Command: Send` only.
+        let stream = &self.key.stream;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let decided = catch_unwind(AssertUnwindSafe(|| state.aggregate.handle(&command)));
+            let events = match decided {
+                Ok(Ok(events)) => events,
+                Ok(Err(refusal)) => {
+                    // A refusal stores nothing, so no conflict would reveal
+                    // that another writer moved the stream on: check before
+                    // answering (one cheap read, on refusals only).
+                    let current = self
+                        .store
+                        .stream_version(stream)
+                        .await
+                        .map_err(|e| LoadError::Read(e).into_command_error(stream))?;
+                    if current > state.version && attempts <= self.config.max_conflict_retries {
+                        debug!(%stream, known = %state.version, %current,
+                            "refused on a stale state: catching up and deciding again");
+                        self.catch_up(myself, state)
+                            .await
+                            .map_err(|e| e.into_command_error(stream))?;
+                        continue;
+                    }
+                    debug!(%stream, error = %refusal, "command refused by the domain");
+                    return Err(CommandError::Domain(refusal));
+                }
+                Err(panic) => return Err(self.retire(myself, state, "handle", panic)),
+            };
+            if events.is_empty() {
+                return Ok(Executed {
+                    events,
+                    version: state.version,
+                    position: None,
+                });
+            }
+            // The events are applied to a copy first: an event that makes
+            // `apply` panic is never stored, since it would make the stream
+            // unloadable forever; and a failed append leaves the state as is.
+            let mut next = state.aggregate.clone();
+            for event in &events {
+                if let Err(message) = apply_guarded(&mut next, event) {
+                    return Err(self.retire(myself, state, "apply", Box::new(message)));
+                }
+            }
+            let metadata = Metadata::new(context.correlation_id, context.causation_id);
+            let encoded = events
+                .iter()
+                .map(|event| encode_event(event).map(|e| e.with_metadata(metadata.clone())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let expected = ExpectedVersion::Exact(state.version);
+            match self.store.append(stream, expected, encoded).await {
+                Ok(appended) => {
+                    state.aggregate = next;
+                    state.version = appended.last_version;
+                    Span::current().record("version", appended.last_version.0);
+                    self.maybe_snapshot(state);
+                    return Ok(Executed {
+                        events,
+                        version: appended.last_version,
+                        position: Some(appended.last_position),
+                    });
+                }
+                Err(AppendError::WrongExpectedVersion { actual, .. }) => {
+                    if attempts > self.config.max_conflict_retries {
+                        warn!(%stream, attempts, %actual, "conflict: retries exhausted");
+                        return Err(CommandError::Conflict {
+                            stream: stream.clone(),
+                            attempts,
+                        });
+                    }
+                    debug!(%stream, expected = %state.version, %actual, attempts,
+                        "conflict: catching up and deciding again");
+                    self.catch_up(myself, state)
+                        .await
+                        .map_err(|e| e.into_command_error(stream))?;
+                }
+                Err(AppendError::InvalidInput(e)) => return Err(CommandError::InvalidInput(e)),
+                Err(AppendError::Store(e)) => return Err(CommandError::Store(e)),
+                Err(other) => return Err(CommandError::Append(other)),
+            }
+        }
+    }
+
+    /// Applies the events another writer appended after our version. A
+    /// panic in `apply` retires the actor (the state is suspect).
+    async fn catch_up(
+        &self,
+        myself: &ActorRef<AggregateMessage<A>>,
+        state: &mut ActorState<A>,
+    ) -> Result<(), LoadError> {
+        let stream = &self.key.stream;
+        loop {
+            let events = self
+                .store
+                .read_stream(
+                    stream,
+                    state.version.next(),
+                    ReadDirection::Forward,
+                    REPLAY_PAGE,
+                )
+                .await?;
+            if events.is_empty() {
+                return Ok(());
+            }
+            for recorded in &events {
+                let event = decode_event::<A::Event>(recorded)?;
+                if let Err(message) = apply_guarded(&mut state.aggregate, &event) {
+                    let _ = self.retire(myself, state, "apply", Box::new(message.clone()));
+                    return Err(LoadError::Panicked(message));
+                }
+                state.version = recorded.version;
+            }
+        }
+    }
+
+    /// After a panic: close the slot so that new commands go to a fresh actor
+    /// (which reloads from the store), bounce the queued ones there, and stop
+    /// once none is pending.
+    fn retire(
+        &self,
+        myself: &ActorRef<AggregateMessage<A>>,
+        state: &mut ActorState<A>,
+        during: &str,
+        panic: Box<dyn std::any::Any + Send>,
+    ) -> CommandError<A::Error> {
+        let message = panic_message(panic);
+        warn!(stream = %self.key.stream, during, panic = %message,
+            "the aggregate panicked; retiring its actor");
+        state.retiring = true;
+        self.slot.close();
+        self.registry.remove(&self.key, &self.slot);
+        self.stop_if_done(myself);
+        CommandError::AggregatePanicked {
+            stream: self.key.stream.clone(),
+            message,
+        }
+    }
+
+    /// A closed slot's actor stops once its last pending command is answered.
+    fn stop_if_done(&self, myself: &ActorRef<AggregateMessage<A>>) {
+        if self.slot.is_closed() && self.slot.pending() == 0 {
+            myself.stop(None);
+        }
+    }
+
+    fn schedule_idle_check(
+        &self,
+        myself: &ActorRef<AggregateMessage<A>>,
+        after: std::time::Duration,
+    ) {
+        // At least a millisecond: a zero timeout must not turn a busy actor's
+        // rescheduled checks into a spin.
+        let after = after.max(std::time::Duration::from_millis(1));
+        ractor::time::send_after(after, myself.get_cell(), || {
+            AggregateMessage::<A>::IdleCheck
+        });
+    }
+
+    /// Snapshots every `snapshot_every` events. The state is encoded here,
+    /// at this version; the save runs in its own task so that the next
+    /// command does not wait for it. One save at a time: a slow store skips
+    /// snapshots rather than piling saves up (and an older save can never
+    /// land after a newer one).
+    fn maybe_snapshot(&self, state: &mut ActorState<A>) {
+        let every = self.config.snapshot_every;
+        if every == 0 || state.version.0 - state.snapshot_version.0 < every {
+            return;
+        }
+        if state
+            .snapshot_task
+            .as_ref()
+            .is_some_and(|task| !task.is_finished())
+        {
+            return;
+        }
+        let stream = self.key.stream.clone();
+        let version = state.version;
+        state.snapshot_version = version;
+        match encode_value(&state.aggregate) {
+            Ok(payload) => {
+                let store = Arc::clone(&self.store);
+                state.snapshot_task = Some(tokio::spawn(async move {
+                    match store
+                        .save_snapshot(&stream, Snapshot { version, payload })
+                        .await
+                    {
+                        Ok(()) => debug!(%stream, %version, "snapshot saved"),
+                        Err(error) => warn!(%stream, %version, %error, "snapshot not saved"),
+                    }
+                }));
+            }
+            Err(error) => warn!(%stream, %version, %error, "state does not encode; no snapshot"),
+        }
+    }
+}

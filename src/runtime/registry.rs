@@ -1,0 +1,351 @@
+//! The registry of live aggregate actors: one [`Slot`] per stream, found
+//! through a dashmap, holding the actor (spawned once, however many callers
+//! race), the count of pending commands that bounds its mailbox, and its
+//! last use for least-recently-used passivation. A slot is removed as soon
+//! as its actor stops taking commands, so memory follows the live actors,
+//! not every aggregate ever touched.
+
+use std::any::TypeId;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use ractor::{ActorCell, ActorId};
+use tokio::sync::OnceCell;
+use tracing::debug;
+
+use crate::event::StreamId;
+
+/// Set in [`Slot::state`] once the slot takes no more commands.
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
+/// Which actor a stream's commands go to: the aggregate type and the stream.
+/// The type is part of the key so that two aggregate types that (wrongly)
+/// share a category still never receive each other's messages; the store's
+/// expected-version check keeps their stream consistent.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct SlotKey {
+    pub(crate) aggregate: TypeId,
+    pub(crate) stream: StreamId,
+}
+
+/// One stream's entry.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    /// Pending commands (sent or about to be sent, not yet answered by the
+    /// actor), plus the [`CLOSED`] bit. One atomic, so that "close only if
+    /// nothing is pending" and "acquire only if not closed" cannot interleave:
+    /// a command is never sent to an actor that has decided to stop.
+    state: AtomicUsize,
+    /// The registry clock at the last use, for least-recently-used eviction.
+    last_used: AtomicU64,
+    /// The actor, spawned by the first caller; the others wait for it.
+    pub(crate) actor: OnceCell<ActorCell>,
+}
+
+/// Why a slot refused a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The slot's actor is stopping; look the stream up again.
+    Closed,
+    /// The pending bound is reached.
+    Overloaded,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            state: AtomicUsize::new(0),
+            last_used: AtomicU64::new(0),
+            actor: OnceCell::new(),
+        }
+    }
+
+    /// Counts one more pending command, unless the slot is closed or already
+    /// has `max_pending`.
+    pub(crate) fn try_acquire(self: &Arc<Self>, max_pending: usize) -> Result<Permit, Refused> {
+        self.state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                if state & CLOSED != 0 || state >= max_pending {
+                    None
+                } else {
+                    Some(state + 1)
+                }
+            })
+            .map(|_| Permit {
+                slot: Some(Arc::clone(self)),
+            })
+            .map_err(|state| {
+                if state & CLOSED != 0 {
+                    Refused::Closed
+                } else {
+                    Refused::Overloaded
+                }
+            })
+    }
+
+    /// The actor answered one pending command.
+    pub(crate) fn release(&self) {
+        self.state.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Takes no more commands; those already acquired still arrive.
+    pub(crate) fn close(&self) {
+        self.state.fetch_or(CLOSED, Ordering::AcqRel);
+    }
+
+    /// Closes the slot only if no command is pending: then no command can
+    /// reach the actor any more, and it can stop without losing one.
+    pub(crate) fn close_if_idle(&self) -> bool {
+        self.state
+            .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.load(Ordering::Acquire) & CLOSED != 0
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        self.state.load(Ordering::Acquire) & !CLOSED
+    }
+
+    fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+}
+
+/// One acquired pending command. Dropped before [`Permit::hand_over`] (the
+/// send failed, or the caller gave up), it gives the place back; handed
+/// over, the actor gives it back once it has answered.
+#[derive(Debug)]
+pub(crate) struct Permit {
+    slot: Option<Arc<Slot>>,
+}
+
+impl Permit {
+    pub(crate) fn hand_over(mut self) {
+        self.slot = None;
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            slot.release();
+        }
+    }
+}
+
+/// Every live slot and actor of one runtime.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    slots: DashMap<SlotKey, Arc<Slot>>,
+    /// Running actors by id, so that the supervisor, which learns of a
+    /// stopped or failed actor by its id only, can clean up its slot.
+    actors: DashMap<ActorId, (SlotKey, Arc<Slot>)>,
+    /// A logical clock for least-recently-used order: cheaper than reading
+    /// the time on every command, and never equal for two uses.
+    clock: AtomicU64,
+    evicting: AtomicBool,
+    shut_down: AtomicBool,
+}
+
+impl Registry {
+    /// The open slot of `key`, created if missing or closed, and marked as
+    /// just used. `None` once the runtime is shut down.
+    pub(crate) fn slot(&self, key: &SlotKey) -> Option<Arc<Slot>> {
+        let slot = match self.slots.entry(key.clone()) {
+            Entry::Occupied(mut entry) => {
+                if entry.get().is_closed() {
+                    entry.insert(Arc::new(Slot::new()));
+                }
+                Arc::clone(entry.get())
+            }
+            Entry::Vacant(entry) => Arc::clone(&entry.insert(Arc::new(Slot::new()))),
+        };
+        // Checked after the insert: either `shutdown` sees this slot when it
+        // closes them all, or this sees the flag.
+        if self.shut_down.load(Ordering::SeqCst) {
+            slot.close();
+            self.remove(key, &slot);
+            return None;
+        }
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        slot.last_used.store(now, Ordering::Relaxed);
+        Some(slot)
+    }
+
+    /// The open slot of `key` if there is one, without creating it.
+    pub(crate) fn get_open(&self, key: &SlotKey) -> Option<Arc<Slot>> {
+        self.slots
+            .get(key)
+            .map(|slot| Arc::clone(&slot))
+            .filter(|slot| !slot.is_closed())
+    }
+
+    /// Removes `slot` from the map if it is still the one for `key`.
+    pub(crate) fn remove(&self, key: &SlotKey, slot: &Arc<Slot>) {
+        self.slots
+            .remove_if(key, |_, current| Arc::ptr_eq(current, slot));
+    }
+
+    /// An actor started for `slot` (called from its `pre_start`).
+    pub(crate) fn actor_started(&self, id: ActorId, key: SlotKey, slot: Arc<Slot>) {
+        self.actors.insert(id, (key, slot));
+    }
+
+    /// An actor stopped or failed: its slot takes no more commands and is
+    /// removed, so that the next command gets a fresh actor. Safe to call
+    /// twice.
+    pub(crate) fn actor_stopped(&self, id: ActorId) {
+        let entry = self.actors.get(&id).map(|entry| entry.value().clone());
+        if let Some((key, slot)) = entry {
+            slot.close();
+            self.remove(&key, &slot);
+        }
+    }
+
+    /// An actor's handler was dropped: nothing of it (its store handle
+    /// included) is left.
+    pub(crate) fn actor_dropped(&self, id: ActorId) {
+        self.actor_stopped(id);
+        self.actors.remove(&id);
+    }
+
+    /// Running actors, including those stopping.
+    pub(crate) fn running(&self) -> usize {
+        self.actors.len()
+    }
+
+    /// Actors that take commands.
+    pub(crate) fn live(&self) -> usize {
+        self.actors
+            .iter()
+            .filter(|entry| !entry.value().1.is_closed())
+            .count()
+    }
+
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::SeqCst)
+    }
+
+    /// Past `max_live` live actors, stops the least recently used idle ones
+    /// down to 90% of `max_live`, so that one scan of the registry serves
+    /// many spawns (amortized O(1) per spawn). Busy actors are skipped: they
+    /// are in use, not idle.
+    pub(crate) fn evict_if_over(&self, max_live: usize) {
+        if self.actors.len() <= max_live || self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Every open actor counts, including one whose spawn is finishing
+        // (its cell is not published yet); only published ones can be asked.
+        let mut live = 0usize;
+        let mut candidates: Vec<(u64, SlotKey, Arc<Slot>, ActorCell)> = Vec::new();
+        for entry in self.actors.iter() {
+            let (key, slot) = entry.value();
+            if slot.is_closed() {
+                continue;
+            }
+            live += 1;
+            if let Some(cell) = slot.actor.get() {
+                candidates.push((
+                    slot.last_used(),
+                    key.clone(),
+                    Arc::clone(slot),
+                    cell.clone(),
+                ));
+            }
+        }
+        let target = max_live - max_live / 10;
+        let excess = live.saturating_sub(target);
+        if excess > 0 {
+            candidates.sort_unstable_by_key(|(last_used, ..)| *last_used);
+            let mut evicted = 0;
+            for (_, key, slot, cell) in candidates {
+                if evicted == excess {
+                    break;
+                }
+                if slot.close_if_idle() {
+                    self.remove(&key, &slot);
+                    cell.stop(Some("passivated: least recently used".to_owned()));
+                    evicted += 1;
+                }
+            }
+            debug!(
+                evicted,
+                max_live, "passivated the least recently used aggregates"
+            );
+        }
+        self.evicting.store(false, Ordering::Release);
+    }
+
+    /// Refuses new commands everywhere and asks idle actors to stop; busy
+    /// ones stop after their pending commands. Returns how many were asked.
+    pub(crate) fn shut_down(&self) -> usize {
+        self.shut_down.store(true, Ordering::SeqCst);
+        let mut asked = 0;
+        for entry in self.slots.iter() {
+            let slot = entry.value();
+            slot.close();
+            if slot.pending() == 0 {
+                if let Some(cell) = slot.actor.get() {
+                    cell.stop(Some("runtime shut down".to_owned()));
+                    asked += 1;
+                }
+            }
+        }
+        self.slots.clear();
+        asked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_bound_and_close() {
+        let slot = Arc::new(Slot::new());
+        let first = slot.try_acquire(2).unwrap();
+        let second = slot.try_acquire(2).unwrap();
+        assert_eq!(slot.try_acquire(2).unwrap_err(), Refused::Overloaded);
+        assert!(!slot.close_if_idle(), "busy slots stay open");
+        drop(first);
+        second.hand_over();
+        assert_eq!(
+            slot.pending(),
+            1,
+            "a handed-over permit is the actor's to release"
+        );
+        slot.release();
+        assert!(slot.close_if_idle());
+        assert_eq!(slot.try_acquire(2).unwrap_err(), Refused::Closed);
+        assert_eq!(slot.pending(), 0);
+    }
+
+    #[test]
+    fn closed_slots_are_replaced_and_removal_is_by_identity() {
+        let registry = Registry::default();
+        let key = SlotKey {
+            aggregate: TypeId::of::<()>(),
+            stream: StreamId::new("test-1").unwrap(),
+        };
+        let first = registry.slot(&key).unwrap();
+        assert!(Arc::ptr_eq(&first, &registry.slot(&key).unwrap()));
+        first.close();
+        let second = registry.slot(&key).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        registry.remove(&key, &first);
+        assert!(
+            registry.get_open(&key).is_some(),
+            "removing a stale slot keeps the new one"
+        );
+        registry.remove(&key, &second);
+        assert!(registry.get_open(&key).is_none());
+        registry.shut_down();
+        assert!(registry.slot(&key).is_none());
+        assert!(registry.slots.is_empty());
+    }
+}
