@@ -29,19 +29,28 @@ mod codec;
 mod error;
 mod event;
 mod faults;
+mod projection;
 mod store;
 
 pub use crate::codec::{
     decode_event, decode_event_parts, decode_value, encode_event, encode_value, event_type_of,
     DomainEvent, Upcasters,
 };
-pub use crate::error::{AppendError, CodecError, Error, InvalidInput, ReadError, StoreError};
+pub use crate::error::{
+    AppendError, CodecError, Error, InvalidInput, ProjectionControlError, ProjectionError,
+    ReadError, StoreError, SubscriptionError,
+};
 pub use crate::event::{
     AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position, ReadDirection,
     RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_EVENTS_PER_APPEND,
     MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
 pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore};
+pub use crate::projection::{
+    subscribe, FailurePolicy, Projection, ProjectionConfig, ProjectionContext, ProjectionFailure,
+    ProjectionHandle, ProjectionState, ProjectionStatus, ReadModelBatch, SkippedEvent,
+    SledProjection, Subscription, Typed, TypedProjection, DEFAULT_PAGE_SIZE,
+};
 pub use crate::store::memory::MemoryStore;
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, FORMAT_VERSION};
 pub use crate::store::{

@@ -390,6 +390,13 @@ impl SledStore {
         &self.db
     }
 
+    /// The `checkpoints` tree (name -> big-endian u64 position), so that a
+    /// sled read model can commit its checkpoint in the same transaction as
+    /// its writes.
+    pub(crate) fn checkpoint_tree(&self) -> &sled::Tree {
+        &self.checkpoints
+    }
+
     /// Makes everything written to the database so far durable, under the
     /// store's durability; shares a group commit with concurrent appends.
     ///
