@@ -608,6 +608,9 @@ impl Actor for ProjectionActor {
                     }
                     debug!(projection = %state.config.name, position = %state.position, "paused");
                 }
+                // Published before the reply, so that the caller's next
+                // status or wait_for already sees the change.
+                state.publish();
                 let _ = reply.send(());
             }
             ProjectionMessage::Resume(reply) => {
@@ -620,6 +623,7 @@ impl Actor for ProjectionActor {
                     }
                     debug!(projection = %state.config.name, position = %state.position, "resumed");
                 }
+                state.publish();
                 let _ = reply.send(());
             }
             ProjectionMessage::Reset(reply) => {
@@ -632,6 +636,7 @@ impl Actor for ProjectionActor {
                 } else {
                     state.reset().await
                 };
+                state.publish();
                 let _ = reply.send(result);
             }
             ProjectionMessage::Shutdown(reply) => {
