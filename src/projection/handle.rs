@@ -25,6 +25,39 @@ use crate::store::{validate_checkpoint_name, EventStore};
 
 /// A cheap, cloneable handle to a running projection actor.
 ///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use annals::{
+///     EventStore, ExpectedVersion, MemoryStore, NewEvent, Projection, ProjectionConfig,
+///     ProjectionContext, ProjectionError, ProjectionHandle, RecordedEvent, StreamId,
+/// };
+///
+/// struct Count(u64);
+///
+/// #[async_trait::async_trait]
+/// impl Projection for Count {
+///     async fn handle(&mut self, _: &RecordedEvent, _: &ProjectionContext) -> Result<(), ProjectionError> {
+///         self.0 += 1;
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+/// let counter = ProjectionHandle::spawn(store.clone(), ProjectionConfig::new("count"), Count(0)).await?;
+/// let appended = store
+///     .append(&StreamId::new("order-1")?, ExpectedVersion::Any, vec![NewEvent::new("OrderPlaced", vec![])])
+///     .await?;
+/// // Read-your-writes: returns once the projection handled the event.
+/// counter.wait_for(appended.last_position, Duration::from_secs(5)).await?;
+/// assert_eq!(counter.status().lag, 0);
+/// counter.shutdown().await?; // saves the checkpoint
+/// # Ok(())
+/// # }
+/// ```
+///
 /// The actor runs until [`ProjectionHandle::shutdown`], which saves its
 /// checkpoint. If every handle is dropped without it, the actor is asked to
 /// shut down the same way, but nothing waits for it: call `shutdown` to know
