@@ -330,3 +330,111 @@ impl<P: SledProjection> Runner for SledRunner<P> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ExpectedVersion, NewEvent, StreamId};
+    use crate::store::EventStore;
+
+    /// Adds 1 to a counter per event; fails (after staging a write) on
+    /// events of type `Bad`.
+    struct Adder;
+
+    impl SledProjection for Adder {
+        fn trees(&self) -> Vec<String> {
+            vec!["unit-sum".into()]
+        }
+
+        fn handle(
+            &mut self,
+            event: &RecordedEvent,
+            batch: &mut ReadModelBatch<'_>,
+            _: &ProjectionContext,
+        ) -> Result<(), ProjectionError> {
+            let sum = batch.get("unit-sum", "sum")?.map_or(0, |v| v[0]);
+            batch.insert("unit-sum", "sum", vec![sum + 1])?;
+            if event.event_type == "Bad" {
+                return Err(ProjectionError::handler("bad"));
+            }
+            assert!(matches!(
+                batch.insert("elsewhere", "k", vec![]),
+                Err(ProjectionError::UnknownTree(_))
+            ));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_commits_the_events_before_a_failure_and_discards_the_failed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let stream = StreamId::new("unit-1").unwrap();
+        let events = ["Good", "Good", "Bad", "Good"]
+            .into_iter()
+            .map(|t| NewEvent::new(t, Vec::new()))
+            .collect();
+        store
+            .append(&stream, ExpectedVersion::Any, events)
+            .await
+            .unwrap();
+        let events = store
+            .read_stream(
+                &stream,
+                crate::Version::FIRST,
+                crate::ReadDirection::Forward,
+                10,
+            )
+            .await
+            .unwrap();
+        let (mut runner, checkpoint) =
+            SledRunner::open(Arc::clone(&store), "unit".into(), Adder).unwrap();
+        assert_eq!(checkpoint, Position::START);
+
+        let applied = runner.apply(&events, 1).await;
+        assert_eq!(applied.count, 2);
+        assert!(!applied.store_failed);
+        assert!(matches!(applied.error, Some(ProjectionError::Handler(_))));
+        let tree = store.database().open_tree("unit-sum").unwrap();
+        // Two events staged on top of each other's writes; the failed one's
+        // write is gone; the checkpoint moved with the writes.
+        assert_eq!(tree.get("sum").unwrap().unwrap().as_ref(), &[2]);
+        assert_eq!(
+            store.load_checkpoint("unit").await.unwrap(),
+            Some(Position(2))
+        );
+
+        runner.reset().await.unwrap();
+        assert!(tree.is_empty());
+        assert_eq!(
+            store.load_checkpoint("unit").await.unwrap(),
+            Some(Position::START)
+        );
+    }
+
+    #[tokio::test]
+    async fn store_trees_are_refused() {
+        struct Sneaky;
+        impl SledProjection for Sneaky {
+            fn trees(&self) -> Vec<String> {
+                vec!["log-copy".into()]
+            }
+            fn handle(
+                &mut self,
+                _: &RecordedEvent,
+                _: &mut ReadModelBatch<'_>,
+                _: &ProjectionContext,
+            ) -> Result<(), ProjectionError> {
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        assert!(matches!(
+            SledRunner::open(store, "sneaky".into(), Sneaky),
+            Err(ProjectionControlError::InvalidInput(
+                InvalidInput::ReservedName { .. }
+            ))
+        ));
+    }
+}

@@ -361,3 +361,54 @@ impl Cursor {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ExpectedVersion, NewEvent, StreamId};
+    use crate::store::memory::MemoryStore;
+
+    async fn append(store: &dyn EventStore, stream: &str) -> Position {
+        store
+            .append(
+                &StreamId::new(stream).unwrap(),
+                ExpectedVersion::Any,
+                vec![NewEvent::new("Happened", Vec::new())],
+            )
+            .await
+            .unwrap()
+            .last_position
+    }
+
+    #[tokio::test]
+    async fn filtered_out_tails_are_reported_as_passed_in_catch_up_and_live() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+        let user = append(&*store, "user-1").await;
+        let order = append(&*store, "order-1").await;
+        let mut subscription = subscribe(
+            Arc::clone(&store),
+            Position::START,
+            EventFilter::Category("user".into()),
+        )
+        .with_page_size(1);
+        assert!(
+            matches!(subscription.next_delivery().await, Ok(Delivery::Event(e)) if e.position == user)
+        );
+        assert!(
+            matches!(subscription.next_delivery().await, Ok(Delivery::Passed(p)) if p == order)
+        );
+        assert!(
+            subscription.try_next_delivery().is_none(),
+            "nothing more yet"
+        );
+        let live_order = append(&*store, "order-2").await;
+        assert!(
+            matches!(subscription.next_delivery().await, Ok(Delivery::Passed(p)) if p == live_order)
+        );
+        let live_user = append(&*store, "user-2").await;
+        assert!(
+            matches!(subscription.next_delivery().await, Ok(Delivery::Event(e)) if e.position == live_user)
+        );
+        assert_eq!(subscription.position(), live_user);
+    }
+}
