@@ -74,7 +74,9 @@ pub(crate) trait Runner: Send + 'static {
     async fn save_checkpoint(&mut self, position: Position) -> Result<(), StoreError>;
 
     /// Moves the checkpoint back to the start and erases the read model.
-    async fn reset(&mut self) -> Result<(), ProjectionControlError>;
+    /// The flag says whether the checkpoint is now at the start, even if a
+    /// later step failed: the actor must then rebuild from the start too.
+    async fn reset(&mut self) -> (bool, Result<(), ProjectionControlError>);
 }
 
 /// Runs a plain [`Projection`]: at least once, checkpoint in the store.
@@ -125,17 +127,22 @@ impl<P: Projection> Runner for PlainRunner<P> {
         self.store.save_checkpoint(&self.name, position).await
     }
 
-    async fn reset(&mut self) -> Result<(), ProjectionControlError> {
-        // Checkpoint first: a crash between the two steps then rebuilds over
-        // the old read model (at least once), instead of leaving an erased
-        // read model behind a checkpoint that skips its events.
-        self.store
+    async fn reset(&mut self) -> (bool, Result<(), ProjectionControlError>) {
+        // Checkpoint first: a crash (or a failing hook) between the two steps
+        // then rebuilds over the old read model (at least once), instead of
+        // leaving an erased read model behind a checkpoint that skips events.
+        if let Err(error) = self
+            .store
             .save_checkpoint(&self.name, Position::START)
-            .await?;
-        match CatchUnwind(self.projection.reset()).await {
-            Ok(result) => Ok(result?),
-            Err(panic) => Err(ProjectionError::Panicked(panic_message(&*panic)).into()),
+            .await
+        {
+            return (false, Err(error.into()));
         }
+        let result = match CatchUnwind(self.projection.reset()).await {
+            Ok(result) => result.map_err(Into::into),
+            Err(panic) => Err(ProjectionError::Panicked(panic_message(&*panic)).into()),
+        };
+        (true, result)
     }
 }
 
@@ -507,7 +514,11 @@ impl ActorState {
     }
 
     async fn reset(&mut self) -> Result<(), ProjectionControlError> {
-        self.runner.reset().await?;
+        let (at_start, result) = self.runner.reset().await;
+        if !at_start {
+            warn!(projection = %self.config.name, error = ?result.as_ref().err(), "reset failed; the projection goes on where it was");
+            return result;
+        }
         info!(projection = %self.config.name, "projection reset; rebuilding from the start of the log");
         self.subscription = subscribe(
             Arc::clone(&self.store),
@@ -531,7 +542,15 @@ impl ActorState {
             status.skipped_total = 0;
             status.skipped.clear();
         });
-        Ok(())
+        if let Err(error) = &result {
+            warn!(projection = %self.config.name, %error, "reset moved the checkpoint to the start but did not finish; rebuilding anyway");
+            self.last_error = Some(ProjectionFailure {
+                position: Position::START,
+                error: error.to_string(),
+                attempts: 1,
+            });
+        }
+        result
     }
 }
 

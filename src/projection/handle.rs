@@ -263,7 +263,14 @@ impl ProjectionHandle {
     /// Erases the read model ([`Projection::reset`], or every key of a
     /// [`SledProjection`]'s trees), moves the checkpoint back to the start
     /// and rebuilds from the first event. A failed projection runs again; a
-    /// paused one stays paused.
+    /// paused one stays paused. Like pause, it waits for the event being
+    /// handled.
+    ///
+    /// If it fails before the checkpoint moved, nothing changed and the
+    /// projection goes on where it was. If the checkpoint moved but a later
+    /// step failed (a plain projection's reset hook, or the final sync), the
+    /// projection rebuilds anyway, since its checkpoint now says so; the
+    /// error is returned and kept in the status.
     ///
     /// # Errors
     /// [`ProjectionControlError::Store`] when the checkpoint or read model
@@ -275,7 +282,8 @@ impl ProjectionHandle {
     }
 
     /// Stops the projection after saving its checkpoint (for a sled read
-    /// model: syncing it), and waits for the actor to end. Returns the saved
+    /// model: syncing it), and waits for the actor to end (and so for the
+    /// event being handled, if any). Returns the saved
     /// checkpoint. Calling it again returns the same.
     ///
     /// # Errors

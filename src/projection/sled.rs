@@ -311,23 +311,35 @@ impl<P: SledProjection> Runner for SledRunner<P> {
         self.store.sync().await
     }
 
-    async fn reset(&mut self) -> Result<(), ProjectionControlError> {
+    async fn reset(&mut self) -> (bool, Result<(), ProjectionControlError>) {
+        // The hook first: if it fails, nothing was erased yet.
+        match catch_unwind(AssertUnwindSafe(|| self.projection.reset())) {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return (false, Err(error.into())),
+            Err(panic) => {
+                return (
+                    false,
+                    Err(ProjectionError::Panicked(panic_message(&*panic)).into()),
+                )
+            }
+        }
         // One transaction erases the read model and moves the checkpoint to
         // the start, so a crash leaves either the old pair or the new one.
         let mut staged: Staged = Vec::with_capacity(self.trees.len());
         for (_, tree) in &self.trees {
             let mut removals = BTreeMap::new();
             for key in tree.iter().keys() {
-                removals.insert(key.map_err(StoreError::from)?.to_vec(), None);
+                match key {
+                    Ok(key) => removals.insert(key.to_vec(), None),
+                    Err(error) => return (false, Err(StoreError::from(error).into())),
+                };
             }
             staged.push(removals);
         }
-        self.commit(&staged, Position::START)?;
-        self.store.sync().await?;
-        match catch_unwind(AssertUnwindSafe(|| self.projection.reset())) {
-            Ok(result) => Ok(result?),
-            Err(panic) => Err(ProjectionError::Panicked(panic_message(&*panic)).into()),
+        if let Err(error) = self.commit(&staged, Position::START) {
+            return (false, Err(error.into()));
         }
+        (true, self.store.sync().await.map_err(Into::into))
     }
 }
 
@@ -404,7 +416,8 @@ mod tests {
             Some(Position(2))
         );
 
-        runner.reset().await.unwrap();
+        let (at_start, result) = runner.reset().await;
+        assert!(at_start && result.is_ok());
         assert!(tree.is_empty());
         assert_eq!(
             store.load_checkpoint("unit").await.unwrap(),
