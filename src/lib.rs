@@ -52,7 +52,7 @@ pub use crate::projection::{
     SledProjection, Subscription, Typed, TypedProjection, DEFAULT_PAGE_SIZE,
 };
 pub use crate::store::memory::MemoryStore;
-pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, FORMAT_VERSION};
+pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{
     Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
 };

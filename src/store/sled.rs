@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -122,6 +123,27 @@ impl SledStoreConfig {
     }
 }
 
+/// Counters of the writer, for monitoring and for tests of durability.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Appends committed (idempotent retries included).
+    pub appends: u64,
+    /// Group commits that wrote events.
+    pub group_commits: u64,
+    /// Completed fdatasyncs of the log file (zero unless the durability is
+    /// [`Durability::Fsync`]). Each acknowledged append under `Fsync` was
+    /// preceded by one.
+    pub durable_syncs: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    appends: AtomicU64,
+    group_commits: AtomicU64,
+    durable_syncs: AtomicU64,
+}
+
 /// The embedded event store on sled.
 ///
 /// One writer thread owns every append: it takes all queued appends as one
@@ -143,6 +165,7 @@ pub struct SledStore {
     sender: mpsc::Sender<WriteRequest>,
     feed: Arc<CommitFeed>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<Counters>,
     config: SledStoreConfig,
 }
 
@@ -349,7 +372,8 @@ impl SledStore {
             }
         };
 
-        let syncer = Syncer::new(&path, config.durability)?;
+        let counters = Arc::new(Counters::default());
+        let syncer = Syncer::new(&path, config.durability, Arc::clone(&counters))?;
         let feed = Arc::new(CommitFeed::new(config.live_feed_capacity, Position(head)));
         let (sender, receiver) = mpsc::channel(config.queue_capacity.max(1));
         let writer = Writer {
@@ -374,8 +398,18 @@ impl SledStore {
             sender,
             feed,
             writer: Mutex::new(Some(writer)),
+            counters,
             config,
         })
+    }
+
+    /// What the writer has done so far.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            appends: self.counters.appends.load(Ordering::Relaxed),
+            group_commits: self.counters.group_commits.load(Ordering::Relaxed),
+            durable_syncs: self.counters.durable_syncs.load(Ordering::Relaxed),
+        }
     }
 
     /// The configuration the store was opened with.
@@ -451,10 +485,15 @@ struct Syncer {
     blobs_dir: PathBuf,
     /// The largest blob id already synced; sled names blobs by increasing lsn.
     synced_blob: i64,
+    counters: Arc<Counters>,
 }
 
 impl Syncer {
-    fn new(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+    fn new(
+        path: &Path,
+        durability: Durability,
+        counters: Arc<Counters>,
+    ) -> Result<Self, StoreError> {
         let db_file = match durability {
             Durability::Fsync => {
                 // The directory entries of `db`, `conf` and `blobs` must be
@@ -469,6 +508,7 @@ impl Syncer {
             db_file,
             blobs_dir: path.join("blobs"),
             synced_blob: -1,
+            counters,
         })
     }
 
@@ -496,7 +536,9 @@ impl Syncer {
             File::open(&self.blobs_dir)?.sync_all()?;
             self.synced_blob = newest;
         }
-        db_file.sync_data()
+        db_file.sync_data()?;
+        self.counters.durable_syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -628,6 +670,12 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.last_position = next_position - 1;
+                let counters = &self.syncer.counters;
+                let appended = decided.iter().filter(|d| d.outcome.is_ok()).count() as u64;
+                counters.appends.fetch_add(appended, Ordering::Relaxed);
+                if wrote {
+                    counters.group_commits.fetch_add(1, Ordering::Relaxed);
+                }
                 for Decided { reply, outcome } in decided {
                     let _ = reply.send(outcome);
                 }
