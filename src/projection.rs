@@ -285,7 +285,8 @@ pub struct ProjectionStatus {
     pub lag: u64,
     /// Events handled since the actor started (or was reset).
     pub events_handled: u64,
-    /// The last failure, cleared when the failing event finally succeeds.
+    /// The most recent failure (handler, read or checkpoint save); kept
+    /// after the projection recovered, cleared by a reset.
     pub last_error: Option<ProjectionFailure>,
     /// Events skipped under [`FailurePolicy::SkipAndRecord`] since start.
     pub skipped_total: u64,
