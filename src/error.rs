@@ -301,6 +301,13 @@ pub enum ProjectionControlError {
     /// The projection's own reset hook failed.
     #[error(transparent)]
     Projection(#[from] ProjectionError),
+    /// A projection of this name already runs on this store in this process;
+    /// two would overwrite each other's checkpoint.
+    #[error("a projection named {name:?} already runs on this store")]
+    AlreadyRunning {
+        /// The name.
+        name: String,
+    },
     /// The actor could not be started.
     #[error("cannot start the projection actor: {0}")]
     Spawn(String),

@@ -365,3 +365,27 @@ async fn the_checkpoint_is_saved_on_a_timer_when_idle() {
     assert_eq!(handle.status().checkpoint, last);
     handle.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn one_running_projection_per_name_and_store() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let config = ProjectionConfig::new("orders");
+    let first = ProjectionHandle::spawn(Arc::clone(&store), config.clone(), Recorder::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        ProjectionHandle::spawn(Arc::clone(&store), config.clone(), Recorder::default()).await,
+        Err(ProjectionControlError::AlreadyRunning { .. })
+    ));
+    // The same name on another store is another projection.
+    let other: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let elsewhere = ProjectionHandle::spawn(other, config.clone(), Recorder::default())
+        .await
+        .unwrap();
+    first.shutdown().await.unwrap();
+    let again = ProjectionHandle::spawn(Arc::clone(&store), config, Recorder::default())
+        .await
+        .unwrap();
+    again.shutdown().await.unwrap();
+    elsewhere.shutdown().await.unwrap();
+}

@@ -9,11 +9,13 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, Instant};
@@ -174,6 +176,44 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     }
 }
 
+/// The projection names running in this process, per store: two actors with
+/// one name would overwrite each other's checkpoint.
+static RUNNING: OnceLock<DashMap<(usize, String), ()>> = OnceLock::new();
+
+/// The right to run the projection `name` on one store, released when the
+/// actor's state is dropped (at shutdown, or if the actor dies).
+#[derive(Debug)]
+pub(crate) struct NameLease {
+    key: (usize, String),
+}
+
+impl NameLease {
+    pub(crate) fn acquire(
+        store: &Arc<dyn EventStore>,
+        name: &str,
+    ) -> Result<Self, ProjectionControlError> {
+        // The address identifies the store while any actor holds it.
+        let key = (Arc::as_ptr(store).cast::<()>() as usize, name.to_owned());
+        match RUNNING.get_or_init(DashMap::new).entry(key.clone()) {
+            Entry::Occupied(_) => Err(ProjectionControlError::AlreadyRunning {
+                name: name.to_owned(),
+            }),
+            Entry::Vacant(vacant) => {
+                vacant.insert(());
+                Ok(Self { key })
+            }
+        }
+    }
+}
+
+impl Drop for NameLease {
+    fn drop(&mut self) {
+        if let Some(running) = RUNNING.get() {
+            running.remove(&self.key);
+        }
+    }
+}
+
 /// The projection actor. Configuration lives in [`ActorState`], which
 /// `pre_start` receives whole: everything that can fail with a typed error
 /// (loading the checkpoint, opening trees) happens before the spawn.
@@ -198,6 +238,8 @@ pub(crate) struct ActorState {
     /// Rung by handles after they queue a control message, so that an actor
     /// waiting for the next event turns to its mailbox.
     interrupt: Arc<Notify>,
+    /// Held for the actor's life, however it ends.
+    _lease: NameLease,
     /// Events taken from the subscription, not yet applied (at most one
     /// batch: this is what bounds the actor's memory).
     pending: VecDeque<RecordedEvent>,
@@ -225,6 +267,7 @@ impl ActorState {
         runner: Box<dyn Runner>,
         checkpoint: Position,
         interrupt: Arc<Notify>,
+        lease: NameLease,
     ) -> (Self, watch::Receiver<ProjectionStatus>) {
         let subscription = subscribe(Arc::clone(&store), checkpoint, config.filter.clone())
             .with_page_size(config.batch_size.max(64));
@@ -262,6 +305,7 @@ impl ActorState {
             stopped: false,
             ended: false,
             process_scheduled: false,
+            _lease: lease,
         };
         (state, receiver)
     }

@@ -14,7 +14,9 @@ use tracing::instrument;
 
 use crate::error::ProjectionControlError;
 use crate::event::Position;
-use crate::projection::actor::{ActorState, PlainRunner, ProjectionActor, ProjectionMessage};
+use crate::projection::actor::{
+    ActorState, NameLease, PlainRunner, ProjectionActor, ProjectionMessage,
+};
 use crate::projection::sled::SledRunner;
 use crate::projection::{
     Projection, ProjectionConfig, ProjectionFailure, ProjectionState, ProjectionStatus,
@@ -61,8 +63,8 @@ use crate::store::{validate_checkpoint_name, EventStore};
 /// The actor runs until [`ProjectionHandle::shutdown`], which saves its
 /// checkpoint. If every handle is dropped without it, the actor is asked to
 /// shut down the same way, but nothing waits for it: call `shutdown` to know
-/// the checkpoint was saved. Never more than one running projection per name
-/// and store: two would overwrite each other's checkpoint.
+/// the checkpoint was saved. One running projection per name and store:
+/// starting a second fails with [`ProjectionControlError::AlreadyRunning`].
 #[derive(Clone)]
 pub struct ProjectionHandle {
     inner: Arc<Inner>,
@@ -154,6 +156,7 @@ impl ProjectionHandle {
         runner: Box<dyn crate::projection::actor::Runner>,
         checkpoint: Position,
     ) -> Result<Self, ProjectionControlError> {
+        let lease = NameLease::acquire(&store, &config.name)?;
         let interrupt = Arc::new(Notify::new());
         let name = config.name.clone();
         let (state, status) = ActorState::new(
@@ -162,6 +165,7 @@ impl ProjectionHandle {
             runner,
             checkpoint,
             Arc::clone(&interrupt),
+            lease,
         );
         let (actor, join) = Actor::spawn(None, ProjectionActor, state)
             .await
