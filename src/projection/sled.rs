@@ -32,7 +32,8 @@ const RESERVED_TREE_PREFIXES: [&str; 4] = ["log", "snapshots", "checkpoints", "_
 /// back. Nothing else may write to these trees while the projection runs.
 /// Readers open the same trees with
 /// [`SledStore::database`](crate::SledStore::database) and see every batch
-/// once it is committed (after [`ProjectionHandle::wait_for`]).
+/// once it is committed (after
+/// [`ProjectionHandle::wait_for`](crate::ProjectionHandle::wait_for)).
 pub trait SledProjection: Send + 'static {
     /// The names of the trees the read model writes, opened (created if
     /// missing) at start. Names may not start with `log`, `snapshots`,

@@ -418,7 +418,7 @@ impl SledStore {
     }
 
     /// The sled database, for read models that commit atomically with their
-    /// checkpoint (see [`crate::projection`]). Trees whose names start with
+    /// checkpoint (see [`crate::SledProjection`]). Trees whose names start with
     /// `log`, `snapshots` or `checkpoints` belong to the store.
     pub fn database(&self) -> &sled::Db {
         &self.db
