@@ -223,14 +223,19 @@ fn kill_9_during_sled_projection_never_loses_or_repeats_an_event() {
                 checkpoint <= head,
                 "checkpoint {checkpoint} beyond head {head}"
             );
+            // Proof that the child ran (it appends from the start).
+            let previous = checkpoints.last().map_or(Position::START, |(_, h)| *h);
+            assert!(head > previous, "cycle {cycle}: the child appended nothing");
             check_read_model(&store, checkpoint).await;
             eprintln!("cycle {cycle}: head {head}, checkpoint {checkpoint}");
-            checkpoints.push(checkpoint);
+            checkpoints.push((checkpoint, head));
             store.shutdown().await.unwrap();
         });
     }
     assert!(
-        checkpoints.last().is_some_and(|c| *c > Position::START),
+        checkpoints
+            .last()
+            .is_some_and(|(c, _)| *c > Position::START),
         "the projection made no durable progress: {checkpoints:?}"
     );
 
