@@ -294,3 +294,18 @@ pub struct ProjectionStatus {
     /// [`ProjectionConfig::max_recorded_skips`], oldest first.
     pub skipped: Vec<SkippedEvent>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+    fn send_unpin<T: Send + Unpin>() {}
+
+    #[test]
+    fn handles_and_subscriptions_move_between_tasks() {
+        send_sync::<ProjectionHandle>();
+        send_sync::<ProjectionStatus>();
+        send_unpin::<Subscription>();
+    }
+}
