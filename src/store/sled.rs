@@ -456,6 +456,21 @@ impl SledStore {
     }
 }
 
+impl Drop for SledStore {
+    /// Closes the queue and waits for the writer to finish the queued appends
+    /// and flush, so that nothing acknowledged is lost and the directory can
+    /// be opened again as soon as `drop` returns. Blocks for that flush;
+    /// prefer [`EventStore::shutdown`] in async code.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.sender, closed));
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
 /// Refuses paths that hold something other than a sled directory.
 fn check_path(path: &Path) -> Result<(), StoreError> {
     match std::fs::metadata(path) {
@@ -579,8 +594,13 @@ impl Writer {
             }
             shutdown = self.commit_group(&mut group);
         }
-        // Drop and shutdown both end here: what was applied gets flushed.
-        let result = self.flush_and_sync();
+        // Drop and shutdown both end here: what was applied gets flushed,
+        // unless a write already failed: sled then waits forever for a flush
+        // the failed I/O cannot complete, and the store is poisoned anyway.
+        let result = match &self.poisoned {
+            None => self.flush_and_sync(),
+            Some(why) => Err(why.clone()),
+        };
         if let Err(e) = &result {
             error!(error = %e, "final flush of the event store failed");
         }
