@@ -4,7 +4,8 @@
 
 use uuid::Uuid;
 
-use crate::event::{ExpectedVersion, StreamId, Version};
+use crate::event::{ExpectedVersion, Position, StreamId, Version};
+use crate::projection::ProjectionState;
 
 /// Input refused before anything was written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +63,15 @@ pub enum InvalidInput {
     /// A read limit of zero.
     #[error("a read limit must be at least 1")]
     ZeroLimit,
+    /// A name is reserved for the store's own use (for example a read-model
+    /// tree named like one of the store's trees).
+    #[error("{what} {name:?} is reserved")]
+    ReservedName {
+        /// Which kind of name.
+        what: &'static str,
+        /// The refused name.
+        name: String,
+    },
 }
 
 /// A failure of the storage itself (I/O, corruption, a closed store).
@@ -329,6 +339,106 @@ pub enum QueryError {
     ShutDown,
 }
 
+/// Why a [`Subscription`](crate::Subscription) could not deliver its next
+/// event. The subscription keeps its place: the next call retries from the
+/// same position, so an error never causes a gap.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscriptionError {
+    /// Reading the log failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+/// Why a projection's handler did not apply an event. The projection's
+/// [`FailurePolicy`](crate::FailurePolicy) decides what happens next; no
+/// failure is ever skipped silently.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionError {
+    /// The handler refused or failed, for its own reasons.
+    #[error("projection handler failed: {0}")]
+    Handler(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The event did not decode as the projection's event type.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The store or the read model's sled trees failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The handler named a read-model tree it did not declare.
+    #[error("read-model tree {0:?} is not one of the projection's trees")]
+    UnknownTree(String),
+    /// The handler panicked; the panic was caught and handled as a failure.
+    #[error("projection handler panicked: {0}")]
+    Panicked(String),
+}
+
+impl ProjectionError {
+    /// Wraps any error (or message) of the handler's own.
+    pub fn handler(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        ProjectionError::Handler(error.into())
+    }
+}
+
+impl From<sled::Error> for ProjectionError {
+    fn from(error: sled::Error) -> Self {
+        ProjectionError::Store(StoreError::Sled(error))
+    }
+}
+
+/// Why an operation on a [`ProjectionHandle`](crate::ProjectionHandle)
+/// failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionControlError {
+    /// `wait_for` gave up: the projection had not processed the position in
+    /// time. It keeps running.
+    #[error("projection {name:?} did not reach position {target} within {timeout:?} (it is at {reached})")]
+    Timeout {
+        /// The projection's name.
+        name: String,
+        /// The position waited for.
+        target: Position,
+        /// The position it had reached.
+        reached: Position,
+        /// How long the caller waited.
+        timeout: std::time::Duration,
+    },
+    /// The projection is stopped or failed, so it will not get there (or
+    /// cannot do what was asked) until it is resumed or restarted.
+    #[error("projection {name:?} is {state:?}{}", last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
+    NotRunning {
+        /// The projection's name.
+        name: String,
+        /// Its state.
+        state: ProjectionState,
+        /// Its last error, if any.
+        last_error: Option<String>,
+    },
+    /// The name or configuration was refused.
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
+    /// The checkpoint could not be loaded.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The checkpoint or read model could not be saved.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The projection's own reset hook failed.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// A projection of this name already runs on this store in this process;
+    /// two would overwrite each other's checkpoint.
+    #[error("a projection named {name:?} already runs on this store")]
+    AlreadyRunning {
+        /// The name.
+        name: String,
+    },
+    /// The actor could not be started.
+    #[error("cannot start the projection actor: {0}")]
+    Spawn(String),
+}
+
 /// The umbrella error: any of the above.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -351,4 +461,13 @@ pub enum Error {
     /// See [`QueryError`].
     #[error(transparent)]
     Query(#[from] QueryError),
+    /// See [`SubscriptionError`].
+    #[error(transparent)]
+    Subscription(#[from] SubscriptionError),
+    /// See [`ProjectionError`].
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// See [`ProjectionControlError`].
+    #[error(transparent)]
+    ProjectionControl(#[from] ProjectionControlError),
 }

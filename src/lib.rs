@@ -1,7 +1,10 @@
 //! # annals
 //!
 //! Event-sourced aggregates for tokio services: a durable, group-committed
-//! event log on sled, with an in-memory twin for tests.
+//! event log on sled, with an in-memory twin for tests, and projections that
+//! follow it: [`subscribe`] delivers every committed event once, in order,
+//! and a [`ProjectionHandle`] runs a read model with a durable checkpoint
+//! (exactly once for a [`SledProjection`] kept in the store's database).
 //!
 //! ```
 //! use annals::{EventStore, ExpectedVersion, NewEvent, ReadDirection, SledStore, StreamId, Version};
@@ -90,6 +93,7 @@ mod codec;
 mod error;
 mod event;
 mod faults;
+mod projection;
 mod runtime;
 mod store;
 mod testing;
@@ -100,7 +104,8 @@ pub use crate::codec::{
     DomainEvent, Upcasters,
 };
 pub use crate::error::{
-    AppendError, CodecError, CommandError, Error, InvalidInput, QueryError, ReadError, StoreError,
+    AppendError, CodecError, CommandError, Error, InvalidInput, ProjectionControlError,
+    ProjectionError, QueryError, ReadError, StoreError, SubscriptionError,
 };
 pub use crate::event::{
     AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position, ReadDirection,
@@ -108,6 +113,11 @@ pub use crate::event::{
     MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
 pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore};
+pub use crate::projection::{
+    subscribe, FailurePolicy, Projection, ProjectionConfig, ProjectionContext, ProjectionFailure,
+    ProjectionHandle, ProjectionState, ProjectionStatus, ReadModelBatch, SkippedEvent,
+    SledProjection, Subscription, Typed, TypedProjection, DEFAULT_PAGE_SIZE,
+};
 pub use crate::runtime::{Aggregates, CommandContext, Executed, Runtime, RuntimeConfig};
 pub use crate::store::memory::MemoryStore;
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};

@@ -85,7 +85,7 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
 
     /// Subscribes to commits from now on. Events committed before this call
     /// are not delivered; read them with [`EventStore::read_all`] (the
-    /// subscriptions in [`crate::projection`] do both without a gap).
+    /// subscriptions of [`crate::subscribe`] do both without a gap).
     fn subscribe_live(&self) -> LiveFeed;
 
     /// Saves `snapshot` as the latest snapshot of `stream`, replacing any

@@ -418,10 +418,17 @@ impl SledStore {
     }
 
     /// The sled database, for read models that commit atomically with their
-    /// checkpoint (see [`crate::projection`]). Trees whose names start with
+    /// checkpoint (see [`crate::SledProjection`]). Trees whose names start with
     /// `log`, `snapshots` or `checkpoints` belong to the store.
     pub fn database(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// The `checkpoints` tree (name -> big-endian u64 position), so that a
+    /// sled read model can commit its checkpoint in the same transaction as
+    /// its writes.
+    pub(crate) fn checkpoint_tree(&self) -> &sled::Tree {
+        &self.checkpoints
     }
 
     /// Makes everything written to the database so far durable, under the

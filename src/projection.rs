@@ -1,0 +1,311 @@
+//! Projections: subscriptions to the log ([`subscribe`]) and the
+//! [`Projection`] trait run by a supervised projection actor with a named,
+//! durable checkpoint, controlled through a cheap [`ProjectionHandle`]. A
+//! projection starts after its checkpoint and handles every matching event
+//! in global order, at least once; a [`SledProjection`] keeps its read model
+//! in the store's sled database and commits it with its checkpoint in one
+//! transaction, so each event takes effect exactly once, even across a crash.
+
+mod actor;
+mod handle;
+mod sled;
+mod subscription;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::codec::{decode_event, DomainEvent};
+use crate::error::ProjectionError;
+use crate::event::{EventFilter, Position, RecordedEvent};
+
+pub use self::handle::ProjectionHandle;
+pub use self::sled::{ReadModelBatch, SledProjection};
+pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE};
+
+/// A read model fed by the log, one raw event at a time.
+///
+/// The projection actor calls [`Projection::handle`] for every event that
+/// passes the projection's filter, in strictly increasing position order,
+/// one at a time. Delivery is at least once: after a crash, the events
+/// after the last saved checkpoint are handled again, so a read model kept
+/// outside the store should remember `context.position()` (or the event id)
+/// and ignore what it already applied. For exactly once, see
+/// [`SledProjection`].
+#[async_trait]
+pub trait Projection: Send + 'static {
+    /// Applies one event. An error (or a panic) is a failure handled by the
+    /// projection's [`FailurePolicy`]: retried, or skipped and recorded.
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        context: &ProjectionContext,
+    ) -> Result<(), ProjectionError>;
+
+    /// Erases the read model, before a rebuild from the start of the log
+    /// ([`ProjectionHandle::reset`]). The checkpoint is already back at the
+    /// start when this runs, so a crash during a reset leads to a rebuild,
+    /// never to a read model that misses events. Default: nothing to erase.
+    async fn reset(&mut self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+/// A projection of the typed events of one aggregate type, decoded with
+/// [`decode_event`]. Run it with [`Typed`]; give the projection a filter
+/// for the aggregate's category so that it sees only its own events.
+#[async_trait]
+pub trait TypedProjection: Send + 'static {
+    /// The aggregate's event enum.
+    type Event: DomainEvent;
+
+    /// Applies one decoded event; `recorded` is the raw event (stream,
+    /// version, position, metadata).
+    async fn handle(
+        &mut self,
+        event: Self::Event,
+        recorded: &RecordedEvent,
+        context: &ProjectionContext,
+    ) -> Result<(), ProjectionError>;
+
+    /// As [`Projection::reset`].
+    async fn reset(&mut self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+/// Runs a [`TypedProjection`] as a [`Projection`]: each event is decoded
+/// first, and an event that does not decode is a failure
+/// ([`ProjectionError::Codec`]) under the failure policy, never a silent skip.
+#[derive(Debug, Clone, Default)]
+pub struct Typed<P>(pub P);
+
+#[async_trait]
+impl<P: TypedProjection> Projection for Typed<P> {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        context: &ProjectionContext,
+    ) -> Result<(), ProjectionError> {
+        let decoded = decode_event::<P::Event>(event)?;
+        self.0.handle(decoded, event, context).await
+    }
+
+    async fn reset(&mut self) -> Result<(), ProjectionError> {
+        self.0.reset().await
+    }
+}
+
+/// What a handler knows besides the event.
+#[derive(Debug, Clone)]
+pub struct ProjectionContext {
+    name: std::sync::Arc<str>,
+    position: Position,
+    attempt: u32,
+}
+
+impl ProjectionContext {
+    pub(crate) fn new(name: std::sync::Arc<str>, position: Position, attempt: u32) -> Self {
+        Self {
+            name,
+            position,
+            attempt,
+        }
+    }
+
+    /// The projection's (and its checkpoint's) name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The global position of the event being handled. Positions strictly
+    /// increase, so a read model that stores the last one it applied can
+    /// ignore redeliveries after a restart (`position <= stored`).
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// 1 for the first try of this event, more when retried.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+/// What a projection does when its handler fails on an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailurePolicy {
+    /// Tries the event up to `max_attempts` times in all, waiting `backoff`
+    /// after the first failure and twice as long after each next one (at
+    /// most 60 s); then stops in [`ProjectionState::Failed`] with the error
+    /// in its status, its checkpoint just before the event. A `resume`
+    /// tries again, a `reset` rebuilds.
+    Retry {
+        /// Tries in all (at least 1).
+        max_attempts: u32,
+        /// The wait after the first failure.
+        backoff: Duration,
+    },
+    /// Skips the event and goes on. The skip is recorded: a `warn` trace,
+    /// the count and the latest skipped positions in the status.
+    SkipAndRecord,
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        FailurePolicy::Retry {
+            max_attempts: 5,
+            backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// How to run a projection.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProjectionConfig {
+    /// The projection's name, also the name of its checkpoint. One running
+    /// projection per name and store.
+    pub name: String,
+    /// Which events it handles. Default: all.
+    pub filter: EventFilter,
+    /// What to do when the handler fails. Default: retry 5 times from 100 ms.
+    pub failure_policy: FailurePolicy,
+    /// Save the checkpoint after this many handled events. Default 1000.
+    pub checkpoint_every_events: u64,
+    /// ... or when this much time passed since the last save with progress
+    /// since. Default 1 s.
+    pub checkpoint_interval: Duration,
+    /// The most events handled in one go (one sled transaction for a
+    /// [`SledProjection`]). Default 256.
+    pub batch_size: usize,
+    /// How many skipped events the status lists (the newest). Default 100.
+    pub max_recorded_skips: usize,
+}
+
+impl ProjectionConfig {
+    /// The defaults, for the projection (and checkpoint) named `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            filter: EventFilter::All,
+            failure_policy: FailurePolicy::default(),
+            checkpoint_every_events: 1000,
+            checkpoint_interval: Duration::from_secs(1),
+            batch_size: 256,
+            max_recorded_skips: 100,
+        }
+    }
+
+    /// Sets the filter.
+    pub fn filter(mut self, filter: EventFilter) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// Sets the failure policy.
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.failure_policy = policy;
+        self
+    }
+
+    /// Sets how often the checkpoint is saved: after `events` handled events
+    /// or `interval` with progress, whichever comes first.
+    pub fn checkpoint_every(mut self, events: u64, interval: Duration) -> Self {
+        self.checkpoint_every_events = events.max(1);
+        self.checkpoint_interval = interval;
+        self
+    }
+
+    /// Sets the most events handled in one go.
+    pub fn batch_size(mut self, events: usize) -> Self {
+        self.batch_size = events.max(1);
+        self
+    }
+}
+
+/// Where a projection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProjectionState {
+    /// Handling events as they come.
+    Running,
+    /// Paused by [`ProjectionHandle::pause`]; resumes where it stopped.
+    Paused,
+    /// Shut down; its checkpoint is saved.
+    Stopped,
+    /// Its handler kept failing (see [`FailurePolicy::Retry`]) or the actor
+    /// died; [`ProjectionStatus::last_error`] says why.
+    Failed,
+}
+
+/// An event skipped under [`FailurePolicy::SkipAndRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEvent {
+    /// Its position.
+    pub position: Position,
+    /// Its id.
+    pub event_id: uuid::Uuid,
+    /// Its stream.
+    pub stream_id: crate::event::StreamId,
+    /// Its type.
+    pub event_type: String,
+    /// The handler's error.
+    pub error: String,
+}
+
+/// A projection's handler failure, as reported in its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionFailure {
+    /// The position of the event that failed (or the position the
+    /// projection was at, for a failure to read or to save).
+    pub position: Position,
+    /// The error.
+    pub error: String,
+    /// How many tries of this event failed so far.
+    pub attempts: u32,
+}
+
+/// A snapshot of a projection's progress.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProjectionStatus {
+    /// The projection's name.
+    pub name: String,
+    /// Running, paused, stopped or failed.
+    pub state: ProjectionState,
+    /// Every matching event at or below this position was handled (for a
+    /// [`SledProjection`], committed to its trees).
+    pub position: Position,
+    /// The last saved checkpoint: where a restart would begin.
+    pub checkpoint: Position,
+    /// The store's head when the status was taken.
+    pub head: Position,
+    /// `head - position`: how many positions the projection is behind.
+    pub lag: u64,
+    /// Events handled since the actor started (or was reset).
+    pub events_handled: u64,
+    /// The most recent failure (handler, read or checkpoint save); kept
+    /// after the projection recovered, cleared by a reset.
+    pub last_error: Option<ProjectionFailure>,
+    /// Events skipped under [`FailurePolicy::SkipAndRecord`] since start.
+    pub skipped_total: u64,
+    /// The newest skipped events, at most
+    /// [`ProjectionConfig::max_recorded_skips`], oldest first.
+    pub skipped: Vec<SkippedEvent>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+    fn send_unpin<T: Send + Unpin>() {}
+
+    #[test]
+    fn handles_and_subscriptions_move_between_tasks() {
+        send_sync::<ProjectionHandle>();
+        send_sync::<ProjectionStatus>();
+        send_unpin::<Subscription>();
+    }
+}

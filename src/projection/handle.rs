@@ -1,0 +1,342 @@
+//! [`ProjectionHandle`]: how users start, watch and steer a projection
+//! actor without touching ractor. Status and `wait_for` read a watch channel
+//! the actor publishes to, so they answer at once even while a handler is
+//! busy; pause, resume, reset and shutdown are messages to the actor.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorRef, RpcReplyPort};
+use tokio::sync::{watch, Notify};
+use tracing::instrument;
+
+use crate::error::ProjectionControlError;
+use crate::event::Position;
+use crate::projection::actor::{
+    ActorState, NameLease, PlainRunner, ProjectionActor, ProjectionMessage,
+};
+use crate::projection::sled::SledRunner;
+use crate::projection::{
+    Projection, ProjectionConfig, ProjectionFailure, ProjectionState, ProjectionStatus,
+    SledProjection,
+};
+use crate::store::sled::SledStore;
+use crate::store::{validate_checkpoint_name, EventStore};
+
+/// A cheap, cloneable handle to a running projection actor.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use annals::{
+///     EventStore, ExpectedVersion, MemoryStore, NewEvent, Projection, ProjectionConfig,
+///     ProjectionContext, ProjectionError, ProjectionHandle, RecordedEvent, StreamId,
+/// };
+///
+/// struct Count(u64);
+///
+/// #[async_trait::async_trait]
+/// impl Projection for Count {
+///     async fn handle(&mut self, _: &RecordedEvent, _: &ProjectionContext) -> Result<(), ProjectionError> {
+///         self.0 += 1;
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+/// let counter = ProjectionHandle::spawn(store.clone(), ProjectionConfig::new("count"), Count(0)).await?;
+/// let appended = store
+///     .append(&StreamId::new("order-1")?, ExpectedVersion::Any, vec![NewEvent::new("OrderPlaced", vec![])])
+///     .await?;
+/// // Read-your-writes: returns once the projection handled the event.
+/// counter.wait_for(appended.last_position, Duration::from_secs(5)).await?;
+/// assert_eq!(counter.status().lag, 0);
+/// counter.shutdown().await?; // saves the checkpoint
+/// # Ok(())
+/// # }
+/// ```
+///
+/// The actor runs until [`ProjectionHandle::shutdown`], which saves its
+/// checkpoint. If every handle is dropped without it, the actor is asked to
+/// shut down the same way, but nothing waits for it: call `shutdown` to know
+/// the checkpoint was saved. One running projection per name and store:
+/// starting a second fails with [`ProjectionControlError::AlreadyRunning`].
+#[derive(Clone)]
+pub struct ProjectionHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    actor: ActorRef<ProjectionMessage>,
+    status: watch::Receiver<ProjectionStatus>,
+    interrupt: Arc<Notify>,
+    store: Arc<dyn EventStore>,
+    join: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.actor.cast(ProjectionMessage::Shutdown(None)).is_ok() {
+            self.interrupt.notify_one();
+        }
+    }
+}
+
+impl fmt::Debug for ProjectionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProjectionHandle")
+            .field("name", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProjectionHandle {
+    /// Starts a [`Projection`] after its checkpoint (named
+    /// [`ProjectionConfig::name`]; from the start of the log if none).
+    ///
+    /// Guarantees: every event after the checkpoint that passes the filter
+    /// is handled, in position order, at least once (events after the last
+    /// saved checkpoint are handled again after a crash).
+    ///
+    /// # Errors
+    /// [`ProjectionControlError::InvalidInput`] for a bad name,
+    /// [`ProjectionControlError::Read`] when the checkpoint cannot be loaded,
+    /// [`ProjectionControlError::Spawn`] when the actor cannot start.
+    #[instrument(skip_all, fields(projection = %config.name))]
+    pub async fn spawn<P: Projection>(
+        store: Arc<dyn EventStore>,
+        config: ProjectionConfig,
+        projection: P,
+    ) -> Result<Self, ProjectionControlError> {
+        validate_checkpoint_name(&config.name)?;
+        let checkpoint = store
+            .load_checkpoint(&config.name)
+            .await?
+            .unwrap_or(Position::START);
+        let runner = PlainRunner::new(Arc::clone(&store), config.name.as_str().into(), projection);
+        Self::start(store, config, Box::new(runner), checkpoint).await
+    }
+
+    /// Starts a [`SledProjection`] whose read model lives in trees of
+    /// `store`'s sled database, after its checkpoint.
+    ///
+    /// Guarantees: each batch of events is committed to the read-model
+    /// trees in one sled transaction together with the checkpoint, so after
+    /// any crash the read model holds exactly the events up to its
+    /// checkpoint: none lost, none applied twice. Commits become durable
+    /// with the next checkpoint save (every N events or T ms, and at
+    /// shutdown); a crash before that rolls read model and checkpoint back
+    /// together, and the events are applied again.
+    ///
+    /// # Errors
+    /// As [`ProjectionHandle::spawn`], plus
+    /// [`ProjectionControlError::InvalidInput`] for a tree name that is
+    /// empty or reserved by the store, and [`ProjectionControlError::Store`]
+    /// when a tree cannot be opened.
+    #[instrument(skip_all, fields(projection = %config.name))]
+    pub async fn spawn_sled<P: SledProjection>(
+        store: Arc<SledStore>,
+        config: ProjectionConfig,
+        projection: P,
+    ) -> Result<Self, ProjectionControlError> {
+        validate_checkpoint_name(&config.name)?;
+        let (runner, checkpoint) =
+            SledRunner::open(Arc::clone(&store), config.name.as_str().into(), projection)?;
+        Self::start(store, config, Box::new(runner), checkpoint).await
+    }
+
+    async fn start(
+        store: Arc<dyn EventStore>,
+        config: ProjectionConfig,
+        runner: Box<dyn crate::projection::actor::Runner>,
+        checkpoint: Position,
+    ) -> Result<Self, ProjectionControlError> {
+        let lease = NameLease::acquire(&store, &config.name)?;
+        let interrupt = Arc::new(Notify::new());
+        let name = config.name.clone();
+        let (state, status) = ActorState::new(
+            Arc::clone(&store),
+            config,
+            runner,
+            checkpoint,
+            Arc::clone(&interrupt),
+            lease,
+        );
+        let (actor, join) = Actor::spawn(None, ProjectionActor, state)
+            .await
+            .map_err(|e| ProjectionControlError::Spawn(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                name,
+                actor,
+                status,
+                interrupt,
+                store,
+                join: Mutex::new(Some(join)),
+            }),
+        })
+    }
+
+    /// The projection's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The projection's progress now: its state, position, checkpoint, lag
+    /// behind the store's head, last error and skipped events. Answers at
+    /// once, even while the handler is busy.
+    pub fn status(&self) -> ProjectionStatus {
+        let mut status = self.inner.status.borrow().clone();
+        if self.inner.status.has_changed().is_err() && status.state != ProjectionState::Stopped {
+            // The actor is gone without shutting down: it died.
+            status.state = ProjectionState::Failed;
+            status.last_error.get_or_insert(ProjectionFailure {
+                position: status.position,
+                error: "the projection actor stopped unexpectedly".to_owned(),
+                attempts: 0,
+            });
+        }
+        status.head = self.inner.store.head_position();
+        status.lag = status.head.0.saturating_sub(status.position.0);
+        status
+    }
+
+    /// Waits until the projection has handled every matching event up to
+    /// and including `position` (for read-your-writes: pass the position an
+    /// append returned). Returns the position reached.
+    ///
+    /// # Errors
+    /// [`ProjectionControlError::Timeout`] when `timeout` passed first (the
+    /// projection keeps going), [`ProjectionControlError::NotRunning`] when
+    /// it stopped or failed before getting there. A paused projection is
+    /// waited for, until the timeout.
+    pub async fn wait_for(
+        &self,
+        position: Position,
+        timeout: Duration,
+    ) -> Result<Position, ProjectionControlError> {
+        let mut receiver = self.inner.status.clone();
+        let waited = tokio::time::timeout(
+            timeout,
+            receiver.wait_for(|status| {
+                status.position >= position
+                    || matches!(
+                        status.state,
+                        ProjectionState::Stopped | ProjectionState::Failed
+                    )
+            }),
+        )
+        .await;
+        match waited {
+            Ok(Ok(status)) if status.position >= position => Ok(status.position),
+            Ok(_) => Err(self.not_running()),
+            Err(_) => Err(ProjectionControlError::Timeout {
+                name: self.inner.name.clone(),
+                target: position,
+                reached: self.inner.status.borrow().position,
+                timeout,
+            }),
+        }
+    }
+
+    /// Pauses the projection. Returns once no handler runs and none will
+    /// until [`ProjectionHandle::resume`] (it waits for the event being
+    /// handled). The checkpoint is saved. Appends go on; the projection
+    /// catches up from the store after it resumes.
+    ///
+    /// # Errors
+    /// [`ProjectionControlError::NotRunning`] when the actor is gone.
+    pub async fn pause(&self) -> Result<(), ProjectionControlError> {
+        self.call(ProjectionMessage::Pause).await
+    }
+
+    /// Resumes a paused projection; a failed one tries its failing event
+    /// again, with a fresh count of attempts.
+    ///
+    /// # Errors
+    /// [`ProjectionControlError::NotRunning`] when the actor is gone.
+    pub async fn resume(&self) -> Result<(), ProjectionControlError> {
+        self.call(ProjectionMessage::Resume).await
+    }
+
+    /// Erases the read model ([`Projection::reset`], or every key of a
+    /// [`SledProjection`]'s trees), moves the checkpoint back to the start
+    /// and rebuilds from the first event. A failed projection runs again; a
+    /// paused one stays paused. Like pause, it waits for the event being
+    /// handled.
+    ///
+    /// If it fails before the checkpoint moved, nothing changed and the
+    /// projection goes on where it was. If the checkpoint moved but a later
+    /// step failed (a plain projection's reset hook, or the final sync), the
+    /// projection rebuilds anyway, since its checkpoint now says so; the
+    /// error is returned and kept in the status.
+    ///
+    /// # Errors
+    /// [`ProjectionControlError::Store`] when the checkpoint or read model
+    /// cannot be written, [`ProjectionControlError::Projection`] when the
+    /// projection's reset hook fails, and
+    /// [`ProjectionControlError::NotRunning`] when the actor is gone.
+    pub async fn reset(&self) -> Result<(), ProjectionControlError> {
+        self.call(ProjectionMessage::Reset).await?
+    }
+
+    /// Stops the projection after saving its checkpoint (for a sled read
+    /// model: syncing it), and waits for the actor to end (and so for the
+    /// event being handled, if any). Returns the saved
+    /// checkpoint. Calling it again returns the same.
+    ///
+    /// # Errors
+    /// [`ProjectionControlError::Store`] when the checkpoint cannot be saved
+    /// (the actor stops anyway).
+    pub async fn shutdown(&self) -> Result<Position, ProjectionControlError> {
+        let result = match self
+            .call(|reply| ProjectionMessage::Shutdown(Some(reply)))
+            .await
+        {
+            Ok(result) => result,
+            Err(_) if self.status().state == ProjectionState::Stopped => {
+                Ok(self.inner.status.borrow().checkpoint)
+            }
+            Err(error) => Err(error),
+        };
+        let join = self
+            .inner
+            .join
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(join) = join {
+            let _ = join.await;
+        }
+        result
+    }
+
+    async fn call<T>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<T>) -> ProjectionMessage,
+    ) -> Result<T, ProjectionControlError> {
+        let (sender, receiver) = ractor::concurrency::oneshot();
+        self.inner
+            .actor
+            .cast(message(sender.into()))
+            .map_err(|_| self.not_running())?;
+        // After queueing, so that an actor waiting for events wakes up and
+        // finds the message (see `ActorState::process`).
+        self.inner.interrupt.notify_one();
+        receiver.await.map_err(|_| self.not_running())
+    }
+
+    fn not_running(&self) -> ProjectionControlError {
+        let status = self.status();
+        ProjectionControlError::NotRunning {
+            name: self.inner.name.clone(),
+            state: status.state,
+            last_error: status.last_error.map(|failure| failure.error),
+        }
+    }
+}
