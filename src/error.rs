@@ -99,6 +99,15 @@ pub enum StoreError {
     /// The path holds something that is not an annals store.
     #[error("{0} does not hold an annals store")]
     NotAStore(String),
+    /// The filesystem is too full to commit safely; nothing was written.
+    /// Appends succeed again once space is freed; the store stays usable.
+    #[error("the disk is full: {available} bytes free, {needed} needed")]
+    DiskFull {
+        /// Bytes free on the store's filesystem.
+        available: u64,
+        /// Bytes the group commit needed (its size plus the reserve).
+        needed: u64,
+    },
     /// The store was shut down.
     #[error("the store is shut down")]
     Closed,

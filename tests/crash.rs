@@ -139,7 +139,7 @@ fn run_and_kill(dir: &Path, seed: u64, run_for: Duration) -> HashMap<Uuid, Ack> 
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .ok()
     })
-    .find(|line| line.starts_with("ACK "));
+    .find(|line| line.contains("ACK "));
     std::thread::sleep(run_for);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -148,7 +148,9 @@ fn run_and_kill(dir: &Path, seed: u64, run_for: Duration) -> HashMap<Uuid, Ack> 
         .into_iter()
         .chain(received.try_iter())
         .filter_map(|line| {
-            let mut parts = line.strip_prefix("ACK ")?.split(' ');
+            // libtest prints `test crash_child ... ` with no newline before
+            // the child's own output, so a marker may start mid-line.
+            let mut parts = line.split_once("ACK ")?.1.split(' ');
             let stream = parts.next()?.to_owned();
             let version = parts.next()?.parse().ok()?;
             let position = parts.next()?.parse().ok()?;

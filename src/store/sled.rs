@@ -82,6 +82,13 @@ pub struct SledStoreConfig {
     pub queue_capacity: usize,
     /// The most appends one group commit takes. Default 8,192.
     pub max_group_commit: usize,
+    /// Free space the filesystem must keep, beyond what a group commit adds,
+    /// for the writer to commit it; below it appends fail with
+    /// [`StoreError::DiskFull`] and resume once space is freed. sled 0.34
+    /// does not recover from running out of space in the middle of a write
+    /// (its flush then never completes), so the store stops before that.
+    /// Default 16 MiB; 0 disables the check.
+    pub min_free_bytes: u64,
 }
 
 impl SledStoreConfig {
@@ -95,6 +102,7 @@ impl SledStoreConfig {
             live_feed_capacity: DEFAULT_LIVE_FEED_CAPACITY,
             queue_capacity: 65_536,
             max_group_commit: 8_192,
+            min_free_bytes: 16 << 20,
         }
     }
 
@@ -113,6 +121,12 @@ impl SledStoreConfig {
     /// Sets the largest event accepted, in bytes.
     pub fn max_event_size(mut self, bytes: usize) -> Self {
         self.max_event_size = bytes;
+        self
+    }
+
+    /// Sets the free space to keep on the filesystem (0: no check).
+    pub fn min_free_bytes(mut self, bytes: u64) -> Self {
+        self.min_free_bytes = bytes;
         self
     }
 
@@ -139,6 +153,8 @@ pub struct StoreStats {
 
 #[derive(Debug, Default)]
 struct Counters {
+    /// Set with `Writer::poisoned`, for `Drop`.
+    poisoned: std::sync::atomic::AtomicBool,
     appends: AtomicU64,
     group_commits: AtomicU64,
     durable_syncs: AtomicU64,
@@ -385,6 +401,8 @@ impl SledStore {
             syncer,
             poisoned: None,
             max_group_commit: config.max_group_commit.max(1),
+            path: path.clone(),
+            min_free_bytes: config.min_free_bytes,
         };
         let writer = std::thread::Builder::new()
             .name("annals-writer".into())
@@ -464,6 +482,9 @@ impl Drop for SledStore {
     /// keep sled's files open after the store is gone. This blocks the
     /// dropping thread for one flush; `shutdown()` avoids that.
     fn drop(&mut self) {
+        if self.counters.poisoned.load(Ordering::SeqCst) {
+            leak_sled_handles(&self.db);
+        }
         let handle = self
             .writer
             .get_mut()
@@ -477,6 +498,17 @@ impl Drop for SledStore {
             let _ = handle.join();
         }
     }
+}
+
+/// Keeps sled from flushing when these trees are dropped. sled 0.34 flushes
+/// in `Drop` until the flush succeeds, which never happens after some write
+/// failures (a full disk): the drop would hang the thread. A poisoned store
+/// leaks its handles instead; its directory stays locked until the process
+/// exits, and reopening it then recovers the durable prefix.
+/// One leaked `Db` keeps sled's map of trees (read models included) alive,
+/// so no tree's drop ever runs that flush.
+fn leak_sled_handles(db: &sled::Db) {
+    std::mem::forget(db.clone());
 }
 
 /// Refuses paths that hold something other than a sled directory.
@@ -577,6 +609,8 @@ struct Writer {
     /// every later write is refused until the store is reopened.
     poisoned: Option<String>,
     max_group_commit: usize,
+    path: PathBuf,
+    min_free_bytes: u64,
 }
 
 /// One append of a group, decided but not yet durable.
@@ -621,6 +655,9 @@ impl Writer {
         if let Some(reply) = shutdown {
             let _ = reply.send(result.map_err(|e| StoreError::Io(std::io::Error::other(e))));
         }
+        if self.poisoned.is_some() {
+            leak_sled_handles(&self.db);
+        }
         debug!("event store writer stopped");
     }
 
@@ -644,6 +681,7 @@ impl Writer {
         let mut committed: Vec<RecordedEvent> = Vec::new();
         let mut shutdown = None;
         let recorded_at_micros = now_micros();
+        let no_space = self.check_space(group);
 
         for request in group.drain(..) {
             if shutdown.is_some() {
@@ -659,9 +697,12 @@ impl Writer {
                     events,
                     reply,
                 } => {
-                    let outcome = match &self.poisoned {
-                        Some(why) => Err(StoreError::Poisoned(why.clone()).into()),
-                        None => self.decide(
+                    let outcome = match (&self.poisoned, no_space) {
+                        (Some(why), _) => Err(StoreError::Poisoned(why.clone()).into()),
+                        (None, Some((available, needed))) => {
+                            Err(StoreError::DiskFull { available, needed }.into())
+                        }
+                        (None, None) => self.decide(
                             &stream,
                             expected,
                             events,
@@ -675,13 +716,23 @@ impl Writer {
                             },
                         ),
                     };
+                    // sled writes on reads too (page consolidation), so an
+                    // I/O error met while deciding is a failed write: what
+                    // sled holds is then unknown, exactly as after a failed
+                    // flush.
+                    if let Err(AppendError::Store(StoreError::Sled(e))) = &outcome {
+                        self.poison(e.to_string());
+                    }
                     decided.push(Decided { reply, outcome });
                 }
             }
         }
 
         let wrote = !committed.is_empty();
-        let result = if wrote {
+        let result = if let Some(why) = &self.poisoned {
+            // Poisoned part-way through this group: apply none of it.
+            Err(why.clone())
+        } else if wrote {
             for (stream, version) in &heads {
                 batch.insert(head_key(stream.as_str()), &version.to_be_bytes());
             }
@@ -720,8 +771,7 @@ impl Writer {
                 }
             }
             Err(why) => {
-                error!(error = %why, "group commit failed; the store refuses writes until reopened");
-                self.poisoned = Some(why.clone());
+                self.poison(why.clone());
                 for Decided { reply, outcome } in decided {
                     let outcome = outcome.and(Err(StoreError::Poisoned(why.clone()).into()));
                     let _ = reply.send(outcome);
@@ -732,6 +782,44 @@ impl Writer {
             }
         }
         shutdown
+    }
+
+    /// Refuses every later write until the store is reopened.
+    fn poison(&mut self, why: String) {
+        if self.poisoned.is_none() {
+            error!(error = %why, "a write failed; the store refuses writes until reopened");
+            self.poisoned = Some(why);
+            self.syncer.counters.poisoned.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether the filesystem has room for this group: `Some((available,
+    /// needed))` when it has not. One statvfs per group commit.
+    fn check_space(&self, group: &[WriteRequest]) -> Option<(u64, u64)> {
+        if self.min_free_bytes == 0 {
+            return None;
+        }
+        let adds: usize = group
+            .iter()
+            .map(|request| match request {
+                WriteRequest::Append { events, .. } => events.iter().map(|e| e.size() + 128).sum(),
+                _ => 0,
+            })
+            .sum();
+        if adds == 0 {
+            return None;
+        }
+        // sled writes a record into its log and again when it rewrites the
+        // page, so count the group twice.
+        let needed = self.min_free_bytes.saturating_add(2 * adds as u64);
+        match fs4::available_space(&self.path) {
+            Ok(available) if available < needed => Some((available, needed)),
+            Ok(_) => None,
+            Err(e) => {
+                warn!(error = %e, "cannot read the free space of the store's filesystem");
+                None
+            }
+        }
     }
 
     /// Decides one append of the group: idempotency, expected version, then
@@ -765,13 +853,14 @@ impl Writer {
         }
         let first_position = *pending.next_position;
         let count = events.len() as u64;
-        for (offset, event) in events.into_iter().enumerate() {
-            let version = actual + 1 + offset as u64;
-            let position = first_position + offset as u64;
+        // Encode every record before staging any, so that a failure leaves
+        // nothing of this append in the group's batch (I4).
+        let mut encoded = Vec::with_capacity(events.len());
+        for (offset, event) in events.iter().enumerate() {
             let record = StoredRecord {
                 event_id: event.event_id,
                 stream: stream.as_str(),
-                version,
+                version: actual + 1 + offset as u64,
                 event_type: &event.event_type,
                 schema_version: event.schema_version,
                 recorded_at_micros: pending.recorded_at_micros,
@@ -785,7 +874,11 @@ impl Writer {
                     .collect(),
                 payload: &event.payload,
             };
-            let bytes = postcard::to_stdvec(&record).map_err(corrupt)?;
+            encoded.push(postcard::to_stdvec(&record).map_err(corrupt)?);
+        }
+        for (offset, (event, bytes)) in events.into_iter().zip(encoded).enumerate() {
+            let version = actual + 1 + offset as u64;
+            let position = first_position + offset as u64;
             pending.batch.insert(&event_key(position), bytes);
             pending.batch.insert(
                 stream_key(stream.as_str(), version),
