@@ -2,18 +2,26 @@
 //! concurrent aggregates on the sled store. Shows a command the domain
 //! refuses and a conflict with another writer that the runtime handles, then
 //! compares commands/s through the actors with the raw append rate of the
-//! store measured in the same run.
+//! store measured in the same run. Two projections keep read models in the
+//! same sled database, each committed with its checkpoint: orders by status
+//! (started before the load, it follows it live) and revenue per customer
+//! (started after it, it catches up from the store). At the end the example
+//! waits for the position of its last command and checks both read models
+//! against the aggregates' states, failing on any difference.
 //!
 //! `cargo run --release --example orders [--orders N] [path]`
 //! (or `ORDERS=N`; default 2,000 orders of 5 commands each, in a temporary
 //! directory unless `path` is given; `RUST_LOG=annals=debug` shows the spans).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annals::{
-    encode_event, Aggregate, CommandError, DomainEvent, EventStore, ExpectedVersion, NewEvent,
-    Runtime, RuntimeConfig, SledStore, StreamId,
+    decode_event, decode_value, encode_event, encode_value, Aggregate, CommandError, DomainEvent,
+    EventFilter, EventStore, ExpectedVersion, NewEvent, ProjectionConfig, ProjectionContext,
+    ProjectionError, ProjectionHandle, ProjectionStatus, ReadModelBatch, RecordedEvent, Runtime,
+    RuntimeConfig, SledProjection, SledStore, StreamId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -189,6 +197,237 @@ impl Aggregate for Order {
 }
 
 // ---------------------------------------------------------------------------
+// The read models: two projections whose trees live in the store's own sled
+// database, each batch committed with the projection's checkpoint in one
+// transaction, so every event takes effect exactly once.
+
+/// order id -> its status (postcard).
+const ORDER_STATUS: &str = "order-status";
+/// status name -> how many orders have it (u64 big-endian; absent when 0).
+const STATUS_COUNTS: &str = "status-counts";
+/// order id -> customer and confirmed total, until the order ships or is
+/// cancelled: `OrderShipped` carries no amount, so the projection remembers
+/// it from `OrderConfirmed`.
+const UNSHIPPED: &str = "revenue-unshipped";
+/// customer -> cents of their shipped orders (u64 big-endian).
+const REVENUE: &str = "revenue-per-customer";
+
+/// The aggregate id of an order's stream (`17` in `order-17`).
+fn order_id(event: &RecordedEvent) -> &str {
+    let stream = event.stream_id.as_str();
+    stream
+        .strip_prefix(Order::CATEGORY)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .unwrap_or(stream)
+}
+
+fn read_count(batch: &ReadModelBatch<'_>, tree: &str, key: &str) -> Result<u64, ProjectionError> {
+    match batch.get(tree, key)? {
+        None => Ok(0),
+        Some(bytes) => Ok(u64::from_be_bytes(bytes.as_ref().try_into().map_err(
+            |_| ProjectionError::handler(format!("{tree}/{key} is not a u64")),
+        )?)),
+    }
+}
+
+/// Adds `delta` to a count, removing the key when it reaches 0.
+fn add_to_count(
+    batch: &mut ReadModelBatch<'_>,
+    tree: &str,
+    key: &str,
+    delta: i64,
+) -> Result<(), ProjectionError> {
+    let count = read_count(batch, tree, key)?
+        .checked_add_signed(delta)
+        .ok_or_else(|| ProjectionError::handler(format!("{tree}/{key} would go below 0")))?;
+    if count == 0 {
+        batch.remove(tree, key)
+    } else {
+        batch.insert(tree, key, &count.to_be_bytes()[..])
+    }
+}
+
+/// Orders by status: each order's status, and how many orders have each.
+struct OrdersByStatus;
+
+impl SledProjection for OrdersByStatus {
+    fn trees(&self) -> Vec<String> {
+        vec![ORDER_STATUS.into(), STATUS_COUNTS.into()]
+    }
+
+    fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        batch: &mut ReadModelBatch<'_>,
+        _: &ProjectionContext,
+    ) -> Result<(), ProjectionError> {
+        let status = match decode_event::<OrderEvent>(event)? {
+            OrderEvent::OrderCreated { .. } => Status::Open,
+            OrderEvent::OrderConfirmed { .. } => Status::Confirmed,
+            OrderEvent::OrderShipped => Status::Shipped,
+            OrderEvent::OrderCancelled { .. } => Status::Cancelled,
+            OrderEvent::ItemAdded { .. } => return Ok(()),
+        };
+        let id = order_id(event);
+        if let Some(old) = batch.get(ORDER_STATUS, id)? {
+            let old: Status = decode_value(&old)?;
+            add_to_count(batch, STATUS_COUNTS, &old.to_string(), -1)?;
+        }
+        batch.insert(ORDER_STATUS, id, encode_value(&status)?)?;
+        add_to_count(batch, STATUS_COUNTS, &status.to_string(), 1)
+    }
+}
+
+/// An order on its way, as the revenue projection remembers it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Unshipped {
+    customer: String,
+    total_cents: u64,
+}
+
+/// Revenue per customer: the totals of their shipped orders.
+struct RevenuePerCustomer;
+
+impl SledProjection for RevenuePerCustomer {
+    fn trees(&self) -> Vec<String> {
+        vec![UNSHIPPED.into(), REVENUE.into()]
+    }
+
+    fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        batch: &mut ReadModelBatch<'_>,
+        _: &ProjectionContext,
+    ) -> Result<(), ProjectionError> {
+        let id = order_id(event);
+        match decode_event::<OrderEvent>(event)? {
+            OrderEvent::OrderCreated { customer } => {
+                let order = Unshipped {
+                    customer,
+                    total_cents: 0,
+                };
+                batch.insert(UNSHIPPED, id, encode_value(&order)?)
+            }
+            OrderEvent::OrderConfirmed { total_cents } => {
+                let mut order = unshipped(batch, id)?;
+                order.total_cents = total_cents;
+                batch.insert(UNSHIPPED, id, encode_value(&order)?)
+            }
+            OrderEvent::OrderShipped => {
+                let order = unshipped(batch, id)?;
+                let revenue = read_count(batch, REVENUE, &order.customer)? + order.total_cents;
+                batch.insert(REVENUE, &order.customer, &revenue.to_be_bytes()[..])?;
+                // Shipped orders are done: the tree holds only orders on
+                // their way, not every order ever placed.
+                batch.remove(UNSHIPPED, id)
+            }
+            OrderEvent::OrderCancelled { .. } => batch.remove(UNSHIPPED, id),
+            OrderEvent::ItemAdded { .. } => Ok(()),
+        }
+    }
+}
+
+/// An order the revenue projection saw created. Missing means an event out
+/// of place: a failure for the projection's policy, never a silent 0.
+fn unshipped(batch: &ReadModelBatch<'_>, id: &str) -> Result<Unshipped, ProjectionError> {
+    let bytes = batch
+        .get(UNSHIPPED, id)?
+        .ok_or_else(|| ProjectionError::handler(format!("order-{id} was never created")))?;
+    Ok(decode_value(&bytes)?)
+}
+
+/// Reads a tree of big-endian u64 counts into a map.
+fn counts(db: &sled::Db, tree: &str) -> Result<BTreeMap<String, u64>, Box<dyn std::error::Error>> {
+    let mut counts = BTreeMap::new();
+    for entry in db.open_tree(tree)?.iter() {
+        let (key, value) = entry?;
+        let value: [u8; 8] = value.as_ref().try_into()?;
+        counts.insert(String::from_utf8(key.to_vec())?, u64::from_be_bytes(value));
+    }
+    Ok(counts)
+}
+
+/// The read models as committed, next to what the aggregates say.
+#[derive(Debug, Default)]
+struct ReadModels {
+    statuses: BTreeMap<String, Status>,
+    status_counts: BTreeMap<String, u64>,
+    revenue: BTreeMap<String, u64>,
+}
+
+impl ReadModels {
+    fn from_database(db: &sled::Db) -> Result<Self, Box<dyn std::error::Error>> {
+        let mut statuses = BTreeMap::new();
+        for entry in db.open_tree(ORDER_STATUS)?.iter() {
+            let (key, value) = entry?;
+            statuses.insert(String::from_utf8(key.to_vec())?, decode_value(&value)?);
+        }
+        Ok(Self {
+            statuses,
+            status_counts: counts(db, STATUS_COUNTS)?,
+            revenue: counts(db, REVENUE)?,
+        })
+    }
+
+    /// What the read models must hold, computed from the aggregates' states.
+    fn expected(orders: &BTreeMap<String, Order>) -> Self {
+        let mut expected = Self::default();
+        for (id, order) in orders {
+            expected.statuses.insert(id.clone(), order.status);
+            *expected
+                .status_counts
+                .entry(order.status.to_string())
+                .or_default() += 1;
+            if order.status == Status::Shipped {
+                *expected.revenue.entry(order.customer.clone()).or_default() += order.total_cents;
+            }
+        }
+        expected
+    }
+
+    /// The differences, described; empty when the two agree.
+    fn differences(&self, expected: &Self) -> Vec<String> {
+        let mut differences = Vec::new();
+        differ(
+            "status of order",
+            &self.statuses,
+            &expected.statuses,
+            &mut differences,
+        );
+        differ(
+            "orders",
+            &self.status_counts,
+            &expected.status_counts,
+            &mut differences,
+        );
+        differ(
+            "revenue of",
+            &self.revenue,
+            &expected.revenue,
+            &mut differences,
+        );
+        differences
+    }
+}
+
+fn differ<V: PartialEq + std::fmt::Debug>(
+    what: &str,
+    actual: &BTreeMap<String, V>,
+    expected: &BTreeMap<String, V>,
+    differences: &mut Vec<String>,
+) {
+    let keys: BTreeSet<&String> = actual.keys().chain(expected.keys()).collect();
+    for key in keys {
+        let (got, want) = (actual.get(key), expected.get(key));
+        if got != want {
+            differences.push(format!(
+                "{what} {key}: read model {got:?}, aggregates {want:?}"
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The run.
 
 /// The five commands of order `n`: create, two items, confirm, then ship
@@ -218,6 +457,22 @@ fn script(n: usize) -> Vec<OrderCommand> {
         OrderCommand::ConfirmOrder,
         last,
     ]
+}
+
+/// How long the example waits for a projection before calling it stuck.
+const WAIT: Duration = Duration::from_secs(10);
+
+fn print_projection(status: &ProjectionStatus, checkpoint: annals::Position) {
+    println!(
+        "projection:      {} {} at position {}, lag {}, {} events handled, checkpoint {} \
+         saved at shutdown",
+        status.name,
+        format!("{:?}", status.state).to_lowercase(),
+        status.position,
+        status.lag,
+        status.events_handled,
+        checkpoint
+    );
 }
 
 fn cancelled(n: usize) -> bool {
@@ -266,6 +521,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
     let handle = runtime.aggregates::<Order>();
 
+    // Orders by status starts before the load and follows it live; revenue
+    // per customer starts after it and catches up from the store first.
+    let orders_only = EventFilter::Category(Order::CATEGORY.to_owned());
+    let by_status = ProjectionHandle::spawn_sled(
+        store.clone(),
+        ProjectionConfig::new("orders-by-status").filter(orders_only.clone()),
+        OrdersByStatus,
+    )
+    .await?;
+
     // Thousands of orders at once, each task running its order's commands
     // in sequence: one actor per order, all appends sharing group commits.
     let started = Instant::now();
@@ -299,6 +564,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         assert_eq!(order.total_cents, expected_total(n), "order {n}");
         shipped += usize::from(order.status == Status::Shipped);
     }
+
+    // The whole load is in the log: a projection started now reads it all
+    // from the store before it turns to the live feed.
+    let head = store.head_position();
+    let catch_up_started = Instant::now();
+    let revenue = ProjectionHandle::spawn_sled(
+        store.clone(),
+        ProjectionConfig::new("revenue-per-customer").filter(orders_only),
+        RevenuePerCustomer,
+    )
+    .await?;
+    revenue.wait_for(head, WAIT).await?;
+    let catch_up = catch_up_started.elapsed();
+    let caught_up = revenue.status().events_handled;
 
     // A rule at work: no items after confirmation.
     let rejected = handle
@@ -366,6 +645,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => panic!("unexpected events {other:?}"),
     };
     assert_eq!((added.version.0, total), (3, 2_500));
+    let last = confirmed.position.ok_or("ConfirmOrder stored no event")?;
     println!(
         "conflict:  an outside append moved order-extra to version {}; AddItem, decided at \
          version 1, conflicted, caught up and committed at version {}; ConfirmOrder totals \
@@ -373,9 +653,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         appended.last_version, added.version, total
     );
 
+    // Read-your-writes: once both projections reached the position of the
+    // last command, their read models must say what the aggregates say.
+    let waited = Instant::now();
+    tokio::try_join!(by_status.wait_for(last, WAIT), revenue.wait_for(last, WAIT))?;
+    let projection_wait = waited.elapsed();
+    let mut states = BTreeMap::new();
+    for id in (0..orders)
+        .map(|n| n.to_string())
+        .chain(["extra".to_owned()])
+    {
+        let order = handle.state(&id).await?;
+        states.insert(id, order);
+    }
+    let read_models = ReadModels::from_database(store.database())?;
+    let differences = read_models.differences(&ReadModels::expected(&states));
+    let projections = [by_status.status(), revenue.status()];
+    // Projections first: their final checkpoint save needs the store open.
+    let checkpoints = [by_status.shutdown().await?, revenue.shutdown().await?];
+
     let events = store.head_position().0;
     let stats = store.stats();
     runtime.shutdown().await?;
+    if !differences.is_empty() {
+        for difference in differences.iter().take(20) {
+            eprintln!("mismatch:  {difference}");
+        }
+        return Err(format!(
+            "the read models disagree with the aggregates in {} places (at most 20 listed)",
+            differences.len()
+        )
+        .into());
+    }
 
     // The raw store, same run: single-event appends from as many concurrent
     // tasks, straight to a second SledStore (no actors, no codec).
@@ -429,6 +738,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "actors vs raw:   {:.0}%",
         100.0 * rate(commands, elapsed) / rate(commands, raw_elapsed)
+    );
+    let count = |status: Status| {
+        let count = read_models.status_counts.get(&status.to_string());
+        format!("{} {status}", count.copied().unwrap_or(0))
+    };
+    println!(
+        "by status:       {}, {}, {}, {} ({} orders; read model = aggregates)",
+        count(Status::Open),
+        count(Status::Confirmed),
+        count(Status::Shipped),
+        count(Status::Cancelled),
+        read_models.statuses.len()
+    );
+    let mut customers: Vec<_> = read_models.revenue.iter().collect();
+    customers.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let top: Vec<String> = customers
+        .iter()
+        .take(3)
+        .map(|(customer, cents)| format!("{customer} ${}.{:02}", *cents / 100, *cents % 100))
+        .collect();
+    println!(
+        "top customers:   {} ({} customers with shipped orders; read model = aggregates)",
+        top.join(", "),
+        customers.len()
+    );
+    for (status, checkpoint) in projections.iter().zip(checkpoints) {
+        print_projection(status, checkpoint);
+    }
+    println!(
+        "catch-up:        revenue-per-customer, started after the load, handled {caught_up} \
+         events in {:.3} s ({:.0} events/s)",
+        catch_up.as_secs_f64(),
+        rate(caught_up as usize, catch_up)
+    );
+    println!(
+        "projection_wait_us: {} (wait_for position {last} on both, after the last command returned)",
+        projection_wait.as_micros()
     );
     println!("store:           {}", path.display());
     Ok(())
