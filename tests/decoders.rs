@@ -1,0 +1,565 @@
+//! Decoders fed arbitrary and mutated bytes never panic (invariant I6):
+//! stored event records (overwritten in the `log` tree under `E` +
+//! position, docs/design.md), snapshot records (the `snapshots` tree, read
+//! by the store and by the runtime's recovery), and payloads
+//! (`decode_event_parts`, with an upcaster, and `decode_value`).
+//!
+//! The answer is always a value or a typed error; a damaged record never
+//! disturbs its neighbours. `ANNALS_FUZZ_CASES=N` sets the cases per
+//! property (default 2,000, under a second for the whole file; the long mode
+//! runs millions).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use annals::{
+    decode_event_parts, decode_value, encode_event, encode_value, Aggregate, CommandError,
+    DomainEvent, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent, Position,
+    QueryError, ReadDirection, RecordedEvent, Runtime, RuntimeConfig, SledStore, Snapshot,
+    StreamId, Upcasters, Version,
+};
+use proptest::prelude::*;
+use proptest::sample::Index;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+fn cases() -> u32 {
+    std::env::var("ANNALS_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: cases(),
+        // A panic is the failure looked for; shrinking it is cheap.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// One edit of a valid encoding.
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip(Index, u8),
+    Set(Index, u8),
+    Insert(Index, u8),
+    Remove(Index),
+    Truncate(Index),
+    /// A large varint where a length or a tag is expected.
+    HugeVarint(Index),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<Index>(), 1..=255u8).prop_map(|(i, m)| Mutation::Flip(i, m)),
+        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::Set(i, b)),
+        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+        any::<Index>().prop_map(Mutation::Remove),
+        any::<Index>().prop_map(Mutation::Truncate),
+        any::<Index>().prop_map(Mutation::HugeVarint),
+    ]
+}
+
+fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
+    for m in mutations {
+        if bytes.is_empty() {
+            bytes.push(0);
+        }
+        let len = bytes.len();
+        match m {
+            Mutation::Flip(i, mask) => bytes[i.index(len)] ^= mask,
+            Mutation::Set(i, b) => bytes[i.index(len)] = *b,
+            Mutation::Insert(i, b) => bytes.insert(i.index(bytes.len() + 1), *b),
+            Mutation::Remove(i) => {
+                bytes.remove(i.index(bytes.len()));
+            }
+            Mutation::Truncate(i) => bytes.truncate(i.index(bytes.len() + 1)),
+            Mutation::HugeVarint(i) => {
+                let at = i.index(bytes.len());
+                bytes.splice(
+                    at..at,
+                    [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F],
+                );
+            }
+        }
+    }
+    bytes
+}
+
+/// Either arbitrary bytes or a mutation of `valid`.
+fn input_from(valid: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        1 => proptest::collection::vec(any::<u8>(), 0..300),
+        3 => (
+            proptest::sample::select(valid),
+            proptest::collection::vec(mutation(), 1..6)
+        )
+            .prop_map(|(bytes, mutations)| mutate(bytes, &mutations)),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// A domain with strings, sequences, options, maps, nested enums and an
+// upcaster, so that the payload decoders meet every kind of serde shape.
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Kind {
+    Small,
+    Sized(u32),
+    Named { name: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum ShopEvent {
+    Opened,
+    Named(String),
+    Priced {
+        sku: String,
+        cents: i64,
+        tags: Vec<String>,
+    },
+    Tagged(BTreeMap<String, u16>, Option<Kind>),
+    Scored(f64, bool, char, u128),
+    /// Schema version 2; version 1 was a bare `u32`.
+    Upgraded {
+        amount: u64,
+        note: String,
+    },
+}
+
+impl DomainEvent for ShopEvent {
+    fn schema_version(event_type: &str) -> u16 {
+        if event_type == "Upgraded" {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn upcasters(upcasters: &mut Upcasters) {
+        upcasters.add("Upgraded", 1, |old: u32| (u64::from(old), String::new()));
+    }
+}
+
+fn valid_events() -> Vec<ShopEvent> {
+    vec![
+        ShopEvent::Opened,
+        ShopEvent::Named("corner shop ✓".into()),
+        ShopEvent::Priced {
+            sku: "sku-1".into(),
+            cents: -1250,
+            tags: vec!["a".into(), "bb".into()],
+        },
+        ShopEvent::Tagged(
+            [("x".to_owned(), 7u16), ("y".to_owned(), 300)].into(),
+            Some(Kind::Named { name: "n".into() }),
+        ),
+        ShopEvent::Tagged(BTreeMap::new(), Some(Kind::Sized(u32::MAX))),
+        ShopEvent::Scored(1.5, true, 'é', u128::MAX / 3),
+        ShopEvent::Upgraded {
+            amount: 1 << 40,
+            note: "now".into(),
+        },
+    ]
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Shop {
+    name: String,
+    prices: BTreeMap<String, i64>,
+    events: u64,
+    last: Option<Kind>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+struct Never;
+
+impl Aggregate for Shop {
+    type Command = ShopEvent;
+    type Event = ShopEvent;
+    type Error = Never;
+    const CATEGORY: &'static str = "shop";
+
+    fn handle(&self, command: &ShopEvent) -> Result<Vec<ShopEvent>, Never> {
+        Ok(vec![command.clone()])
+    }
+
+    fn apply(&mut self, event: &ShopEvent) {
+        self.events += 1;
+        match event {
+            ShopEvent::Named(name) => self.name.clone_from(name),
+            ShopEvent::Priced { sku, cents, .. } => {
+                self.prices.insert(sku.clone(), *cents);
+            }
+            ShopEvent::Tagged(_, kind) => self.last.clone_from(kind),
+            _ => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Payloads.
+
+fn valid_payloads() -> Vec<(String, Vec<u8>)> {
+    valid_events()
+        .iter()
+        .map(|e| {
+            let encoded = encode_event(e).unwrap();
+            (encoded.event_type, encoded.payload)
+        })
+        .collect()
+}
+
+fn event_type() -> impl Strategy<Value = String> {
+    let known: Vec<String> = valid_payloads().into_iter().map(|(t, _)| t).collect();
+    prop_oneof![
+        4 => proptest::sample::select(known),
+        1 => ".{0,20}",
+    ]
+}
+
+#[test]
+fn payload_decoders_never_panic() {
+    let payloads: Vec<Vec<u8>> = valid_payloads().into_iter().map(|(_, p)| p).collect();
+    let states: Vec<Vec<u8>> = [
+        Shop::default(),
+        Shop {
+            name: "s".into(),
+            prices: [("a".to_owned(), -3)].into(),
+            events: 9,
+            last: Some(Kind::Small),
+        },
+    ]
+    .iter()
+    .map(|s| encode_value(s).unwrap())
+    .collect();
+    let mut runner = proptest::test_runner::TestRunner::new(config());
+    runner
+        .run(
+            &(
+                event_type(),
+                prop_oneof![Just(1u16), Just(2u16), any::<u16>()],
+                input_from(payloads),
+                input_from(states),
+            ),
+            |(event_type, schema_version, payload, state)| {
+                // Any answer is fine; a panic fails the property.
+                let _ = decode_event_parts::<ShopEvent>(&event_type, schema_version, &payload);
+                let _ = decode_value::<Shop>(&state);
+                let _ = decode_value::<ShopEvent>(&payload);
+                let _ = decode_value::<(String, Vec<u64>, Option<char>)>(&payload);
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn valid_payloads_decode_to_what_was_encoded() {
+    for event in valid_events() {
+        let encoded = encode_event(&event).unwrap();
+        let decoded = decode_event_parts::<ShopEvent>(
+            &encoded.event_type,
+            encoded.schema_version,
+            &encoded.payload,
+        )
+        .unwrap();
+        assert_eq!(decoded, event);
+    }
+    // The upcaster path: a version-1 `Upgraded` is a bare u32.
+    let old = encode_value(&41u32).unwrap();
+    assert_eq!(
+        decode_event_parts::<ShopEvent>("Upgraded", 1, &old).unwrap(),
+        ShopEvent::Upgraded {
+            amount: 41,
+            note: String::new()
+        }
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Stored records, through the store's own reads.
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn event_key(position: u64) -> Vec<u8> {
+    let mut key = vec![b'E'];
+    key.extend_from_slice(&position.to_be_bytes());
+    key
+}
+
+/// A small store with one event of every shape and full metadata.
+fn filled_store(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+) -> (SledStore, Vec<RecordedEvent>) {
+    rt.block_on(async {
+        let store = SledStore::open(dir).unwrap();
+        for (i, event) in valid_events().iter().enumerate() {
+            let mut new: NewEvent = encode_event(event).unwrap();
+            let mut metadata = Metadata::new(Some(Uuid::now_v7()), Some(Uuid::now_v7()));
+            metadata.extra.insert("k".into(), format!("v{i}"));
+            new = new.with_metadata(metadata);
+            let id = StreamId::new(format!("shop-{}", i % 3)).unwrap();
+            store
+                .append(&id, ExpectedVersion::Any, vec![new])
+                .await
+                .unwrap();
+        }
+        let log = store
+            .read_all(
+                Position::START,
+                ReadDirection::Forward,
+                usize::MAX,
+                &EventFilter::All,
+            )
+            .await
+            .unwrap();
+        (store, log)
+    })
+}
+
+/// Names a decoder may meet in a record that decodes: valid ones and every
+/// kind the store refuses on input (empty, too long, control characters,
+/// the reserved `$`).
+fn stored_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("shop-0".to_owned()),
+        Just(String::new()),
+        Just("$all".to_owned()),
+        Just("a\0b".to_owned()),
+        Just("x".repeat(300)),
+        ".{0,12}",
+    ]
+}
+
+/// Records with the stored layout (docs/design.md) and arbitrary field
+/// values: they decode, and carry what the store never writes.
+fn structured_record() -> impl Strategy<Value = Vec<u8>> {
+    (
+        (
+            any::<u128>(),
+            stored_name(),
+            any::<u64>(),
+            stored_name(),
+            any::<u16>(),
+        ),
+        (
+            any::<u64>(),
+            any::<Option<u128>>(),
+            any::<Option<u128>>(),
+            proptest::collection::vec((stored_name(), stored_name()), 0..3),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        ),
+    )
+        .prop_map(
+            |((id, stream, version, event_type, schema), (at, corr, cause, extra, payload))| {
+                postcard::to_stdvec(&(
+                    Uuid::from_u128(id),
+                    stream,
+                    version,
+                    event_type,
+                    schema,
+                    at,
+                    corr.map(Uuid::from_u128),
+                    cause.map(Uuid::from_u128),
+                    extra,
+                    payload,
+                ))
+                .unwrap()
+            },
+        )
+}
+
+#[test]
+fn damaged_event_records_are_typed_errors() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, log) = filled_store(&rt, dir.path());
+    // The store's own tree, written behind its back: the same bytes a raw
+    // sled open of the directory would change, without reopening per case.
+    let tree = store.database().open_tree("log").unwrap();
+    let originals: Vec<Vec<u8>> = (1..=log.len() as u64)
+        .map(|p| tree.get(event_key(p)).unwrap().unwrap().to_vec())
+        .collect();
+    let n = log.len() as u64;
+    let streams: Vec<StreamId> = (0..3)
+        .map(|i| StreamId::new(format!("shop-{i}")).unwrap())
+        .collect();
+
+    // The structured records follow the stored layout: the first event,
+    // re-encoded field by field, is byte for byte what the store wrote.
+    let first = &log[0];
+    let relaid = postcard::to_stdvec(&(
+        first.event_id,
+        first.stream_id.as_str(),
+        first.version.0,
+        first.event_type.as_str(),
+        first.schema_version,
+        first.recorded_at_micros,
+        first.metadata.correlation_id,
+        first.metadata.causation_id,
+        first.metadata.extra.iter().collect::<Vec<_>>(),
+        first.payload.clone(),
+    ))
+    .unwrap();
+    assert_eq!(relaid, originals[0], "docs/design.md's record layout");
+
+    let mut runner = proptest::test_runner::TestRunner::new(config());
+    runner
+        .run(
+            &(
+                1..=n,
+                prop_oneof![3 => input_from(originals.clone()), 1 => structured_record()],
+            ),
+            |(position, bytes)| {
+                tree.insert(event_key(position), bytes.clone()).unwrap();
+                rt.block_on(async {
+                    let all = store
+                        .read_all(
+                            Position::START,
+                            ReadDirection::Forward,
+                            usize::MAX,
+                            &EventFilter::All,
+                        )
+                        .await;
+                    if let Ok(events) = &all {
+                        // Decoded: the other events are untouched.
+                        for (read, original) in events.iter().zip(&log) {
+                            if read.position.0 != position {
+                                prop_assert_eq!(read, original);
+                            }
+                        }
+                    }
+                    let _ = store
+                        .read_all(
+                            Position::END,
+                            ReadDirection::Backward,
+                            3,
+                            &EventFilter::Category("shop".into()),
+                        )
+                        .await;
+                    for id in &streams {
+                        let _ = store
+                            .read_stream(id, Version::FIRST, ReadDirection::Forward, usize::MAX)
+                            .await;
+                    }
+                    // The neighbours read alone are exactly as written.
+                    if position > 1 {
+                        let before = store
+                            .read_all(
+                                Position::START,
+                                ReadDirection::Forward,
+                                position as usize - 1,
+                                &EventFilter::All,
+                            )
+                            .await
+                            .unwrap();
+                        prop_assert_eq!(&before[..], &log[..position as usize - 1]);
+                    }
+                    let after = store
+                        .read_all(
+                            Position(position + 1),
+                            ReadDirection::Forward,
+                            usize::MAX,
+                            &EventFilter::All,
+                        )
+                        .await
+                        .unwrap();
+                    prop_assert_eq!(&after[..], &log[position as usize..]);
+                    // A retry of a stored event looks its record up by id.
+                    let original = &log[position as usize - 1];
+                    let retry =
+                        NewEvent::new(original.event_type.clone(), original.payload.clone())
+                            .with_id(original.event_id);
+                    let _ = store
+                        .append(&original.stream_id, ExpectedVersion::Any, vec![retry])
+                        .await;
+                    Ok(())
+                })?;
+                tree.insert(
+                    event_key(position),
+                    originals[position as usize - 1].clone(),
+                )
+                .unwrap();
+                Ok(())
+            },
+        )
+        .unwrap();
+    rt.block_on(store.shutdown()).unwrap();
+}
+
+#[test]
+fn damaged_snapshots_never_panic_and_recovery_still_works() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let runtime_config = RuntimeConfig::default().snapshot_every(0);
+    let aggregates = Runtime::new(store.clone(), runtime_config);
+    let shops = aggregates.aggregates::<Shop>();
+    let expected = rt.block_on(async {
+        for event in valid_events() {
+            shops.execute("1", event).await.unwrap();
+        }
+        shops.state("1").await.unwrap()
+    });
+    let stream = StreamId::new("shop-1").unwrap();
+    let valid_state = encode_value(&expected).unwrap();
+    let mut valid_records = Vec::new();
+    for version in [0u64, 3, 7] {
+        rt.block_on(store.save_snapshot(
+            &stream,
+            Snapshot {
+                version: Version(version),
+                payload: valid_state.clone(),
+            },
+        ))
+        .unwrap();
+        valid_records.push(
+            store
+                .database()
+                .open_tree("snapshots")
+                .unwrap()
+                .get("shop-1")
+                .unwrap()
+                .unwrap()
+                .to_vec(),
+        );
+    }
+    let snapshots = store.database().open_tree("snapshots").unwrap();
+
+    let mut runner = proptest::test_runner::TestRunner::new(config());
+    runner
+        .run(&input_from(valid_records), |bytes| {
+            snapshots.insert("shop-1", bytes).unwrap();
+            rt.block_on(async {
+                let _ = store.load_snapshot(&stream).await;
+                // Recovery (of a version in the past, read-only) meets the
+                // damaged snapshot: a state or a typed error, never a panic.
+                match shops.state_at("1", Version(7)).await {
+                    Ok(_) | Err(QueryError::Codec(_) | QueryError::Store(_)) => {}
+                    Err(other) => prop_assert!(false, "unexpected error {other}"),
+                }
+                Ok(())
+            })?;
+            Ok(())
+        })
+        .unwrap();
+
+    // With the snapshot gone the state is the full replay again (I5).
+    snapshots.remove("shop-1").unwrap();
+    rt.block_on(async {
+        assert_eq!(shops.state_at("1", Version(7)).await.unwrap(), expected);
+        let late: Result<_, CommandError<Never>> = shops.execute("1", ShopEvent::Opened).await;
+        late.unwrap();
+        aggregates.shutdown().await.unwrap();
+    });
+}
