@@ -351,7 +351,7 @@ async fn run(setup: Setup, steps: Vec<Step>) -> Result<(), TestCaseError> {
                         let version = model.events[ledger].len() as u64;
                         prop_assert_eq!(executed.version, Version(version));
                         let position =
-                            (!events.is_empty()).then(|| Position(model.all.len() as u64));
+                            (!events.is_empty()).then_some(Position(model.all.len() as u64));
                         prop_assert_eq!(executed.position, position);
                     }
                     (Expected::Refused(error), Err(CommandError::Domain(refused))) => {

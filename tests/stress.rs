@@ -58,7 +58,7 @@ async fn hammer(runtime: &Runtime, commands: u64) -> Vec<Reply> {
     for task in 0..TASKS {
         let ledgers = ledgers.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ (task + 1) * 0x9e37_79b9);
+            let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ((task + 1) * 0x9e37_79b9));
             let mut replies = Vec::new();
             for _ in 0..commands {
                 let ledger = if rng.next() % 2 == 0 {
