@@ -28,17 +28,20 @@ const LEDGERS: usize = 4;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Execute(usize, C),
+    /// A command to a ledger, through one of the runtimes still running
+    /// (`via` modulo their number): two runtimes over one store are two
+    /// writers, each actor deciding on its own view until a conflict or a
+    /// check shows it stale.
+    Execute(usize, C, usize),
     /// A new runtime on the same store; `clean`: the old ones shut down
     /// first (and a sled store is closed and reopened), otherwise the old
     /// runtime is dropped with its actors still live.
-    Restart {
-        clean: bool,
-    },
+    Restart { clean: bool },
     /// Time passes: with a tiny idle timeout, actors passivate.
     Idle,
-    /// The runtime's state of a ledger equals the model's.
-    Check(usize),
+    /// The state of a ledger, through one of the runtimes, equals the
+    /// model's.
+    Check(usize, usize),
 }
 
 #[derive(Debug, Clone)]
@@ -64,10 +67,11 @@ fn command() -> impl Strategy<Value = C> {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        24 => (0..LEDGERS, command()).prop_map(|(ledger, c)| Step::Execute(ledger, c)),
+        24 => (0..LEDGERS, command(), 0..4usize)
+            .prop_map(|(ledger, c, via)| Step::Execute(ledger, c, via)),
         2 => any::<bool>().prop_map(|clean| Step::Restart { clean }),
         2 => Just(Step::Idle),
-        2 => (0..LEDGERS).prop_map(Step::Check),
+        2 => (0..LEDGERS, 0..4usize).prop_map(|(ledger, via)| Step::Check(ledger, via)),
     ]
 }
 
@@ -252,6 +256,10 @@ impl System {
         self.runtimes.last().unwrap()
     }
 
+    fn via(&self, via: usize) -> &Runtime {
+        &self.runtimes[via % self.runtimes.len()]
+    }
+
     async fn restart(&mut self, clean: bool) {
         if clean {
             for runtime in self.runtimes.drain(..) {
@@ -338,10 +346,10 @@ async fn run(setup: Setup, steps: Vec<Step>) -> Result<(), TestCaseError> {
     let mut model = Model::new();
     for step in steps {
         match step {
-            Step::Execute(ledger, command) => {
+            Step::Execute(ledger, command, via) => {
                 let expected = model.execute(ledger, &command);
                 let result = system
-                    .current()
+                    .via(via)
                     .aggregates::<Ledger>()
                     .execute(&ledger.to_string(), command.clone())
                     .await;
@@ -367,9 +375,9 @@ async fn run(setup: Setup, steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
             Step::Restart { clean } => system.restart(clean).await,
             Step::Idle => tokio::time::sleep(Duration::from_millis(3)).await,
-            Step::Check(ledger) => {
+            Step::Check(ledger, via) => {
                 let state = system
-                    .current()
+                    .via(via)
                     .aggregates::<Ledger>()
                     .state(&ledger.to_string())
                     .await
