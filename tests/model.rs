@@ -1,6 +1,7 @@
 //! The runtime against a plain model (proptest): random command sequences
 //! over a few ledgers, with restarts of the runtime (a clean shutdown, or an
-//! old runtime simply abandoned with its actors still live), passivation
+//! old runtime simply abandoned with its actors still live, and commands
+//! then sent through any runtime: two writers on one store), passivation
 //! (a tiny idle timeout, a tiny maximum of live actors) and different
 //! snapshot intervals, on the memory and the sled store. After every step
 //! the reply matches the model's; at checks and at the end the states, the
