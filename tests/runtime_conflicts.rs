@@ -78,6 +78,29 @@ async fn a_refusal_is_never_decided_on_a_stale_state() {
 }
 
 #[tokio::test]
+async fn nothing_to_do_is_never_decided_on_a_stale_state() {
+    let store = Arc::new(TestStore::new());
+    let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
+    let handle = runtime.aggregates::<Ledger>();
+    handle.execute("n", C::Open).await.unwrap();
+    // The actor believes the stream is at version 1; another writer moved
+    // it to 2. A decision with no events stores nothing, so no conflict
+    // would reveal the stale state: the answer must not come from it.
+    outside_append(&*store, "ledger-n", LedgerEvent::Deposited { amount: 20 }).await;
+    let nothing = handle.execute("n", C::Nothing).await.unwrap();
+    assert!(nothing.events.is_empty() && nothing.position.is_none());
+    assert_eq!(nothing.version, Version(2));
+    // Caught up: the next command appends once, with no conflict.
+    let appends = store.appends.load(Ordering::SeqCst);
+    assert_eq!(
+        handle.execute("n", C::Deposit(1)).await.unwrap().version,
+        Version(3)
+    );
+    assert_eq!(store.appends.load(Ordering::SeqCst) - appends, 1);
+    runtime.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_conflict_that_persists_past_the_retries_is_reported_and_stores_nothing() {
     let store = Arc::new(TestStore::new());
     let runtime = Runtime::new(

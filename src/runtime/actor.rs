@@ -375,11 +375,12 @@ impl<A: Aggregate> AggregateActor<A> {
             attempts += 1;
             let decided = catch_unwind(AssertUnwindSafe(|| state.aggregate.handle(&command)));
             let events = match decided {
-                Ok(Ok(events)) => events,
-                Ok(Err(refusal)) => {
-                    // A refusal stores nothing, so no conflict would reveal
-                    // that another writer moved the stream on: check before
-                    // answering (one cheap read, on refusals only).
+                Ok(Ok(events)) if !events.is_empty() => events,
+                Ok(outcome) => {
+                    // A refusal, or a decision with nothing to do, stores
+                    // nothing, so no conflict would reveal that another
+                    // writer moved the stream on: check before answering
+                    // (one cheap read, on these outcomes only).
                     let current = self
                         .store
                         .stream_version(stream)
@@ -387,24 +388,26 @@ impl<A: Aggregate> AggregateActor<A> {
                         .map_err(|e| LoadError::Read(e).into_command_error(stream))?;
                     if current > state.version && attempts <= self.config.max_conflict_retries {
                         debug!(%stream, known = %state.version, %current,
-                            "refused on a stale state: catching up and deciding again");
+                            "decided on a stale state: catching up and deciding again");
                         self.catch_up(myself, state)
                             .await
                             .map_err(|e| e.into_command_error(stream))?;
                         continue;
                     }
-                    debug!(%stream, error = %refusal, "command refused by the domain");
-                    return Err(CommandError::Domain(refusal));
+                    return match outcome {
+                        Ok(events) => Ok(Executed {
+                            events,
+                            version: state.version,
+                            position: None,
+                        }),
+                        Err(refusal) => {
+                            debug!(%stream, error = %refusal, "command refused by the domain");
+                            Err(CommandError::Domain(refusal))
+                        }
+                    };
                 }
                 Err(panic) => return Err(self.retire(myself, state, "handle", panic)),
             };
-            if events.is_empty() {
-                return Ok(Executed {
-                    events,
-                    version: state.version,
-                    position: None,
-                });
-            }
             // The events are applied to a copy first: an event that makes
             // `apply` panic is never stored, since it would make the stream
             // unloadable forever; and a failed append leaves the state as is.
