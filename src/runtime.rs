@@ -478,23 +478,18 @@ impl<A: Aggregate> Aggregates<A> {
         };
         let mut command = command;
         loop {
-            let (slot, permit) = match self.acquire(&key) {
-                Ok(acquired) => acquired,
-                Err(Acquire::Retry) => continue,
-                Err(Acquire::ShutDown) => return Err(CommandError::ShutDown),
-                Err(Acquire::Overloaded) => {
+            let (slot, permit, cell) = match self.reach(&key, deadline).await {
+                Ok(reached) => reached,
+                Err(Unreachable::ShutDown) => return Err(CommandError::ShutDown),
+                Err(Unreachable::Overloaded) => {
                     return Err(CommandError::Overloaded {
                         stream,
                         pending: config.max_pending_commands,
                     })
                 }
-            };
-            let cell = match timeout_at(deadline, self.runtime.actor_for::<A>(&key, &slot)).await {
-                Err(_) => return Err(timeout()),
-                Ok(Ok(cell)) => cell,
-                Ok(Err(SpawnFailure::Retry)) => continue,
-                Ok(Err(SpawnFailure::Load(error))) => return Err(error.into_command_error(&stream)),
-                Ok(Err(SpawnFailure::Other(message))) => {
+                Err(Unreachable::Timeout) => return Err(timeout()),
+                Err(Unreachable::Load(error)) => return Err(error.into_command_error(&stream)),
+                Err(Unreachable::Other(message)) => {
                     return Err(CommandError::AggregatePanicked { stream, message })
                 }
             };
@@ -559,23 +554,18 @@ impl<A: Aggregate> Aggregates<A> {
             after: config.command_timeout,
         };
         loop {
-            let (slot, permit) = match self.acquire(&key) {
-                Ok(acquired) => acquired,
-                Err(Acquire::Retry) => continue,
-                Err(Acquire::ShutDown) => return Err(QueryError::ShutDown),
-                Err(Acquire::Overloaded) => {
+            let (slot, permit, cell) = match self.reach(&key, deadline).await {
+                Ok(reached) => reached,
+                Err(Unreachable::ShutDown) => return Err(QueryError::ShutDown),
+                Err(Unreachable::Overloaded) => {
                     return Err(QueryError::Overloaded {
                         stream,
                         pending: config.max_pending_commands,
                     })
                 }
-            };
-            let cell = match timeout_at(deadline, self.runtime.actor_for::<A>(&key, &slot)).await {
-                Err(_) => return Err(timeout()),
-                Ok(Ok(cell)) => cell,
-                Ok(Err(SpawnFailure::Retry)) => continue,
-                Ok(Err(SpawnFailure::Load(error))) => return Err(error.into_query_error(&stream)),
-                Ok(Err(SpawnFailure::Other(message))) => {
+                Err(Unreachable::Timeout) => return Err(timeout()),
+                Err(Unreachable::Load(error)) => return Err(error.into_query_error(&stream)),
+                Err(Unreachable::Other(message)) => {
                     return Err(QueryError::AggregatePanicked { stream, message })
                 }
             };
@@ -647,6 +637,32 @@ impl<A: Aggregate> Aggregates<A> {
     }
 
     /// The slot of `key` with one pending place taken.
+    /// Takes a pending place on the stream's actor, spawning (and
+    /// recovering) it if needed, before `deadline`. Shared by commands and
+    /// state queries, which differ only in what they send.
+    async fn reach(
+        &self,
+        key: &SlotKey,
+        deadline: Instant,
+    ) -> Result<(Arc<Slot>, registry::Permit, ActorCell), Unreachable> {
+        loop {
+            let (slot, permit) = match self.acquire(key) {
+                Ok(acquired) => acquired,
+                Err(Acquire::Retry) => continue,
+                Err(Acquire::ShutDown) => return Err(Unreachable::ShutDown),
+                Err(Acquire::Overloaded) => return Err(Unreachable::Overloaded),
+            };
+            match timeout_at(deadline, self.runtime.actor_for::<A>(key, &slot)).await {
+                Err(_) => return Err(Unreachable::Timeout),
+                Ok(Ok(cell)) => return Ok((slot, permit, cell)),
+                // The slot closed meanwhile; the place is given back on drop.
+                Ok(Err(SpawnFailure::Retry)) => continue,
+                Ok(Err(SpawnFailure::Load(error))) => return Err(Unreachable::Load(error)),
+                Ok(Err(SpawnFailure::Other(message))) => return Err(Unreachable::Other(message)),
+            }
+        }
+    }
+
     fn acquire(&self, key: &SlotKey) -> Result<(Arc<Slot>, registry::Permit), Acquire> {
         let registry = &self.runtime.inner.registry;
         let slot = registry.slot(key).ok_or(Acquire::ShutDown)?;
@@ -665,6 +681,16 @@ fn deadline_after(timeout: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(timeout)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// Why [`Aggregates::reach`] found no actor to take a request.
+#[derive(Debug)]
+enum Unreachable {
+    ShutDown,
+    Overloaded,
+    Timeout,
+    Load(LoadError),
+    Other(String),
 }
 
 enum Acquire {
