@@ -180,7 +180,10 @@ async fn latencies(
             let counters = counters.clone();
             let id = (issued as usize % aggregates).to_string();
             tasks.push(tokio::spawn(async move {
-                counters.execute(&id, increment()).await.map(|_| scheduled.elapsed())
+                counters
+                    .execute(&id, increment())
+                    .await
+                    .map(|_| scheduled.elapsed())
             }));
             issued += 1;
         }
@@ -485,7 +488,11 @@ async fn rss_per_aggregate(count: usize) -> Result<f64> {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = common::rss_bytes().ok_or("no /proc/self/status")?;
-    assert_eq!(runtime.live_aggregates(), count + 1, "all live, none evicted");
+    assert_eq!(
+        runtime.live_aggregates(),
+        count + 1,
+        "all live, none evicted"
+    );
     runtime.shutdown().await?;
     Ok(after.saturating_sub(before) as f64 / count as f64)
 }
@@ -520,9 +527,10 @@ async fn main() -> Result<()> {
     let raw_dir = tempfile::tempdir()?;
     let raw_path = raw_dir.path().join("raw");
     let raw_run = scale.run;
-    let raw =
-        tokio::task::spawn_blocking(move || raw_limit(&raw_path, AGGREGATE_COUNTS[2], batch, raw_run))
-            .await??;
+    let raw = tokio::task::spawn_blocking(move || {
+        raw_limit(&raw_path, AGGREGATE_COUNTS[2], batch, raw_run)
+    })
+    .await??;
     drop(raw_dir);
 
     let target_rate = commands_10000 / 2.0;
