@@ -304,10 +304,15 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                     }))
                 } else {
                     state.last_activity = Instant::now();
-                    let result = self
-                        .execute(&myself, state, command, context)
-                        .instrument(span)
-                        .await;
+                    // Boxed: ractor keeps the future of `handle` allocated
+                    // while the actor waits for its next message, sized for
+                    // the largest path through it. Inline, the command's
+                    // path made every idle actor carry it (~900 bytes).
+                    let result = Box::pin(
+                        self.execute(&myself, state, command, context)
+                            .instrument(span),
+                    )
+                    .await;
                     ExecuteReply::Done(result)
                 };
                 // Released before replying, so that a caller that got its
@@ -328,7 +333,8 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                     // Another writer (another process) may have appended
                     // since our last command: the state answered is the
                     // stream's, not just this actor's view of it.
-                    match self.catch_up(&myself, state).await {
+                    // Boxed for the same reason as `execute` above.
+                    match Box::pin(self.catch_up(&myself, state)).await {
                         Ok(()) => StateReply::Done(Ok(state.aggregate.clone())),
                         Err(error) => {
                             StateReply::Done(Err(error.into_query_error(&self.key.stream)))

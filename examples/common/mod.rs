@@ -1,0 +1,107 @@
+//! Pieces shared by the measuring examples and the benches: a minimal
+//! aggregate (one small event per command, so that what is measured is the
+//! machinery, not the domain), percentiles, the machine's load, and
+//! resident memory. Each user includes it with
+//! `#[path = "..."] mod common;` and uses only part of it.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use annals::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+/// A counter: the cheapest aggregate that still decides, applies and
+/// snapshots like a real one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Counter {
+    /// The sum of every increment.
+    pub total: u64,
+    /// How many increments were applied.
+    pub count: u64,
+}
+
+/// What a [`Counter`] is asked to do.
+#[derive(Debug, Clone)]
+pub(crate) enum CounterCommand {
+    /// Add `by` (refused when 0).
+    Increment {
+        /// The amount.
+        by: u64,
+    },
+}
+
+/// What happened to a [`Counter`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum CounterEvent {
+    /// The counter went up by `by`.
+    Incremented {
+        /// The amount.
+        by: u64,
+    },
+}
+
+impl DomainEvent for CounterEvent {}
+
+/// Why a [`Counter`] refuses a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum CounterError {
+    /// An increment of zero changes nothing and is a caller's mistake.
+    #[error("an increment must be at least 1")]
+    Zero,
+}
+
+impl Aggregate for Counter {
+    type Command = CounterCommand;
+    type Event = CounterEvent;
+    type Error = CounterError;
+    const CATEGORY: &'static str = "counter";
+
+    fn handle(&self, command: &CounterCommand) -> Result<Vec<CounterEvent>, CounterError> {
+        match command {
+            CounterCommand::Increment { by: 0 } => Err(CounterError::Zero),
+            CounterCommand::Increment { by } => Ok(vec![CounterEvent::Incremented { by: *by }]),
+        }
+    }
+
+    fn apply(&mut self, event: &CounterEvent) {
+        match event {
+            CounterEvent::Incremented { by } => {
+                self.total += by;
+                self.count += 1;
+            }
+        }
+    }
+}
+
+/// The command every measurement sends.
+pub(crate) fn increment() -> CounterCommand {
+    CounterCommand::Increment { by: 1 }
+}
+
+/// The `p` quantile (0..=1) of `sorted`, nearest rank; zero when empty.
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// The one-minute load average, as the kernel reports it ("unknown" off
+/// Linux): other work on the machine skews every figure.
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The process's resident set size in bytes (`VmRSS` of
+/// `/proc/self/status`); `None` off Linux.
+pub(crate) fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -1,0 +1,618 @@
+//! The figures of issue 5, in one run: durable commands/s through the runtime
+//! next to the ceiling of the design on this machine (the same records
+//! written straight to sled by one thread in the same batch sizes with the
+//! same durability), latency under an open-loop load at half the maximum,
+//! projection catch-up next to a plain sled scan, aggregate recovery with and
+//! without a snapshot, memory per live idle aggregate, and the time to open a
+//! store of a million events.
+//!
+//! ```text
+//! cargo run --release --example throughput            # about a minute
+//! cargo run --release --example throughput -- --quick # a tenth of it
+//! ANNALS_THROUGHPUT_SCALE=3 cargo run --release --example throughput
+//! ```
+//!
+//! Prints one `name: value` line per figure (for scripts), then a summary
+//! against the targets. Every store is fresh, in the system's temp dir, and
+//! uses the default durability (fdatasync before acknowledging) unless said
+//! otherwise. The scale multiplies every duration and count; the names of
+//! the lines stay the same, and `open_events` / `rss_live_aggregates` say
+//! what was actually measured.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::error::Error;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use annals::{
+    encode_event, encode_value, Durability, EventStore, ExpectedVersion, NewEvent, Position,
+    Projection, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
+    RecordedEvent, Runtime, RuntimeConfig, SledStore, SledStoreConfig, Snapshot, StoreStats,
+    StreamId, Version,
+};
+use async_trait::async_trait;
+use serde::Serialize;
+use uuid::Uuid;
+
+use common::{increment, percentile, Counter, CounterEvent};
+
+type Result<T, E = Box<dyn Error + Send + Sync>> = std::result::Result<T, E>;
+
+/// Concurrent aggregates of the three command figures.
+const AGGREGATE_COUNTS: [usize; 3] = [1, 100, 10_000];
+/// The stream length of the recovery figures.
+const LOAD_EVENTS: u64 = 10_000;
+
+/// How long and how big each part runs.
+struct Scale {
+    factor: f64,
+    /// Each command figure, the raw limit, and the latency run.
+    run: Duration,
+    /// Events in the store that is opened and caught up on.
+    open_events: u64,
+    /// Live idle aggregates for the memory figure.
+    live_aggregates: usize,
+}
+
+impl Scale {
+    fn from_env() -> Result<Self> {
+        let quick = std::env::args().any(|a| a == "--quick");
+        let factor = match std::env::var("ANNALS_THROUGHPUT_SCALE") {
+            Ok(value) => value
+                .parse::<f64>()
+                .map_err(|e| format!("ANNALS_THROUGHPUT_SCALE={value}: {e}"))?,
+            Err(_) if quick => 0.1,
+            Err(_) => 1.0,
+        };
+        if !(factor > 0.0 && factor <= 20.0) {
+            return Err(format!("the scale must be in (0, 20], not {factor}").into());
+        }
+        Ok(Self {
+            factor,
+            run: Duration::from_secs_f64((4.0 * factor).max(0.5)),
+            open_events: ((1_000_000.0 * factor) as u64).max(10_000),
+            live_aggregates: ((100_000.0 * factor) as usize).max(1_000),
+        })
+    }
+}
+
+fn open_store(path: &Path, durability: Durability) -> Result<Arc<SledStore>> {
+    Ok(Arc::new(SledStore::open_with(
+        SledStoreConfig::new(path).durability(durability),
+    )?))
+}
+
+fn stats_since(before: StoreStats, after: StoreStats) -> (u64, u64) {
+    (
+        after.appends - before.appends,
+        after.group_commits - before.group_commits,
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Commands through the runtime.
+
+/// What one command figure measured, and the runtime it ran on (kept for
+/// the latency run).
+struct CommandRun {
+    per_second: f64,
+    /// Appends per group commit while measuring.
+    appends_per_commit: f64,
+    runtime: Runtime,
+    _dir: tempfile::TempDir,
+}
+
+/// `aggregates` tasks, each sending one-event commands to its own aggregate
+/// one after another, for `run`; every aggregate is live before the clock
+/// starts.
+async fn commands(aggregates: usize, run: Duration) -> Result<CommandRun> {
+    let dir = tempfile::tempdir()?;
+    let store = open_store(&dir.path().join("store"), Durability::Fsync)?;
+    let config = RuntimeConfig::default().max_live_aggregates(aggregates.max(100_000) * 2);
+    let runtime = Runtime::new(store.clone(), config);
+    let counters = runtime.aggregates::<Counter>();
+
+    let warm_up: Vec<_> = (0..aggregates)
+        .map(|n| {
+            let counters = counters.clone();
+            tokio::spawn(async move { counters.execute(&n.to_string(), increment()).await })
+        })
+        .collect();
+    for task in warm_up {
+        task.await??;
+    }
+
+    let before = store.stats();
+    let start = Instant::now();
+    let deadline = start + run;
+    let tasks: Vec<_> = (0..aggregates)
+        .map(|n| {
+            let counters = counters.clone();
+            tokio::spawn(async move {
+                let id = n.to_string();
+                let mut done = 0u64;
+                while Instant::now() < deadline {
+                    counters.execute(&id, increment()).await?;
+                    done += 1;
+                }
+                Ok::<u64, annals::CommandError<common::CounterError>>(done)
+            })
+        })
+        .collect();
+    let mut done = 0;
+    for task in tasks {
+        done += task.await??;
+    }
+    let elapsed = start.elapsed();
+    let (appends, commits) = stats_since(before, store.stats());
+    Ok(CommandRun {
+        per_second: done as f64 / elapsed.as_secs_f64(),
+        appends_per_commit: appends as f64 / commits.max(1) as f64,
+        runtime,
+        _dir: dir,
+    })
+}
+
+/// Open-loop load: commands are sent at `rate` per second on schedule,
+/// whether or not earlier ones have finished, round-robin over `aggregates`
+/// live aggregates. Each latency runs from the command's scheduled time (so
+/// that a stall is not hidden by sending less during it) to its answer.
+async fn latencies(
+    runtime: &Runtime,
+    aggregates: usize,
+    rate: f64,
+    run: Duration,
+) -> Result<(Vec<Duration>, f64)> {
+    let counters = runtime.aggregates::<Counter>();
+    let total = (rate * run.as_secs_f64()) as u64;
+    let mut tasks = Vec::with_capacity(total as usize);
+    let start = Instant::now();
+    let mut issued = 0u64;
+    while issued < total {
+        let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
+        while issued < due {
+            let scheduled = start + Duration::from_secs_f64(issued as f64 / rate);
+            let counters = counters.clone();
+            let id = (issued as usize % aggregates).to_string();
+            tasks.push(tokio::spawn(async move {
+                counters
+                    .execute(&id, increment())
+                    .await
+                    .map(|_| scheduled.elapsed())
+            }));
+            issued += 1;
+        }
+        tokio::time::sleep(Duration::from_micros(250)).await;
+    }
+    let mut measured = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        measured.push(task.await??);
+    }
+    let achieved = total as f64 / start.elapsed().as_secs_f64();
+    measured.sort();
+    Ok((measured, achieved))
+}
+
+// ---------------------------------------------------------------------------
+// The ceiling: the same records, straight to sled.
+
+/// The event record exactly as the sled store encodes it (docs/design.md,
+/// "Tree `log`"), so that the raw writer writes the same bytes.
+#[derive(Serialize)]
+struct StoredRecord<'a> {
+    event_id: Uuid,
+    stream: &'a str,
+    version: u64,
+    event_type: &'a str,
+    schema_version: u16,
+    recorded_at_micros: u64,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    extra: Vec<(&'a str, &'a str)>,
+    #[serde(with = "serde_bytes")]
+    payload: &'a [u8],
+}
+
+/// One thread writes what the runtime's writer writes for `streams`
+/// one-event commands (event, stream index, id index, then the heads and
+/// `Mhead`), `batch` events per sled batch, each batch flushed by sled and
+/// made durable with fdatasync of the `db` file, for `run`. Events/s.
+fn raw_limit(path: &Path, streams: usize, batch: usize, run: Duration) -> Result<f64> {
+    let db = sled::Config::new()
+        .path(path)
+        .cache_capacity(64 << 20)
+        .mode(sled::Mode::HighThroughput)
+        .flush_every_ms(None)
+        .open()?;
+    let log = db.open_tree("log")?;
+    let db_file = File::open(path.join("db"))?;
+    let event = encode_event(&CounterEvent::Incremented { by: 1 })?;
+    let names: Vec<String> = (0..streams).map(|n| format!("counter-{n}")).collect();
+    let mut versions = vec![0u64; streams];
+    let mut position = 0u64;
+    let mut next_stream = 0usize;
+    let start = Instant::now();
+    while start.elapsed() < run {
+        let mut sled_batch = sled::Batch::default();
+        let mut heads = HashSet::new();
+        let recorded_at_micros = start.elapsed().as_micros() as u64;
+        for _ in 0..batch {
+            position += 1;
+            let stream = next_stream;
+            next_stream = (next_stream + 1) % streams;
+            versions[stream] += 1;
+            let event_id = Uuid::now_v7();
+            let record = StoredRecord {
+                event_id,
+                stream: &names[stream],
+                version: versions[stream],
+                event_type: &event.event_type,
+                schema_version: event.schema_version,
+                recorded_at_micros,
+                correlation_id: None,
+                causation_id: None,
+                extra: Vec::new(),
+                payload: &event.payload,
+            };
+            let mut event_key = vec![b'E'];
+            event_key.extend_from_slice(&position.to_be_bytes());
+            sled_batch.insert(event_key, postcard::to_stdvec(&record)?);
+            let mut stream_key = vec![b'S'];
+            stream_key.extend_from_slice(names[stream].as_bytes());
+            stream_key.push(0);
+            stream_key.extend_from_slice(&versions[stream].to_be_bytes());
+            sled_batch.insert(stream_key, &position.to_be_bytes());
+            let mut id_key = vec![b'I'];
+            id_key.extend_from_slice(event_id.as_bytes());
+            sled_batch.insert(id_key, &position.to_be_bytes());
+            heads.insert(stream);
+        }
+        for stream in heads {
+            let mut head_key = vec![b'H'];
+            head_key.extend_from_slice(names[stream].as_bytes());
+            sled_batch.insert(head_key, &versions[stream].to_be_bytes());
+        }
+        sled_batch.insert(&b"Mhead"[..], &position.to_be_bytes());
+        log.apply_batch(sled_batch)?;
+        db.flush()?;
+        db_file.sync_data()?;
+    }
+    Ok(position as f64 / start.elapsed().as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------
+// Recovery.
+
+/// The median of `rounds` timings of `state_at(id, version)`, in µs.
+async fn time_load(runtime: &Runtime, id: &str, version: Version, rounds: usize) -> Result<f64> {
+    let counters = runtime.aggregates::<Counter>();
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let start = Instant::now();
+        let state = counters.state_at(id, version).await?;
+        times.push(start.elapsed());
+        assert_eq!(state.count, version.0, "recovered the whole stream");
+    }
+    times.sort();
+    Ok(percentile(&times, 0.5).as_secs_f64() * 1e6)
+}
+
+/// Appends `events` increments to `counter-{id}` in appends of 1,000.
+async fn write_stream(store: &SledStore, id: &str, events: u64) -> Result<()> {
+    let stream = StreamId::new(format!("counter-{id}"))?;
+    let mut written = 0;
+    while written < events {
+        let n = (events - written).min(1000);
+        let batch = (0..n)
+            .map(|_| encode_event(&CounterEvent::Incremented { by: 1 }))
+            .collect::<Result<Vec<NewEvent>, _>>()?;
+        store.append(&stream, ExpectedVersion::Any, batch).await?;
+        written += n;
+    }
+    Ok(())
+}
+
+/// Recovery times in µs: 10,000 events without a snapshot, with a snapshot
+/// at the last event, and (for comparison) 100 events with one.
+async fn loads() -> Result<(f64, f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let store = open_store(&dir.path().join("store"), Durability::Fsync)?;
+    write_stream(&store, "long", LOAD_EVENTS).await?;
+    write_stream(&store, "short", 100).await?;
+    let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
+    let counters = runtime.aggregates::<Counter>();
+    let no_snapshot = time_load(&runtime, "long", Version(LOAD_EVENTS), 7).await?;
+    for (id, version) in [("long", LOAD_EVENTS), ("short", 100)] {
+        let state = counters.state_at(id, Version(version)).await?;
+        let stream = StreamId::new(format!("counter-{id}"))?;
+        let payload = encode_value(&state)?;
+        store
+            .save_snapshot(
+                &stream,
+                Snapshot {
+                    version: Version(version),
+                    payload,
+                },
+            )
+            .await?;
+    }
+    let with_snapshot = time_load(&runtime, "long", Version(LOAD_EVENTS), 51).await?;
+    let short_with_snapshot = time_load(&runtime, "short", Version(100), 51).await?;
+    runtime.shutdown().await?;
+    Ok((no_snapshot, with_snapshot, short_with_snapshot))
+}
+
+// ---------------------------------------------------------------------------
+// A store of a million events: opening, catching up, scanning.
+
+/// Counts events per stream, in memory: a projection that costs little.
+struct StreamCounts(HashMap<StreamId, u64>);
+
+#[async_trait]
+impl Projection for StreamCounts {
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        _: &ProjectionContext,
+    ) -> Result<(), ProjectionError> {
+        *self.0.entry(event.stream_id.clone()).or_default() += 1;
+        Ok(())
+    }
+}
+
+/// Writes `events` events quickly (buffered, 1,000 per append, 4 writers).
+async fn fill(path: &Path, events: u64) -> Result<()> {
+    let store = open_store(
+        path,
+        Durability::Buffered {
+            flush_every_ms: 1000,
+        },
+    )?;
+    let appends = events.div_ceil(1000);
+    let writers = 4u64;
+    let tasks: Vec<_> = (0..writers)
+        .map(|writer| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut append = writer;
+                while append < appends {
+                    let n = (events - append * 1000).min(1000);
+                    write_stream(&store, &format!("bulk-{}", append % 1000), n).await?;
+                    append += writers;
+                }
+                Ok::<(), Box<dyn Error + Send + Sync>>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    store.shutdown().await?;
+    Ok(())
+}
+
+/// Plain sled: every `E` record of the log, keys and values touched.
+fn raw_scan(store: &SledStore) -> Result<(u64, f64)> {
+    let log = store.database().open_tree("log")?;
+    let start = Instant::now();
+    let (mut count, mut bytes) = (0u64, 0usize);
+    for entry in log.scan_prefix([b'E']) {
+        let (key, value) = entry?;
+        bytes += key.len() + value.len();
+        count += 1;
+    }
+    std::hint::black_box(bytes);
+    Ok((count, count as f64 / start.elapsed().as_secs_f64()))
+}
+
+struct BigStore {
+    open_ms: f64,
+    catchup_per_s: f64,
+    raw_scan_per_s: f64,
+}
+
+async fn big_store(events: u64) -> Result<BigStore> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    fill(&path, events).await?;
+
+    let mut opens = Vec::new();
+    for _ in 0..3 {
+        let start = Instant::now();
+        let store = SledStore::open(&path)?;
+        opens.push(start.elapsed());
+        store.shutdown().await?;
+    }
+    opens.sort();
+    let open_ms = percentile(&opens, 0.5).as_secs_f64() * 1e3;
+
+    let store = open_store(&path, Durability::Fsync)?;
+    let head = store.head_position();
+    assert_eq!(head, Position(events));
+    // Untimed: both timed reads then find the files in the page cache.
+    raw_scan(&store)?;
+    let start = Instant::now();
+    let projection = ProjectionHandle::spawn(
+        store.clone(),
+        ProjectionConfig::new("throughput-catchup"),
+        StreamCounts(HashMap::new()),
+    )
+    .await?;
+    projection.wait_for(head, Duration::from_secs(600)).await?;
+    let catchup_per_s = events as f64 / start.elapsed().as_secs_f64();
+    projection.shutdown().await?;
+    let (scanned, raw_scan_per_s) = raw_scan(&store)?;
+    assert_eq!(scanned, events);
+    store.shutdown().await?;
+    Ok(BigStore {
+        open_ms,
+        catchup_per_s,
+        raw_scan_per_s,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Memory.
+
+/// Resident bytes per live idle aggregate: RSS before and after making
+/// `count` aggregates live (`state()` starts each actor without writing).
+async fn rss_per_aggregate(count: usize) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let store = open_store(&dir.path().join("store"), Durability::Fsync)?;
+    let config = RuntimeConfig::default()
+        .max_live_aggregates(count * 2)
+        .idle_timeout(Duration::from_secs(3600));
+    let runtime = Runtime::new(store, config);
+    let counters = runtime.aggregates::<Counter>();
+    // The supervisor and the first actor's one-off allocations come first.
+    counters.state("warm").await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = common::rss_bytes().ok_or("no /proc/self/status")?;
+    for chunk in (0..count).collect::<Vec<_>>().chunks(1000) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|n| {
+                let counters = counters.clone();
+                let id = n.to_string();
+                tokio::spawn(async move { counters.state(&id).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = common::rss_bytes().ok_or("no /proc/self/status")?;
+    assert_eq!(
+        runtime.live_aggregates(),
+        count + 1,
+        "all live, none evicted"
+    );
+    runtime.shutdown().await?;
+    Ok(after.saturating_sub(before) as f64 / count as f64)
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let scale = Scale::from_env()?;
+    let started = Instant::now();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("cpus: {cpus}");
+    println!("load_average_1min_at_start: {}", common::load_average());
+    println!("scale: {}", scale.factor);
+
+    // Memory first, while the allocator has no freed memory to reuse.
+    let rss = rss_per_aggregate(scale.live_aggregates).await?;
+
+    let mut rates = Vec::new();
+    let mut last = None;
+    for aggregates in AGGREGATE_COUNTS {
+        let run = commands(aggregates, scale.run).await?;
+        rates.push((aggregates, run.per_second, run.appends_per_commit));
+        if let Some(previous) = last.replace(run) {
+            previous.runtime.shutdown().await?;
+        }
+    }
+    let big = last.ok_or("no command run")?;
+    let (_, commands_10000, appends_per_commit) = rates[2];
+
+    let batch = appends_per_commit.round().max(1.0) as usize;
+    let raw_dir = tempfile::tempdir()?;
+    let raw_path = raw_dir.path().join("raw");
+    let raw_run = scale.run;
+    let raw = tokio::task::spawn_blocking(move || {
+        raw_limit(&raw_path, AGGREGATE_COUNTS[2], batch, raw_run)
+    })
+    .await??;
+    drop(raw_dir);
+
+    let target_rate = commands_10000 / 2.0;
+    let (lat, achieved) =
+        latencies(&big.runtime, AGGREGATE_COUNTS[2], target_rate, scale.run).await?;
+    big.runtime.shutdown().await?;
+    drop(big);
+
+    let (load_no_snapshot, load_snapshot, load_short_snapshot) = loads().await?;
+    let store = big_store(scale.open_events).await?;
+
+    let p50 = percentile(&lat, 0.50).as_micros();
+    let p99 = percentile(&lat, 0.99).as_micros();
+    let p999 = percentile(&lat, 0.999).as_micros();
+    let ratio = commands_10000 / raw;
+    println!("raw_limit_events_per_s: {raw:.0}");
+    println!("raw_limit_batch_events: {batch}");
+    for (aggregates, rate, per_commit) in &rates {
+        println!("commands_per_s_{aggregates}: {rate:.0}");
+        println!("appends_per_group_commit_{aggregates}: {per_commit:.1}");
+    }
+    println!("ratio_to_raw_limit: {ratio:.2}");
+    println!("latency_target_commands_per_s: {target_rate:.0}");
+    println!("latency_achieved_commands_per_s: {achieved:.0}");
+    println!("p50_latency_us: {p50}");
+    println!("p99_latency_us: {p99}");
+    println!("p999_latency_us: {p999}");
+    println!("catchup_events_per_s: {:.0}", store.catchup_per_s);
+    println!("raw_scan_events_per_s: {:.0}", store.raw_scan_per_s);
+    println!("load_10000_events_no_snapshot_us: {load_no_snapshot:.0}");
+    println!("load_10000_events_with_snapshot_us: {load_snapshot:.0}");
+    println!("load_100_events_with_snapshot_us: {load_short_snapshot:.0}");
+    println!("rss_live_aggregates: {}", scale.live_aggregates);
+    println!("rss_bytes_per_live_aggregate: {rss:.0}");
+    println!("open_events: {}", scale.open_events);
+    println!("open_ms_1m_events: {:.1}", store.open_ms);
+    println!("total_run_s: {:.1}", started.elapsed().as_secs_f64());
+
+    let verdict = |met: bool| if met { "met" } else { "MISSED" };
+    println!();
+    println!("Summary ({cpus} cpus; every command is one durable event; targets of issue 5):");
+    println!(
+        "- {commands_10000:.0} commands/s with 10,000 aggregates ({} of 50,000), {:.0} with 100, \
+         {:.0} with 1 (each waits for its own fdatasync).",
+        verdict(commands_10000 >= 50_000.0),
+        rates[1].1,
+        rates[0].1
+    );
+    println!(
+        "- The same records straight to sled, {batch} per batch, fdatasync each: {raw:.0}/s; \
+         the runtime reaches {ratio:.2} of it ({} of 0.8).",
+        verdict(ratio >= 0.8)
+    );
+    println!(
+        "- At {achieved:.0} commands/s (half the maximum, open loop): p50 {p50} µs, p99 {p99} µs \
+         ({} of 2,000), p99.9 {p999} µs.",
+        verdict(p99 <= 2_000)
+    );
+    println!(
+        "- A projection catches up at {:.0} events/s ({} of 1,000,000), {:.2} of a plain sled \
+         scan ({:.0}/s; {} of 0.5).",
+        store.catchup_per_s,
+        verdict(store.catchup_per_s >= 1_000_000.0),
+        store.catchup_per_s / store.raw_scan_per_s,
+        store.raw_scan_per_s,
+        verdict(store.catchup_per_s >= store.raw_scan_per_s / 2.0)
+    );
+    println!(
+        "- Recovering 10,000 events: {load_no_snapshot:.0} µs replayed, {load_snapshot:.0} µs \
+         from a snapshot ({load_short_snapshot:.0} µs for a 100-event stream: {}).",
+        verdict(load_snapshot <= 2.0 * load_short_snapshot + 50.0)
+    );
+    println!(
+        "- {rss:.0} bytes per live idle aggregate with {} live ({} of 2,048).",
+        scale.live_aggregates,
+        verdict(rss <= 2048.0)
+    );
+    println!(
+        "- Opening a store of {} events: {:.1} ms ({} of 100).",
+        scale.open_events,
+        store.open_ms,
+        verdict(store.open_ms < 100.0)
+    );
+    Ok(())
+}
