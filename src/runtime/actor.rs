@@ -373,8 +373,8 @@ impl<A: Aggregate> AggregateActor<A> {
         command: A::Command,
         context: CommandContext,
     ) -> Result<Executed<A>, CommandError<A::Error>> {
-        // Owned here (not borrowed from the message) so that the future
-        // holding it across the append needs `Command: Send` only.
+        // `command` is owned (not borrowed from the message) so that the
+        // future holding it across the append needs `Command: Send` only.
         let stream = &self.key.stream;
         let mut attempts = 0u32;
         loop {

@@ -482,9 +482,6 @@ impl Drop for SledStore {
     /// keep sled's files open after the store is gone. This blocks the
     /// dropping thread for one flush; `shutdown()` avoids that.
     fn drop(&mut self) {
-        if self.counters.poisoned.load(Ordering::SeqCst) {
-            leak_sled_handles(&self.db);
-        }
         let handle = self
             .writer
             .get_mut()
@@ -497,16 +494,20 @@ impl Drop for SledStore {
             drop(std::mem::replace(&mut self.sender, closed));
             let _ = handle.join();
         }
+        // Checked after the join: committing what was queued may itself
+        // have poisoned the store.
+        if self.counters.poisoned.load(Ordering::SeqCst) {
+            leak_sled_handles(&self.db);
+        }
     }
 }
 
-/// Keeps sled from flushing when these trees are dropped. sled 0.34 flushes
-/// in `Drop` until the flush succeeds, which never happens after some write
-/// failures (a full disk): the drop would hang the thread. A poisoned store
-/// leaks its handles instead; its directory stays locked until the process
-/// exits, and reopening it then recovers the durable prefix.
+/// Keeps sled from flushing when a poisoned store is dropped. sled 0.34
+/// flushes in `Drop` until the flush succeeds, which never happens after
+/// some write failures (a full disk), so the drop would hang the thread.
 /// One leaked `Db` keeps sled's map of trees (read models included) alive,
-/// so no tree's drop ever runs that flush.
+/// so no tree's drop runs that flush. The directory stays locked until the
+/// process exits; reopening it then recovers the durable prefix.
 fn leak_sled_handles(db: &sled::Db) {
     std::mem::forget(db.clone());
 }
