@@ -274,6 +274,53 @@ async fn a_retry_that_succeeds_goes_on() {
 }
 
 #[tokio::test]
+async fn attempts_are_counted_per_event_not_carried_to_the_next() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    /// Fails once on each of positions 2 and 4, and records the attempt the
+    /// context reports for each failure.
+    struct FailsOnceEach(Arc<Mutex<Vec<(Position, u32)>>>);
+    #[async_trait]
+    impl Projection for FailsOnceEach {
+        async fn handle(
+            &mut self,
+            event: &RecordedEvent,
+            context: &ProjectionContext,
+        ) -> Result<(), ProjectionError> {
+            let mut failures = self.0.lock().unwrap();
+            let failed_before = failures.iter().any(|(p, _)| *p == event.position);
+            if matches!(event.position.0, 2 | 4) && !failed_before {
+                failures.push((event.position, context.attempt()));
+                return Err(ProjectionError::handler("once"));
+            }
+            Ok(())
+        }
+    }
+    // Appended before the projection starts: one catch-up batch holds them
+    // all, so the retried batch runs on into the second failing event.
+    let last = append_many(&*store, 5).await;
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let config = ProjectionConfig::new("once-each").failure_policy(FailurePolicy::Retry {
+        max_attempts: 2,
+        backoff: Duration::from_millis(5),
+    });
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        config,
+        FailsOnceEach(Arc::clone(&failures)),
+    )
+    .await
+    .unwrap();
+    handle.wait_for(last, WAIT).await.unwrap();
+    assert_eq!(handle.status().state, ProjectionState::Running);
+    assert_eq!(
+        *failures.lock().unwrap(),
+        vec![(Position(2), 1), (Position(4), 1)],
+        "each event's first failure is its first attempt"
+    );
+    handle.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn skip_and_record_never_skips_silently() {
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
     let recorder = Recorder::default();

@@ -450,6 +450,9 @@ impl ActorState {
             let Some(error) = applied.error else {
                 continue;
             };
+            // Attempts count per event: once earlier events of the batch
+            // applied, the failure is the failing event's first attempt.
+            let attempt = if applied.count > 0 { 1 } else { attempt };
             let failing = &self.pending[0];
             let failing_position = failing.position;
             if applied.store_failed {
