@@ -45,8 +45,10 @@ pub struct RuntimeConfig {
     /// Past this many live actors, the least recently used idle ones stop
     /// (down to 90% of it). Default 100,000.
     pub max_live_aggregates: usize,
-    /// Commands one aggregate may have waiting or running; past it,
-    /// `execute` fails at once with [`CommandError::Overloaded`].
+    /// Commands (and `state` queries, which queue behind them) one
+    /// aggregate may have waiting or running; past it, `execute` fails at
+    /// once with [`CommandError::Overloaded`] and `state` with
+    /// [`QueryError::Overloaded`].
     /// Default 1,024.
     pub max_pending_commands: usize,
     /// How long `execute` waits for an answer, including the aggregate's
@@ -636,7 +638,6 @@ impl<A: Aggregate> Aggregates<A> {
         })
     }
 
-    /// The slot of `key` with one pending place taken.
     /// Takes a pending place on the stream's actor, spawning (and
     /// recovering) it if needed, before `deadline`. Shared by commands and
     /// state queries, which differ only in what they send.
@@ -663,6 +664,7 @@ impl<A: Aggregate> Aggregates<A> {
         }
     }
 
+    /// The slot of `key` with one pending place taken.
     fn acquire(&self, key: &SlotKey) -> Result<(Arc<Slot>, registry::Permit), Acquire> {
         let registry = &self.runtime.inner.registry;
         let slot = registry.slot(key).ok_or(Acquire::ShutDown)?;

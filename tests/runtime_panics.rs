@@ -157,3 +157,60 @@ async fn a_stream_that_panics_on_load_fails_each_command_without_a_restart_loop(
     assert_eq!(runtime.live_aggregates(), 1);
     runtime.shutdown().await.unwrap();
 }
+
+/// A state whose `Serialize` panics once it holds two or more: snapshots of
+/// it fail after the command's append has already committed.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+struct Tally {
+    count: u64,
+}
+
+impl serde::Serialize for Tally {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        assert!(self.count < 2, "Serialize panicked on purpose");
+        serializer.serialize_u64(self.count)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+enum TallyEvent {
+    Added,
+}
+
+impl annals::DomainEvent for TallyEvent {}
+
+impl annals::Aggregate for Tally {
+    type Command = ();
+    type Event = TallyEvent;
+    type Error = std::convert::Infallible;
+    const CATEGORY: &'static str = "tally";
+
+    fn handle(&self, _: &()) -> Result<Vec<TallyEvent>, std::convert::Infallible> {
+        Ok(vec![TallyEvent::Added])
+    }
+
+    fn apply(&mut self, _: &TallyEvent) {
+        self.count += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_snapshot_never_reports_a_committed_command_as_failed() {
+    quiet_panics();
+    let store: Arc<dyn EventStore> = Arc::new(annals::MemoryStore::new());
+    let config = RuntimeConfig::default().snapshot_every(1);
+    let runtime = Runtime::new(Arc::clone(&store), config);
+    let tallies = runtime.aggregates::<Tally>();
+    for expected in 1..=4u64 {
+        // Snapshots from the second command on panic in Serialize.
+        let executed = timeout(PROMPTLY, tallies.execute("t", ()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(executed.version, Version(expected));
+    }
+    let stream = StreamId::new("tally-t").unwrap();
+    assert_eq!(store.stream_version(&stream).await.unwrap(), Version(4));
+    assert_eq!(tallies.state("t").await.unwrap().count, 4);
+    runtime.shutdown().await.unwrap();
+}

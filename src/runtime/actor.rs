@@ -557,7 +557,17 @@ impl<A: Aggregate> AggregateActor<A> {
         let stream = self.key.stream.clone();
         let version = state.version;
         state.snapshot_version = version;
-        match encode_value(&state.aggregate) {
+        // Runs after the command's append succeeded: a panic in the state's
+        // `Serialize` must not turn a committed command into a reported
+        // failure, so it only costs this snapshot (a cache).
+        let encoded = catch_unwind(AssertUnwindSafe(|| encode_value(&state.aggregate)))
+            .unwrap_or_else(|_| {
+                Err(crate::error::CodecError::Encode {
+                    what: std::any::type_name::<A>().to_owned(),
+                    message: "Serialize panicked".to_owned(),
+                })
+            });
+        match encoded {
             Ok(payload) => {
                 let store = Arc::clone(&self.store);
                 state.snapshot_task = Some(tokio::spawn(async move {
