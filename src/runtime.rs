@@ -242,6 +242,7 @@ impl Runtime {
                 .saturating_add(Duration::from_secs(1)),
         );
         while self.inner.registry.running() > 0 && Instant::now() < deadline {
+            self.inner.registry.stop_drained();
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         if self.inner.registry.running() > 0 {
@@ -292,6 +293,9 @@ impl Runtime {
                 .get_or_try_init(|| runtime.spawn_actor::<A>(&key, &slot))
                 .await?
                 .clone();
+            // Every caller waiting for this actor may have given up and the
+            // slot closed before it was published: see `stop_if_drained`.
+            slot.stop_if_drained();
             Ok(cell)
         })
         .await

@@ -6,7 +6,7 @@
 //! not every aggregate ever touched.
 
 use std::any::TypeId;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
@@ -111,6 +111,22 @@ impl Slot {
         self.state.load(Ordering::Acquire) & !CLOSED
     }
 
+    /// Stops the slot's actor if the slot is closed and nothing is pending:
+    /// no command can reach it any more. Called by whoever may have made
+    /// that true from outside the actor: a permit given back unsent (its
+    /// caller was cancelled between taking the place and sending) and the
+    /// spawner publishing the actor. Each side changes its own part and
+    /// then reads the other's behind a `SeqCst` fence, so at least one of
+    /// them sees both and stops the actor; stopping twice is harmless.
+    pub(crate) fn stop_if_drained(&self) {
+        fence(Ordering::SeqCst);
+        if self.is_closed() && self.pending() == 0 {
+            if let Some(cell) = self.actor.get() {
+                cell.stop(Some("closed and drained".to_owned()));
+            }
+        }
+    }
+
     fn last_used(&self) -> u64 {
         self.last_used.load(Ordering::Relaxed)
     }
@@ -134,6 +150,10 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
             slot.release();
+            // Without this, a closed slot's actor whose last place was given
+            // back unsent would wait for its idle check (and `shutdown` for
+            // it), since only answered commands make it check.
+            slot.stop_if_drained();
         }
     }
 }
@@ -289,21 +309,105 @@ impl Registry {
         for entry in self.slots.iter() {
             let slot = entry.value();
             slot.close();
-            if slot.pending() == 0 {
-                if let Some(cell) = slot.actor.get() {
-                    cell.stop(Some("runtime shut down".to_owned()));
-                    asked += 1;
-                }
+            if slot.pending() == 0 && slot.actor.initialized() {
+                slot.stop_if_drained();
+                asked += 1;
             }
         }
         self.slots.clear();
         asked
     }
+
+    /// Stops every running actor whose slot is closed and drained. The
+    /// paths above stop each such actor when it becomes one; this sweep,
+    /// run while `shutdown` waits, is the backstop that keeps a missed one
+    /// from holding shutdown until its deadline.
+    pub(crate) fn stop_drained(&self) {
+        for entry in self.actors.iter() {
+            entry.value().1.stop_if_drained();
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus};
+
     use super::*;
+
+    /// An actor that only waits: it stops when told to, never by itself.
+    struct Waits;
+
+    impl Actor for Waits {
+        type Msg = ();
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _: ActorRef<()>, (): ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    async fn stopped_within(cell: &ActorCell, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if cell.get_status() == ActorStatus::Stopped {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_place_given_back_unsent_stops_the_actor_of_a_closed_slot() {
+        let registry = Registry::default();
+        let key = SlotKey {
+            aggregate: TypeId::of::<()>(),
+            stream: StreamId::new("test-1").unwrap(),
+        };
+        let slot = registry.slot(&key).unwrap();
+        let (actor, handle) = Actor::spawn(None, Waits, ()).await.unwrap();
+        slot.actor.set(actor.get_cell()).unwrap();
+        // A caller takes a place; shutdown closes the slot meanwhile and,
+        // seeing the place taken, leaves the actor to stop after it.
+        let permit = slot.try_acquire(8).unwrap();
+        assert_eq!(registry.shut_down(), 0);
+        assert!(!stopped_within(&actor.get_cell(), Duration::from_millis(50)).await);
+        // The caller is cancelled before sending: nothing will ever reach
+        // the actor, so giving the place back must stop it.
+        drop(permit);
+        assert!(
+            stopped_within(&actor.get_cell(), Duration::from_secs(5)).await,
+            "the actor of a closed, drained slot kept running"
+        );
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_shutdown_sweep_stops_closed_drained_actors() {
+        let registry = Registry::default();
+        let key = SlotKey {
+            aggregate: TypeId::of::<()>(),
+            stream: StreamId::new("test-1").unwrap(),
+        };
+        let slot = registry.slot(&key).unwrap();
+        let (actor, handle) = Actor::spawn(None, Waits, ()).await.unwrap();
+        registry.actor_started(actor.get_id(), key.clone(), Arc::clone(&slot));
+        // Published after the slot closed and drained, with no check after
+        // (the race `stop_if_drained` covers): only the sweep can stop it.
+        let permit = slot.try_acquire(8).unwrap();
+        registry.shut_down();
+        permit.hand_over();
+        slot.release();
+        slot.actor.set(actor.get_cell()).unwrap();
+        assert!(!stopped_within(&actor.get_cell(), Duration::from_millis(50)).await);
+        registry.stop_drained();
+        assert!(stopped_within(&actor.get_cell(), Duration::from_secs(5)).await);
+        handle.await.unwrap();
+    }
 
     #[test]
     fn pending_bound_and_close() {
