@@ -27,6 +27,15 @@ use crate::codec::DomainEvent;
 ///   that the runtime can snapshot it. A snapshot that no longer decodes
 ///   after the state type changed is ignored and the state is rebuilt from
 ///   events.
+/// - Both serializations are lossless: an event, and the state, must come
+///   back equal from a round trip through postcard. The live actor applies
+///   the event values it decided, while a recovering one applies what it
+///   decodes from the store (and starts from a decoded snapshot), so a
+///   field skipped with `#[serde(skip)]`, a float turned to text and back,
+///   or a `Serialize` that drops data would make a recovered aggregate
+///   differ from the one that ran. [`crate::AggregateTest`] checks that
+///   events decode; it cannot check that they decode to equal values
+///   without `PartialEq`, so this part is the type author's to keep.
 /// - `Clone` lets the runtime try the new events on a copy before storing
 ///   them (see [`crate::CommandError::AggregatePanicked`]) and hand out
 ///   states.
