@@ -22,7 +22,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::error::Error;
 use std::fs::File;
 use std::path::Path;
@@ -219,7 +219,7 @@ struct StoredRecord<'a> {
 }
 
 /// One thread writes what the runtime's writer writes for `streams`
-/// one-event commands (event, stream index, id index, then the heads and
+/// one-event commands (event, stream index and id index per event, then
 /// `Mhead`), `batch` events per sled batch, each batch flushed by sled and
 /// made durable with fdatasync of the `db` file, for `run`. Events/s.
 fn raw_limit(path: &Path, streams: usize, batch: usize, run: Duration) -> Result<f64> {
@@ -239,7 +239,6 @@ fn raw_limit(path: &Path, streams: usize, batch: usize, run: Duration) -> Result
     let start = Instant::now();
     while start.elapsed() < run {
         let mut sled_batch = sled::Batch::default();
-        let mut heads = HashSet::new();
         let recorded_at_micros = start.elapsed().as_micros() as u64;
         for _ in 0..batch {
             position += 1;
@@ -270,12 +269,6 @@ fn raw_limit(path: &Path, streams: usize, batch: usize, run: Duration) -> Result
             let mut id_key = vec![b'I'];
             id_key.extend_from_slice(event_id.as_bytes());
             sled_batch.insert(id_key, &position.to_be_bytes());
-            heads.insert(stream);
-        }
-        for stream in heads {
-            let mut head_key = vec![b'H'];
-            head_key.extend_from_slice(names[stream].as_bytes());
-            sled_batch.insert(head_key, &versions[stream].to_be_bytes());
         }
         sled_batch.insert(&b"Mhead"[..], &position.to_be_bytes());
         log.apply_batch(sled_batch)?;

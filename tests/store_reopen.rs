@@ -5,13 +5,15 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annals::{
-    AppendResult, Durability, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent,
-    Position, ReadDirection, RecordedEvent, SledStore, SledStoreConfig, Snapshot, StoreError,
-    StreamId, Version, FORMAT_VERSION,
+    AppendError, AppendResult, Durability, EventFilter, EventStore, ExpectedVersion, Metadata,
+    NewEvent, Position, ReadDirection, RecordedEvent, SledStore, SledStoreConfig, Snapshot,
+    StoreError, StreamId, Version, FORMAT_VERSION,
 };
+use tokio::sync::Barrier;
 use uuid::Uuid;
 
 fn stream(id: &str) -> StreamId {
@@ -485,5 +487,98 @@ async fn drop_then_exit_loses_nothing() {
         store.shutdown().await.unwrap();
         drop(store);
         std::fs::remove_dir_all(&path).unwrap();
+    }
+}
+
+/// The sled writer keeps stream heads in a bounded cache and falls back to
+/// the index on a miss. With a cache too small for the streams in use (so
+/// it is emptied and refilled all the time), with none, and with room for
+/// all, optimistic appends from many tasks must still be decided against
+/// the true head: every stream ends at versions 1..n with n equal to the
+/// appends acknowledged on it, before and after a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expected_versions_hold_whatever_the_head_cache_holds() {
+    const STREAMS: usize = 7;
+    const TASKS: usize = 48;
+    const ATTEMPTS: usize = 40;
+    for capacity in [0, 1, 3, 1_000] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("store");
+        let config = SledStoreConfig::new(&path).head_cache_capacity(capacity);
+        let store = Arc::new(SledStore::open_with(config.clone()).expect("open"));
+        let streams: Vec<StreamId> = (0..STREAMS)
+            .map(|n| StreamId::new(format!("cache-{n}")).unwrap())
+            .collect();
+        let barrier = Arc::new(Barrier::new(TASKS));
+        let mut tasks = Vec::new();
+        for task in 0..TASKS {
+            let (store, streams, barrier) = (store.clone(), streams.clone(), barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let mut won = vec![0u64; STREAMS];
+                for attempt in 0..ATTEMPTS {
+                    let which = (task * 31 + attempt * 7) % STREAMS;
+                    let stream = &streams[which];
+                    let seen = store.stream_version(stream).await.unwrap();
+                    let event = NewEvent::new("Tried", vec![task as u8]);
+                    match store
+                        .append(stream, ExpectedVersion::Exact(seen), vec![event])
+                        .await
+                    {
+                        Ok(result) => {
+                            assert_eq!(result.first_version, Version(seen.0 + 1));
+                            won[which] += 1;
+                        }
+                        Err(AppendError::WrongExpectedVersion { actual, .. }) => {
+                            assert!(actual > seen, "refused at {seen:?}, head {actual:?}");
+                        }
+                        Err(other) => panic!("unexpected error: {other}"),
+                    }
+                }
+                won
+            }));
+        }
+        let mut won = vec![0u64; STREAMS];
+        for task in tasks {
+            for (total, mine) in won.iter_mut().zip(task.await.unwrap()) {
+                *total += mine;
+            }
+        }
+        let check = |store: Arc<dyn EventStore>, won: Vec<u64>, streams: Vec<StreamId>| async move {
+            for (stream, &count) in streams.iter().zip(&won) {
+                assert!(count > 0, "capacity {capacity}: no append won on {stream}");
+                assert_eq!(store.stream_version(stream).await.unwrap(), Version(count));
+                let versions: Vec<u64> = store
+                    .read_stream(stream, Version(1), ReadDirection::Forward, usize::MAX)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|event| event.version.0)
+                    .collect();
+                assert_eq!(
+                    versions,
+                    (1..=count).collect::<Vec<_>>(),
+                    "capacity {capacity}"
+                );
+                // The next append is decided against the head too.
+                let stale = store
+                    .append(
+                        stream,
+                        ExpectedVersion::Exact(Version(count - 1)),
+                        vec![NewEvent::new("Stale", vec![])],
+                    )
+                    .await;
+                assert!(
+                    matches!(stale, Err(AppendError::WrongExpectedVersion { .. })),
+                    "capacity {capacity}: a stale expected version was not refused"
+                );
+            }
+        };
+        check(store.clone(), won.clone(), streams.clone()).await;
+        store.shutdown().await.expect("shutdown");
+        drop(store);
+        let reopened: Arc<dyn EventStore> =
+            Arc::new(until_unlocked(|| SledStore::open_with(config.clone())).expect("reopen"));
+        check(reopened, won, streams).await;
     }
 }
