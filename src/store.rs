@@ -88,8 +88,15 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     /// subscriptions of [`crate::subscribe`] do both without a gap).
     fn subscribe_live(&self) -> LiveFeed;
 
-    /// Saves `snapshot` as the latest snapshot of `stream`, replacing any
-    /// earlier one.
+    /// Saves `snapshot` as the latest snapshot of `stream`, replacing one
+    /// at a lower version. One at the same or a higher version is kept and
+    /// this call does nothing: an actor that stopped late must not replace
+    /// a newer actor's snapshot with its older one (a snapshot is only a
+    /// cache, so that would cost a longer replay, not a wrong state). A
+    /// stored record that does not decode is replaced.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] after [`EventStore::shutdown`]; the store's.
     async fn save_snapshot(&self, stream: &StreamId, snapshot: Snapshot) -> Result<(), StoreError>;
 
     /// Loads the latest snapshot of `stream`, if any.

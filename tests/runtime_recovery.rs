@@ -130,7 +130,9 @@ async fn an_undecodable_snapshot_is_ignored_with_a_warning() {
     let runtime = Runtime::new(store.clone(), RuntimeConfig::default().snapshot_every(0));
     fill(&runtime, "u", 9).await;
     let expected = runtime.aggregates::<Ledger>().state("u").await.unwrap();
-    runtime.shutdown().await.unwrap();
+    // Dropped, not shut down: shutting down would close the store, which
+    // then refuses the snapshots planted below.
+    drop(runtime);
     assert!(warnings.0.lock().unwrap().is_empty());
 
     // The state type changed since this snapshot was written: its bytes do

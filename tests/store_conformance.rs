@@ -129,6 +129,8 @@ conformance_suite!(
     read_all_forward_and_backward,
     read_all_filters,
     snapshots,
+    a_snapshot_never_replaces_a_newer_one,
+    snapshots_are_refused_after_shutdown,
     checkpoints,
     live_feed_delivers_commits_in_position_order,
     lagging_subscriber_never_blocks_appends,
@@ -1202,6 +1204,48 @@ mod cases {
         // Snapshots are not events.
         assert_eq!(store.head_position(), Position::START);
         assert_eq!(store.stream_version(&a).await.unwrap(), Version::NONE);
+    }
+
+    /// An actor that stopped late saves its snapshot after a newer actor
+    /// saved a later one: the later one stays, however the saves race.
+    pub(super) async fn a_snapshot_never_replaces_a_newer_one(open: Open) {
+        let Backend { store, _dir } = open(Limits::default());
+        let store: std::sync::Arc<dyn EventStore> = store.into();
+        let id = stream("snap-race-1");
+        let at = |version: u64| Snapshot {
+            version: Version(version),
+            payload: version.to_be_bytes().to_vec(),
+        };
+        store.save_snapshot(&id, at(10)).await.unwrap();
+        store.save_snapshot(&id, at(4)).await.unwrap();
+        store.save_snapshot(&id, at(10)).await.unwrap();
+        assert_eq!(store.load_snapshot(&id).await.unwrap(), Some(at(10)));
+        let savers: Vec<_> = (1..=64u64)
+            .map(|version| {
+                let (store, id) = (store.clone(), id.clone());
+                tokio::spawn(async move { store.save_snapshot(&id, at(version * 3)).await })
+            })
+            .collect();
+        for saver in savers {
+            saver.await.unwrap().unwrap();
+        }
+        assert_eq!(store.load_snapshot(&id).await.unwrap(), Some(at(192)));
+    }
+
+    pub(super) async fn snapshots_are_refused_after_shutdown(open: Open) {
+        let backend = open(Limits::default());
+        let store = &*backend.store;
+        let id = stream("snap-closed-1");
+        let snapshot = Snapshot {
+            version: Version(1),
+            payload: vec![1],
+        };
+        store.save_snapshot(&id, snapshot.clone()).await.unwrap();
+        store.shutdown().await.unwrap();
+        match store.save_snapshot(&id, snapshot).await {
+            Err(StoreError::Closed) => {}
+            other => panic!("expected Closed after shutdown, got {other:?}"),
+        }
     }
 
     pub(super) async fn checkpoints(open: Open) {

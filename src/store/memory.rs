@@ -223,7 +223,16 @@ impl EventStore for MemoryStore {
     }
 
     async fn save_snapshot(&self, stream: &StreamId, snapshot: Snapshot) -> Result<(), StoreError> {
-        self.lock().snapshots.insert(stream.clone(), snapshot);
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(StoreError::Closed);
+        }
+        match inner.snapshots.get(stream) {
+            Some(stored) if stored.version >= snapshot.version => {}
+            _ => {
+                inner.snapshots.insert(stream.clone(), snapshot);
+            }
+        }
         Ok(())
     }
 

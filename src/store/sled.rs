@@ -1120,6 +1120,9 @@ impl EventStore for SledStore {
     }
 
     async fn save_snapshot(&self, stream: &StreamId, snapshot: Snapshot) -> Result<(), StoreError> {
+        if self.sender.is_closed() {
+            return Err(StoreError::Closed);
+        }
         let bytes = postcard::to_stdvec(&StoredSnapshot {
             version: snapshot.version.0,
             payload: &snapshot.payload,
@@ -1127,7 +1130,14 @@ impl EventStore for SledStore {
         .map_err(corrupt)?;
         // Not synced on its own: a snapshot is a cache, and the next group
         // commit flushes it. Losing it in a crash costs a longer replay.
-        self.snapshots.insert(stream.as_str(), bytes)?;
+        // Compare-and-swap, so that of two racing saves the newer stays.
+        self.snapshots.fetch_and_update(stream.as_str(), |stored| {
+            let keep = stored.filter(|stored| {
+                postcard::from_bytes::<StoredSnapshot<'_>>(stored)
+                    .is_ok_and(|stored| stored.version >= snapshot.version.0)
+            });
+            Some(keep.map_or_else(|| bytes.clone(), <[u8]>::to_vec))
+        })?;
         Ok(())
     }
 
