@@ -76,6 +76,9 @@ pub enum InvalidInput {
 
 /// A failure of the storage itself (I/O, corruption, a closed store).
 /// The operation may not have happened; for appends, see [`AppendError`].
+///
+/// Cloning keeps every variant; an I/O error is cloned as one of the same
+/// kind and message (`std::io::Error` is not `Clone`), as sled does.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -124,6 +127,29 @@ pub enum StoreError {
     Injected(&'static str),
 }
 
+impl Clone for StoreError {
+    fn clone(&self) -> Self {
+        match self {
+            StoreError::Sled(e) => StoreError::Sled(e.clone()),
+            StoreError::Io(e) => StoreError::Io(std::io::Error::new(e.kind(), e.to_string())),
+            StoreError::Corrupt(what) => StoreError::Corrupt(what.clone()),
+            StoreError::FormatMismatch { found, expected } => StoreError::FormatMismatch {
+                found: *found,
+                expected: *expected,
+            },
+            StoreError::NotAStore(what) => StoreError::NotAStore(what.clone()),
+            StoreError::DiskFull { available, needed } => StoreError::DiskFull {
+                available: *available,
+                needed: *needed,
+            },
+            StoreError::Closed => StoreError::Closed,
+            StoreError::Poisoned(why) => StoreError::Poisoned(why.clone()),
+            StoreError::InvalidInput(e) => StoreError::InvalidInput(e.clone()),
+            StoreError::Injected(what) => StoreError::Injected(what),
+        }
+    }
+}
+
 /// Why an append failed. Except for [`AppendError::Store`], nothing was
 /// written.
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +185,7 @@ pub enum AppendError {
 }
 
 /// Why a read failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReadError {
     /// The input was refused.
@@ -183,7 +209,7 @@ impl From<sled::Error> for AppendError {
 }
 
 /// Encoding or decoding failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum CodecError {
     /// The value could not be encoded.

@@ -308,7 +308,11 @@ impl Runtime {
         slot: &Arc<Slot>,
     ) -> Result<ActorCell, SpawnFailure> {
         if slot.is_closed() {
-            return Err(SpawnFailure::Retry);
+            // The recovery this caller waited for failed: its error, not
+            // another replay. Closed for any other reason: look again.
+            return Err(slot.failure.get().map_or(SpawnFailure::Retry, |load| {
+                SpawnFailure::Load(*load.clone())
+            }));
         }
         let supervisor = self.supervisor().await.map_err(SpawnFailure::Other)?;
         let actor = AggregateActor::<A> {
@@ -331,16 +335,20 @@ impl Runtime {
                 Ok(actor.get_cell())
             }
             Err(error) => {
-                // Nobody may queue behind an actor that will never run.
-                slot.close();
-                self.inner.registry.remove(key, slot);
-                Err(match error {
+                let failure = match error {
                     SpawnErr::StartupFailed(error) => match error.downcast::<LoadError>() {
-                        Ok(load) => SpawnFailure::Load(*load),
+                        Ok(load) => {
+                            let _ = slot.failure.set(load.clone());
+                            SpawnFailure::Load(*load)
+                        }
                         Err(other) => SpawnFailure::Other(other.to_string()),
                     },
                     other => SpawnFailure::Other(other.to_string()),
-                })
+                };
+                // Nobody may queue behind an actor that will never run.
+                slot.close();
+                self.inner.registry.remove(key, slot);
+                Err(failure)
             }
         }
     }

@@ -211,3 +211,51 @@ async fn sled_recovery_across_restarts_with_and_without_snapshots() {
     assert_eq!(after.events, 56);
     runtime.shutdown().await.unwrap();
 }
+
+/// When recovery fails (here: an event no longer decodes), every command
+/// that was waiting for that recovery gets its error; they do not each
+/// replay the stream again in turn. A command after the failure tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_waiting_for_a_failed_recovery_share_its_error() {
+    const WAITING: usize = 24;
+    let store = Arc::new(TestStore {
+        load_delay: Some(std::time::Duration::from_millis(100)),
+        ..TestStore::new()
+    });
+    let stream = StreamId::new("ledger-broken").unwrap();
+    store
+        .inner
+        .append(
+            &stream,
+            annals::ExpectedVersion::Any,
+            vec![annals::NewEvent::new("RenamedSinceThen", vec![1, 2, 3])],
+        )
+        .await
+        .unwrap();
+    let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
+    let ledgers = runtime.aggregates::<Ledger>();
+    let waiting: Vec<_> = (0..WAITING)
+        .map(|n| {
+            let ledgers = ledgers.clone();
+            tokio::spawn(async move { ledgers.execute("broken", C::Deposit(n as u64 + 1)).await })
+        })
+        .collect();
+    for command in waiting {
+        match command.await.unwrap() {
+            Err(annals::CommandError::Codec(annals::CodecError::UnknownEventType {
+                event_type,
+            })) => assert_eq!(event_type, "RenamedSinceThen"),
+            other => panic!("expected the recovery's codec error, got {other:?}"),
+        }
+    }
+    // The commands arrived within the first recovery's 100 ms; a few late
+    // starters may have queued on a second one, but not one per command.
+    let recoveries = store.loads_of("ledger-broken");
+    assert!(
+        recoveries <= 3,
+        "{recoveries} recoveries for {WAITING} commands waiting on one"
+    );
+    // A later command is not answered from the cache: it recovers again.
+    assert!(ledgers.execute("broken", C::Open).await.is_err());
+    assert_eq!(store.loads_of("ledger-broken"), recoveries + 1);
+}

@@ -104,7 +104,7 @@ pub(crate) struct ActorState<A> {
 }
 
 /// Why an aggregate could not be rebuilt from the store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum LoadError {
     #[error(transparent)]
     Read(#[from] ReadError),

@@ -7,7 +7,7 @@
 
 use std::any::TypeId;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -16,6 +16,7 @@ use tokio::sync::OnceCell;
 use tracing::debug;
 
 use crate::event::StreamId;
+use crate::runtime::actor::LoadError;
 
 /// Set in [`Slot::state`] once the slot takes no more commands.
 const CLOSED: usize = 1 << (usize::BITS - 1);
@@ -42,6 +43,11 @@ pub(crate) struct Slot {
     last_used: AtomicU64,
     /// The actor, spawned by the first caller; the others wait for it.
     pub(crate) actor: OnceCell<ActorCell>,
+    /// Why the actor's recovery failed, set before the slot closes: the
+    /// callers that waited for that recovery all get its error, rather
+    /// than each replaying the stream again in turn. Boxed: every live
+    /// slot carries the field, and almost none fills it.
+    pub(crate) failure: OnceLock<Box<LoadError>>,
 }
 
 /// Why a slot refused a command.
@@ -59,6 +65,7 @@ impl Slot {
             state: AtomicUsize::new(0),
             last_used: AtomicU64::new(0),
             actor: OnceCell::new(),
+            failure: OnceLock::new(),
         }
     }
 
