@@ -368,8 +368,14 @@ mod tests {
         false
     }
 
-    #[tokio::test]
-    async fn a_place_given_back_unsent_stops_the_actor_of_a_closed_slot() {
+    /// A registry with one slot and a [`Waits`] actor, not yet published.
+    async fn with_waiting_actor() -> (
+        Registry,
+        SlotKey,
+        Arc<Slot>,
+        ActorRef<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let registry = Registry::default();
         let key = SlotKey {
             aggregate: TypeId::of::<()>(),
@@ -377,6 +383,12 @@ mod tests {
         };
         let slot = registry.slot(&key).unwrap();
         let (actor, handle) = Actor::spawn(None, Waits, ()).await.unwrap();
+        (registry, key, slot, actor, handle)
+    }
+
+    #[tokio::test]
+    async fn a_place_given_back_unsent_stops_the_actor_of_a_closed_slot() {
+        let (registry, _, slot, actor, handle) = with_waiting_actor().await;
         slot.actor.set(actor.get_cell()).unwrap();
         // A caller takes a place; shutdown closes the slot meanwhile and,
         // seeing the place taken, leaves the actor to stop after it.
@@ -395,13 +407,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_shutdown_sweep_stops_closed_drained_actors() {
-        let registry = Registry::default();
-        let key = SlotKey {
-            aggregate: TypeId::of::<()>(),
-            stream: StreamId::new("test-1").unwrap(),
-        };
-        let slot = registry.slot(&key).unwrap();
-        let (actor, handle) = Actor::spawn(None, Waits, ()).await.unwrap();
+        let (registry, key, slot, actor, handle) = with_waiting_actor().await;
         registry.actor_started(actor.get_id(), key.clone(), Arc::clone(&slot));
         // Published after the slot closed and drained, with no check after
         // (the race `stop_if_drained` covers): only the sweep can stop it.
