@@ -107,3 +107,38 @@ async fn memory_follows_the_live_actors() {
     assert!(handle.state("17").await.unwrap().open);
     runtime.shutdown().await.unwrap();
 }
+
+/// An evicted actor leaves nothing running behind: its pending idle check
+/// is cancelled, rather than sleeping out the idle timeout while holding
+/// the stopped actor's mailboxes (about 7 KB each). Real clock: the point
+/// is that nothing waits for the 10-minute timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_actors_leave_no_timer_behind() {
+    const TOUCHED: usize = 400;
+    let store = Arc::new(TestStore::new());
+    let config = RuntimeConfig::default()
+        .idle_timeout(Duration::from_secs(600))
+        .max_live_aggregates(20);
+    let runtime = Runtime::new(store.clone(), config);
+    let handle = runtime.aggregates::<Ledger>();
+    for n in 0..TOUCHED {
+        handle
+            .execute(&format!("churn-{n}"), C::Open)
+            .await
+            .unwrap();
+    }
+    assert!(runtime.live_aggregates() <= 20);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Each live actor has its task and its timer's; the evicted ones,
+    // nineteen in twenty of those touched, should have neither.
+    while metrics.num_alive_tasks() > 100 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        metrics.num_alive_tasks() <= 100,
+        "{} tasks alive after {TOUCHED} aggregates, at most 20 live",
+        metrics.num_alive_tasks()
+    );
+    runtime.shutdown().await.unwrap();
+}
