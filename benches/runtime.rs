@@ -1,8 +1,9 @@
-//! The runtime's hot paths: recovering an aggregate of 10,000 events with
-//! and without a snapshot (`Aggregates::state_at`, which rebuilds from the
-//! store as a fresh actor does), and a command's round trip through a live
-//! actor (with the default fdatasync, and buffered to show the cost of the
-//! actor machinery alone).
+//! The runtime's hot paths: recovering an evicted aggregate (a fresh actor
+//! spawned and rebuilt by its `pre_start`) from a stream of 10,000 events
+//! without a snapshot, and from streams of 1,000 to 100,000 events with a
+//! snapshot near the head; and a command's round trip through a live actor
+//! (with the default fdatasync, and buffered to show the cost of the actor
+//! machinery alone).
 //!
 //! `cargo bench --bench runtime`. Short samples; CI only builds it.
 
@@ -22,8 +23,6 @@ use annals::{
 use criterion::{criterion_group, criterion_main, Criterion};
 
 use common::{increment, Counter, CounterEvent};
-
-const LOAD_EVENTS: u64 = 10_000;
 
 fn open(durability: Durability) -> (tempfile::TempDir, Arc<SledStore>) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -45,43 +44,67 @@ async fn write_stream(store: &SledStore, stream: &StreamId, events: u64) {
     }
 }
 
-fn load(c: &mut Criterion) {
+/// Two streams of each length and kind, so that a bench can alternate
+/// between them: recovering one evicts the other.
+const RECOVERIES: [(&str, u64, bool); 4] = [
+    ("10000_events_no_snapshot", 10_000, false),
+    ("1000_events_with_snapshot", 1_000, true),
+    ("10000_events_with_snapshot", 10_000, true),
+    ("100000_events_with_snapshot", 100_000, true),
+];
+
+/// How far behind the head the snapshot is: fewer events than the default
+/// `snapshot_every` (100), as the runtime leaves it.
+const SNAPSHOT_TAIL: u64 = 50;
+
+fn recover(c: &mut Criterion) {
     let tokio = tokio::runtime::Runtime::new().expect("tokio");
     let _guard = tokio.enter();
     let (_dir, store) = open(Durability::Buffered {
         flush_every_ms: 100,
     });
-    let runtime = Runtime::new(store.clone(), RuntimeConfig::default().snapshot_every(0));
+    // At most one live actor: each recovery evicts the other stream's
+    // actor, so that every `state` call below spawns a fresh actor and runs
+    // its recovery (`pre_start`: snapshot, then the events after it).
+    // Snapshots off, so that a recovery never leaves a new one behind.
+    let config = RuntimeConfig::default()
+        .snapshot_every(0)
+        .max_live_aggregates(1);
+    let runtime = Runtime::new(store.clone(), config);
     let counters = runtime.aggregates::<Counter>();
     tokio.block_on(async {
-        for id in ["plain", "snapshotted"] {
-            let stream = StreamId::new(format!("counter-{id}")).expect("valid");
-            write_stream(&store, &stream, LOAD_EVENTS).await;
+        for (name, events, snapshot) in RECOVERIES {
+            for side in ["a", "b"] {
+                let id = format!("{name}-{side}");
+                let stream = StreamId::new(format!("counter-{id}")).expect("valid");
+                write_stream(&store, &stream, events).await;
+                if snapshot {
+                    let version = Version(events - SNAPSHOT_TAIL);
+                    let state = counters.state_at(&id, version).await.expect("loads");
+                    let payload = encode_value(&state).expect("encodes");
+                    let snapshot = Snapshot { version, payload };
+                    store.save_snapshot(&stream, snapshot).await.expect("saves");
+                }
+            }
         }
-        let state = counters
-            .state_at("snapshotted", Version(LOAD_EVENTS))
-            .await
-            .expect("loads");
-        let snapshot = Snapshot {
-            version: Version(LOAD_EVENTS),
-            payload: encode_value(&state).expect("encodes"),
-        };
-        let stream = StreamId::new("counter-snapshotted").expect("valid");
-        store.save_snapshot(&stream, snapshot).await.expect("saves");
     });
-    let mut group = c.benchmark_group("load_10000_events");
+    let mut group = c.benchmark_group("recover");
     group
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(4))
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_millis(500));
-    for (name, id) in [("no_snapshot", "plain"), ("with_snapshot", "snapshotted")] {
+    for (name, events, _) in RECOVERIES {
+        let ids = [format!("{name}-a"), format!("{name}-b")];
+        let mut next = 0;
         group.bench_function(name, |b| {
-            b.to_async(&tokio).iter(|| async {
-                let state = counters
-                    .state_at(id, Version(LOAD_EVENTS))
-                    .await
-                    .expect("loads");
-                assert_eq!(state.count, LOAD_EVENTS);
+            b.to_async(&tokio).iter(|| {
+                next = 1 - next;
+                let id = &ids[next];
+                let counters = &counters;
+                async move {
+                    let state = counters.state(id).await.expect("recovers");
+                    assert_eq!(state.count, events);
+                }
             });
         });
     }
@@ -128,5 +151,5 @@ fn command(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, load, command);
+criterion_group!(benches, recover, command);
 criterion_main!(benches);

@@ -114,6 +114,7 @@ conformance_suite!(
     partial_overlap_is_a_duplicate,
     id_on_another_stream_is_a_duplicate,
     reordered_retry_is_a_duplicate,
+    retries_are_recognised_whatever_the_order_of_ids,
     duplicate_id_within_one_append_is_invalid,
     stream_id_limits,
     empty_append_is_invalid,
@@ -581,6 +582,33 @@ mod cases {
             before,
             "a reordered retry wrote something"
         );
+    }
+
+    /// Ids need not grow: the sled store skips the id index for an id above
+    /// every stored one, which must never hide a stored id below it.
+    pub(super) async fn retries_are_recognised_whatever_the_order_of_ids(open: Open) {
+        let backend = open(Limits::default());
+        let store = &*backend.store;
+        let id = stream("ids-in-any-order");
+        let with_id = |n: u128, tag: &str| events(tag, 1).remove(0).with_id(Uuid::from_u128(n));
+        let high = vec![with_id(u128::MAX - 1, "high")];
+        let low = vec![with_id(1, "low")];
+        let fresh = events("fresh", 1);
+        let mut results = Vec::new();
+        for request in [&high, &low, &fresh] {
+            results.push(append(store, &id, ExpectedVersion::Any, request.clone()).await);
+        }
+        let before = observe(store).await;
+        for (request, original) in [&high, &low, &fresh].into_iter().zip(&results) {
+            let retried = append(store, &id, ExpectedVersion::Any, request.clone()).await;
+            assert_eq!(&retried, original);
+        }
+        assert_eq!(observe(store).await, before, "a retry wrote something");
+        // Above the greatest stored id: new, and stored.
+        let top = vec![with_id(u128::MAX, "top")];
+        let stored = append(store, &id, ExpectedVersion::Any, top.clone()).await;
+        assert_eq!(stored.last_version, Version(4));
+        assert_eq!(append(store, &id, ExpectedVersion::Any, top).await, stored);
     }
 
     pub(super) async fn duplicate_id_within_one_append_is_invalid(open: Open) {
