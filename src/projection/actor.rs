@@ -352,42 +352,40 @@ impl ActorState {
     /// timer), take a batch, apply it.
     async fn process(&mut self) {
         if self.pending.is_empty() && self.pending_passed.is_none() {
-            if let Some(at) = self.read_retry_at {
-                if Instant::now() < at {
-                    wait_until(&self.interrupt, at).await;
-                    return;
-                }
-                self.read_retry_at = None;
-            }
-            let interrupt = Arc::clone(&self.interrupt);
-            let deadline = (self.position > self.checkpoint)
-                .then(|| self.last_save + self.config.checkpoint_interval);
-            let woke = tokio::select! {
-                biased;
-                () = interrupt.notified() => Woke::Interrupted,
-                () = sleep_until_some(deadline) => Woke::CheckpointDue,
-                delivery = self.subscription.next_delivery() => Woke::Delivery(delivery),
-            };
-            match woke {
-                Woke::Interrupted => return,
-                Woke::CheckpointDue => {
-                    self.save_checkpoint().await;
-                    return;
-                }
-                Woke::Delivery(delivery) => {
-                    if !self.take(delivery) {
+            // Events left from the last catch-up page need no wait.
+            self.subscription
+                .take_buffered(self.config.batch_size, &mut self.pending);
+            if self.pending.is_empty() {
+                if let Some(at) = self.read_retry_at {
+                    if Instant::now() < at {
+                        wait_until(&self.interrupt, at).await;
                         return;
+                    }
+                    self.read_retry_at = None;
+                }
+                let interrupt = Arc::clone(&self.interrupt);
+                let deadline = (self.position > self.checkpoint)
+                    .then(|| self.last_save + self.config.checkpoint_interval);
+                let woke = tokio::select! {
+                    biased;
+                    () = interrupt.notified() => Woke::Interrupted,
+                    () = sleep_until_some(deadline) => Woke::CheckpointDue,
+                    delivery = self.subscription.next_delivery() => Woke::Delivery(delivery),
+                };
+                match woke {
+                    Woke::Interrupted => return,
+                    Woke::CheckpointDue => {
+                        self.save_checkpoint().await;
+                        return;
+                    }
+                    Woke::Delivery(delivery) => {
+                        if !self.take(delivery) {
+                            return;
+                        }
                     }
                 }
             }
-            while self.pending.len() < self.config.batch_size && self.pending_passed.is_none() {
-                let Some(delivery) = self.subscription.try_next_delivery() else {
-                    break;
-                };
-                if !self.take(delivery) {
-                    break;
-                }
-            }
+            self.fill_batch();
         }
         if let Some(retry) = self.retry {
             if Instant::now() < retry.at {
@@ -401,6 +399,24 @@ impl ActorState {
                 || self.last_save.elapsed() >= self.config.checkpoint_interval)
         {
             self.save_checkpoint().await;
+        }
+    }
+
+    /// Tops the batch up with what the subscription has without waiting: the
+    /// rest of the current page in one move, then (if the batch has room) the
+    /// next page, which the store answers at once.
+    fn fill_batch(&mut self) {
+        while self.pending.len() < self.config.batch_size && self.pending_passed.is_none() {
+            let room = self.config.batch_size - self.pending.len();
+            if self.subscription.take_buffered(room, &mut self.pending) > 0 {
+                continue;
+            }
+            let Some(delivery) = self.subscription.try_next_delivery() else {
+                break;
+            };
+            if !self.take(delivery) {
+                break;
+            }
         }
     }
 
