@@ -171,7 +171,9 @@ pub struct ProjectionConfig {
     pub filter: EventFilter,
     /// What to do when the handler fails. Default: retry 5 times from 100 ms.
     pub failure_policy: FailurePolicy,
-    /// Save the checkpoint after this many handled events. Default 1000.
+    /// Save the checkpoint after this many handled events. Default 1000. The
+    /// handling goes on while the store makes a save durable; a save that
+    /// comes due meanwhile starts after it.
     pub checkpoint_every_events: u64,
     /// ... or when this much time passed since the last save with progress
     /// since. Default 1 s.
