@@ -7,7 +7,7 @@
 //! cargo run --release --example catchup_profile -- write DIR [N]   # N = 200000
 //! cargo run --release --example catchup_profile -- catchup DIR [noop|counts] [checkpoint_every]
 //! cargo run --release --example catchup_profile -- scan DIR
-//! cargo run --release --example catchup_profile -- all [N] [rounds]
+//! cargo run --release --example catchup_profile -- all DIR [rounds]
 //! ```
 //!
 //! `catchup` and `scan` warm sled's cache with one untimed scan (as
@@ -19,8 +19,9 @@
 //!     --dump-before='*measure_end*' target/release/examples/catchup_profile catchup DIR
 //! ```
 //!
-//! `all` writes a temporary store, then times `rounds` scans and catch-ups
-//! alternately and prints the medians.
+//! `all` times `rounds` scans and catch-ups (no-op and counting handler)
+//! alternately and prints the median rates and the events per second of
+//! CPU time the whole process used (less disturbed by other load).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -32,9 +33,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annals::{
-    encode_event, Durability, EventStore, ExpectedVersion, NewEvent, Position, Projection,
-    ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle, RecordedEvent,
-    SledStore, SledStoreConfig, StreamId,
+    encode_event, Durability, EventStore, ExpectedVersion, NewEvent, Projection, ProjectionConfig,
+    ProjectionContext, ProjectionError, ProjectionHandle, RecordedEvent, SledStore,
+    SledStoreConfig, StreamId,
 };
 use async_trait::async_trait;
 
@@ -165,6 +166,18 @@ async fn catch_up(
     Ok((rate, syncs))
 }
 
+/// User plus system CPU time of the whole process so far, in seconds (at
+/// the kernel's tick resolution).
+fn cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The fields after the command name, which ends with the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').ok_or("bad /proc/self/stat")? + 2..]
+        .split(' ')
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -207,44 +220,48 @@ async fn main() -> Result<()> {
             store.shutdown().await?;
         }
         Some("all") => {
-            let events = arg(1).map_or(Ok(200_000), str::parse)?;
-            let rounds = arg(2).map_or(Ok(5), str::parse)?;
-            let dir = tempfile::tempdir()?;
-            let path = dir.path().join("store");
-            write(&path, events).await?;
-            let store = open(&path)?;
-            assert_eq!(store.head_position(), Position(events));
+            let store = open(Path::new(arg(1).ok_or("all DIR [rounds]")?))?;
+            let rounds: usize = arg(2).map_or(Ok(5), str::parse)?;
+            let events = store.head_position().0;
             raw_scan(&store)?;
-            let (mut scans, mut noops, mut counts, mut syncs) =
-                (Vec::new(), Vec::new(), Vec::new(), 0);
+            let mut figures = [(); 3].map(|()| (Vec::new(), 0.0));
+            let mut syncs = 0;
+            let pid = std::process::id();
             for round in 0..rounds {
-                let start = Instant::now();
-                let count = raw_scan(&store)?;
-                scans.push(count as f64 / start.elapsed().as_secs_f64());
-                let (rate, _) = catch_up(&store, &format!("noop-{round}"), true, None).await?;
-                noops.push(rate);
-                let (rate, made) =
-                    catch_up(&store, &format!("counts-{round}"), false, None).await?;
-                counts.push(rate);
-                syncs = made;
+                for (kind, (rates, cpu)) in figures.iter_mut().enumerate() {
+                    let (start, cpu_start) = (Instant::now(), cpu_seconds()?);
+                    match kind {
+                        0 => {
+                            raw_scan(&store)?;
+                        }
+                        _ => {
+                            let name = format!("all-{pid}-{round}-{kind}");
+                            syncs = catch_up(&store, &name, kind == 1, None).await?.1;
+                        }
+                    }
+                    rates.push(events as f64 / start.elapsed().as_secs_f64());
+                    *cpu += cpu_seconds()? - cpu_start;
+                }
             }
-            let (scan, noop, count) = (median(scans), median(noops), median(counts));
-            println!("events: {events}, rounds: {rounds} (medians)");
-            println!("raw_scan_events_per_s: {scan:.0}");
-            println!(
-                "catchup_noop_events_per_s: {noop:.0} (ratio {:.2})",
-                noop / scan
-            );
-            println!(
-                "catchup_counts_events_per_s: {count:.0} (ratio {:.2})",
-                count / scan
-            );
-            println!("catchup_fdatasyncs: {syncs}");
+            println!("events: {events}, rounds: {rounds} (wall: median rate; cpu: all rounds)");
+            let names = ["raw_scan", "catchup_noop", "catchup_counts"];
+            let scan_wall = median(figures[0].0.clone());
+            let scan_cpu = (events * rounds as u64) as f64 / figures[0].1;
+            for (name, (rates, cpu)) in names.iter().zip(figures) {
+                let wall = median(rates);
+                let per_cpu = (events * rounds as u64) as f64 / cpu;
+                println!(
+                    "{name}: wall {wall:.0}/s (ratio {:.2}), cpu {per_cpu:.0}/cpu-s (ratio {:.2})",
+                    wall / scan_wall,
+                    per_cpu / scan_cpu
+                );
+            }
+            println!("catchup_fdatasyncs (last run): {syncs}");
             store.shutdown().await?;
         }
         _ => {
             return Err(
-                "usage: write DIR [N] | catchup DIR [noop|counts] | scan DIR | all [N] [rounds]"
+                "usage: write DIR [N] | catchup DIR [noop|counts] [checkpoint_every] | scan DIR | all DIR [rounds]"
                     .into(),
             )
         }
