@@ -239,6 +239,11 @@ pub enum ProjectionState {
     /// Its handler kept failing (see [`FailurePolicy::Retry`]) or the actor
     /// died; [`ProjectionStatus::last_error`] says why.
     Failed,
+    /// The store shut down (its live feed closed) and the projection handled
+    /// every event it holds: nothing more will arrive. The actor stays until
+    /// [`ProjectionHandle::shutdown`], which also frees its name; a
+    /// [`ProjectionHandle::reset`] rebuilds from what the store still holds.
+    Ended,
 }
 
 /// An event skipped under [`FailurePolicy::SkipAndRecord`].
@@ -274,7 +279,7 @@ pub struct ProjectionFailure {
 pub struct ProjectionStatus {
     /// The projection's name.
     pub name: String,
-    /// Running, paused, stopped or failed.
+    /// Running, paused, stopped, failed or ended.
     pub state: ProjectionState,
     /// Every matching event at or below this position was handled (for a
     /// [`SledProjection`], committed to its trees).

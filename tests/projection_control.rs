@@ -1,8 +1,9 @@
 //! Operating a projection through its handle: read-your-writes with
 //! `wait_for` (and its typed timeout), status and lag, pause and resume, the
 //! failure policies (retry then stop; skip and record), shutdown saving the
-//! checkpoint, a restart that continues after it, and handling that goes on
-//! while a checkpoint save waits for the store.
+//! checkpoint, a restart that continues after it, handling that goes on
+//! while a checkpoint save waits for the store, and the end of a projection
+//! when the store shuts down.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -513,6 +514,38 @@ async fn handling_goes_on_while_a_checkpoint_save_waits_for_the_store() {
     slow.gate.add_permits(1_000);
     assert_eq!(handle.shutdown().await.unwrap(), head);
     assert_eq!(store.load_checkpoint("orders").await.unwrap(), Some(head));
+}
+
+#[tokio::test]
+async fn a_projection_ends_when_the_store_shuts_down() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let recorder = Recorder::default();
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        ProjectionConfig::new("orders"),
+        recorder.clone(),
+    )
+    .await
+    .unwrap();
+    let last = append_many(&*store, 5).await;
+    handle.wait_for(last, WAIT).await.unwrap();
+    store.shutdown().await.unwrap();
+    // Nothing more can arrive: waiting for more answers at once.
+    assert!(matches!(
+        handle.wait_for(last.next(), WAIT).await,
+        Err(ProjectionControlError::NotRunning {
+            state: ProjectionState::Ended,
+            ..
+        })
+    ));
+    let status = handle.status();
+    assert_eq!(
+        (status.state, status.position),
+        (ProjectionState::Ended, last)
+    );
+    assert_eq!(recorder.seen().len(), 5);
+    let _ = handle.shutdown().await;
+    assert_eq!(handle.status().state, ProjectionState::Stopped);
 }
 
 #[tokio::test]

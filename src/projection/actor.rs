@@ -345,7 +345,13 @@ impl ActorState {
     }
 
     fn runnable(&self) -> bool {
-        !(self.paused || self.failed || self.stopped || self.ended)
+        !(self.paused || self.failed || self.stopped || self.finished())
+    }
+
+    /// The live feed closed and nothing taken from the subscription is left
+    /// to apply (a batch being retried is still retried).
+    fn finished(&self) -> bool {
+        self.ended && self.pending.is_empty() && self.pending_passed.is_none()
     }
 
     fn schedule(&mut self, myself: &ActorRef<ProjectionMessage>) {
@@ -362,6 +368,8 @@ impl ActorState {
             ProjectionState::Stopped
         } else if self.failed {
             ProjectionState::Failed
+        } else if self.finished() {
+            ProjectionState::Ended
         } else if self.paused {
             ProjectionState::Paused
         } else {
@@ -475,7 +483,7 @@ impl ActorState {
                 true
             }
             Ok(Delivery::End) => {
-                info!(projection = %self.config.name, "the store's live feed closed; the projection is idle");
+                info!(projection = %self.config.name, "the store's live feed closed and every event was handled; the projection ended");
                 self.ended = true;
                 false
             }

@@ -213,8 +213,8 @@ impl ProjectionHandle {
     /// # Errors
     /// [`ProjectionControlError::Timeout`] when `timeout` passed first (the
     /// projection keeps going), [`ProjectionControlError::NotRunning`] when
-    /// it stopped or failed before getting there. A paused projection is
-    /// waited for, until the timeout.
+    /// it stopped, failed or ended (the store shut down) before getting
+    /// there. A paused projection is waited for, until the timeout.
     pub async fn wait_for(
         &self,
         position: Position,
@@ -227,7 +227,7 @@ impl ProjectionHandle {
                 status.position >= position
                     || matches!(
                         status.state,
-                        ProjectionState::Stopped | ProjectionState::Failed
+                        ProjectionState::Stopped | ProjectionState::Failed | ProjectionState::Ended
                     )
             }),
         )
