@@ -63,6 +63,16 @@ pub enum InvalidInput {
     /// A read limit of zero.
     #[error("a read limit must be at least 1")]
     ZeroLimit,
+    /// A setting was below its minimum.
+    #[error("{what} is {value}, less than the minimum of {min}")]
+    TooSmall {
+        /// Which setting.
+        what: &'static str,
+        /// The value given.
+        value: u64,
+        /// The minimum.
+        min: u64,
+    },
     /// A name is reserved for the store's own use (for example a read-model
     /// tree named like one of the store's trees).
     #[error("{what} {name:?} is reserved")]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::codec::{decode_event, DomainEvent};
-use crate::error::ProjectionError;
+use crate::error::{InvalidInput, ProjectionError};
 use crate::event::{EventFilter, Position, RecordedEvent};
 
 pub use self::handle::ProjectionHandle;
@@ -160,27 +160,19 @@ impl Default for FailurePolicy {
     }
 }
 
-/// How to run a projection.
+/// How to run a projection: built with [`ProjectionConfig::new`] and the
+/// builder methods, read with the accessors. The settings are checked when
+/// the projection is spawned ([`ProjectionConfig::validate`]), so a bad one is
+/// a typed error rather than a silent correction.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct ProjectionConfig {
-    /// The projection's name, also the name of its checkpoint. One running
-    /// projection per name and store.
-    pub name: String,
-    /// Which events it handles. Default: all.
-    pub filter: EventFilter,
-    /// What to do when the handler fails. Default: retry 5 times from 100 ms.
-    pub failure_policy: FailurePolicy,
-    /// Save the checkpoint after this many handled events. Default 1000.
-    pub checkpoint_every_events: u64,
-    /// ... or when this much time passed since the last save with progress
-    /// since. Default 1 s.
-    pub checkpoint_interval: Duration,
-    /// The most events handled in one go (one sled transaction for a
-    /// [`SledProjection`]). Default 256.
-    pub batch_size: usize,
-    /// How many skipped events the status lists (the newest). Default 100.
-    pub max_recorded_skips: usize,
+    pub(crate) name: String,
+    pub(crate) filter: EventFilter,
+    pub(crate) failure_policy: FailurePolicy,
+    pub(crate) checkpoint_every_events: u64,
+    pub(crate) checkpoint_interval: Duration,
+    pub(crate) batch_size: usize,
+    pub(crate) max_recorded_skips: usize,
 }
 
 impl ProjectionConfig {
@@ -210,17 +202,92 @@ impl ProjectionConfig {
     }
 
     /// Sets how often the checkpoint is saved: after `events` handled events
-    /// or `interval` with progress, whichever comes first.
+    /// (at least 1) or `interval` with progress, whichever comes first.
     pub fn checkpoint_every(mut self, events: u64, interval: Duration) -> Self {
-        self.checkpoint_every_events = events.max(1);
+        self.checkpoint_every_events = events;
         self.checkpoint_interval = interval;
         self
     }
 
-    /// Sets the most events handled in one go.
+    /// Sets the most events handled in one go (at least 1).
     pub fn batch_size(mut self, events: usize) -> Self {
-        self.batch_size = events.max(1);
+        self.batch_size = events;
         self
+    }
+
+    /// Sets how many skipped events the status lists (0: none, only the
+    /// count).
+    pub fn max_recorded_skips(mut self, events: usize) -> Self {
+        self.max_recorded_skips = events;
+        self
+    }
+
+    /// The projection's name, also the name of its checkpoint. One running
+    /// projection per name and store.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Which events it handles. Default: all.
+    pub fn event_filter(&self) -> &EventFilter {
+        &self.filter
+    }
+
+    /// What to do when the handler fails. Default: retry 5 times from 100 ms.
+    pub fn policy(&self) -> FailurePolicy {
+        self.failure_policy
+    }
+
+    /// Save the checkpoint after this many handled events. Default 1000. The
+    /// handling goes on while the store makes a save durable; a save that
+    /// comes due meanwhile starts after it.
+    pub fn checkpoint_every_events(&self) -> u64 {
+        self.checkpoint_every_events
+    }
+
+    /// ... or when this much time passed since the last save with progress
+    /// since. Default 1 s.
+    pub fn checkpoint_interval(&self) -> Duration {
+        self.checkpoint_interval
+    }
+
+    /// The most events handled in one go (one sled transaction for a
+    /// [`SledProjection`]). Default 256.
+    pub fn events_per_batch(&self) -> usize {
+        self.batch_size
+    }
+
+    /// How many skipped events the status lists (the newest). Default 100.
+    pub fn recorded_skips(&self) -> usize {
+        self.max_recorded_skips
+    }
+
+    /// Checks the settings; [`ProjectionHandle::spawn`] and
+    /// [`ProjectionHandle::spawn_sled`] call it first.
+    ///
+    /// # Errors
+    /// [`InvalidInput`] for a name the checkpoints cannot hold, or a setting
+    /// below its minimum: `checkpoint_every_events`, `batch_size` and a
+    /// retry's `max_attempts` must be at least 1.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        crate::store::validate_checkpoint_name(&self.name)?;
+        let at_least_one = |what: &'static str, value: u64| {
+            if value == 0 {
+                Err(InvalidInput::TooSmall {
+                    what,
+                    value,
+                    min: 1,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        at_least_one("checkpoint_every_events", self.checkpoint_every_events)?;
+        at_least_one("batch_size", self.batch_size as u64)?;
+        if let FailurePolicy::Retry { max_attempts, .. } = self.failure_policy {
+            at_least_one("max_attempts", u64::from(max_attempts))?;
+        }
+        Ok(())
     }
 }
 
@@ -237,6 +304,11 @@ pub enum ProjectionState {
     /// Its handler kept failing (see [`FailurePolicy::Retry`]) or the actor
     /// died; [`ProjectionStatus::last_error`] says why.
     Failed,
+    /// The store shut down (its live feed closed) and the projection handled
+    /// every event it holds: nothing more will arrive. The actor stays until
+    /// [`ProjectionHandle::shutdown`], which also frees its name; a
+    /// [`ProjectionHandle::reset`] rebuilds from what the store still holds.
+    Ended,
 }
 
 /// An event skipped under [`FailurePolicy::SkipAndRecord`].
@@ -272,7 +344,7 @@ pub struct ProjectionFailure {
 pub struct ProjectionStatus {
     /// The projection's name.
     pub name: String,
-    /// Running, paused, stopped or failed.
+    /// Running, paused, stopped, failed or ended.
     pub state: ProjectionState,
     /// Every matching event at or below this position was handled (for a
     /// [`SledProjection`], committed to its trees).
@@ -291,7 +363,7 @@ pub struct ProjectionStatus {
     /// Events skipped under [`FailurePolicy::SkipAndRecord`] since start.
     pub skipped_total: u64,
     /// The newest skipped events, at most
-    /// [`ProjectionConfig::max_recorded_skips`], oldest first.
+    /// [`ProjectionConfig::recorded_skips`], oldest first.
     pub skipped: Vec<SkippedEvent>,
 }
 

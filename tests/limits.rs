@@ -1,6 +1,6 @@
 //! The limits of the public API that the store conformance suite does not
 //! already cover: metadata key lengths, aggregate ids and oversized or
-//! too-many events through the runtime, projection names, and that a
+//! too-many events through the runtime, projection names and settings, and that a
 //! refusal writes nothing, not even after the sled store is reopened.
 //! Each answer is the documented typed error (docs/design.md, "Limits").
 
@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals::{
-    Aggregate, CommandError, DomainEvent, EventFilter, EventStore, ExpectedVersion, InvalidInput,
-    MemoryStore, NewEvent, Position, Projection, ProjectionConfig, ProjectionContext,
+    Aggregate, CommandError, DomainEvent, EventFilter, EventStore, ExpectedVersion, FailurePolicy,
+    InvalidInput, MemoryStore, NewEvent, Position, Projection, ProjectionConfig, ProjectionContext,
     ProjectionControlError, ProjectionError, ProjectionHandle, QueryError, ReadDirection,
     RecordedEvent, Runtime, RuntimeConfig, SledStore, SledStoreConfig, StreamId, Version,
     DEFAULT_MAX_EVENT_SIZE, MAX_CHECKPOINT_NAME_LEN, MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN,
@@ -433,6 +433,49 @@ async fn projection_names_are_checkpoint_names() {
         ProjectionHandle::spawn(Arc::clone(&store), ProjectionConfig::new(longest), Ignore)
             .await
             .expect("a name of exactly the maximum");
+    handle.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn projection_settings_below_their_minimum_are_refused() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let config = || ProjectionConfig::new("settings");
+    let no_tries = FailurePolicy::Retry {
+        max_attempts: 0,
+        backoff: Duration::from_millis(1),
+    };
+    for (config, what) in [
+        (config().batch_size(0), "batch_size"),
+        (
+            config().checkpoint_every(0, Duration::from_secs(1)),
+            "checkpoint_every_events",
+        ),
+        (config().failure_policy(no_tries), "max_attempts"),
+    ] {
+        let expected = InvalidInput::TooSmall {
+            what,
+            value: 0,
+            min: 1,
+        };
+        assert_eq!(config.validate(), Err(expected.clone()));
+        let result = ProjectionHandle::spawn(Arc::clone(&store), config, Ignore).await;
+        expect_invalid(
+            result.map(|_| ()),
+            |e| matches!(e, ProjectionControlError::InvalidInput(found) if *found == expected),
+        );
+    }
+    // The minimums themselves are fine.
+    let config = config()
+        .batch_size(1)
+        .checkpoint_every(1, Duration::ZERO)
+        .max_recorded_skips(0);
+    assert_eq!(
+        (config.events_per_batch(), config.checkpoint_every_events()),
+        (1, 1)
+    );
+    let handle = ProjectionHandle::spawn(Arc::clone(&store), config, Ignore)
+        .await
+        .expect("settings at their minimum");
     handle.shutdown().await.unwrap();
 }
 

@@ -1,18 +1,22 @@
 //! Operating a projection through its handle: read-your-writes with
 //! `wait_for` (and its typed timeout), status and lag, pause and resume, the
 //! failure policies (retry then stop; skip and record), shutdown saving the
-//! checkpoint, and a restart that continues after it.
+//! checkpoint, a restart that continues after it, handling that goes on
+//! while a checkpoint save waits for the store, and the end of a projection
+//! when the store shuts down.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use annals::{
-    AppendResult, EventFilter, EventStore, ExpectedVersion, FailurePolicy, MemoryStore, NewEvent,
-    Position, Projection, ProjectionConfig, ProjectionContext, ProjectionControlError,
-    ProjectionError, ProjectionHandle, ProjectionState, RecordedEvent, StreamId,
+    AppendError, AppendResult, EventFilter, EventStore, ExpectedVersion, FailurePolicy, LiveFeed,
+    MemoryStore, NewEvent, Position, Projection, ProjectionConfig, ProjectionContext,
+    ProjectionControlError, ProjectionError, ProjectionHandle, ProjectionState, ReadDirection,
+    ReadError, RecordedEvent, Snapshot, StoreError, StreamId, Version,
 };
 use async_trait::async_trait;
+use tokio::sync::Semaphore;
 
 /// Records the positions it handled. Fails on events of type `Poison`
 /// unless `healed`, and panics on `Panic`.
@@ -411,6 +415,137 @@ async fn the_checkpoint_is_saved_on_a_timer_when_idle() {
     assert_eq!(store.load_checkpoint("orders").await.unwrap(), Some(last));
     assert_eq!(handle.status().checkpoint, last);
     handle.shutdown().await.unwrap();
+}
+
+/// A memory store whose checkpoint saves wait at a gate, as a save waits for
+/// the disk's sync.
+#[derive(Debug)]
+struct SlowCheckpoints {
+    inner: MemoryStore,
+    gate: Arc<Semaphore>,
+    saves_started: AtomicU32,
+}
+
+#[async_trait]
+impl EventStore for SlowCheckpoints {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, AppendError> {
+        self.inner.append(stream, expected, events).await
+    }
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: Version,
+        direction: ReadDirection,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        self.inner.read_stream(stream, from, direction, limit).await
+    }
+    async fn stream_version(&self, stream: &StreamId) -> Result<Version, ReadError> {
+        self.inner.stream_version(stream).await
+    }
+    async fn read_all(
+        &self,
+        from: Position,
+        direction: ReadDirection,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        self.inner.read_all(from, direction, limit, filter).await
+    }
+    fn head_position(&self) -> Position {
+        self.inner.head_position()
+    }
+    fn subscribe_live(&self) -> LiveFeed {
+        self.inner.subscribe_live()
+    }
+    async fn save_snapshot(&self, stream: &StreamId, snapshot: Snapshot) -> Result<(), StoreError> {
+        self.inner.save_snapshot(stream, snapshot).await
+    }
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, ReadError> {
+        self.inner.load_snapshot(stream).await
+    }
+    async fn delete_snapshot(&self, stream: &StreamId) -> Result<(), StoreError> {
+        self.inner.delete_snapshot(stream).await
+    }
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        self.saves_started.fetch_add(1, Ordering::SeqCst);
+        let _permit = self.gate.acquire().await.expect("the gate stays open");
+        self.inner.save_checkpoint(name, position).await
+    }
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, ReadError> {
+        self.inner.load_checkpoint(name).await
+    }
+    async fn shutdown(&self) -> Result<(), StoreError> {
+        self.inner.shutdown().await
+    }
+}
+
+#[tokio::test]
+async fn handling_goes_on_while_a_checkpoint_save_waits_for_the_store() {
+    let slow = Arc::new(SlowCheckpoints {
+        inner: MemoryStore::new(),
+        gate: Arc::new(Semaphore::new(0)),
+        saves_started: AtomicU32::new(0),
+    });
+    let store: Arc<dyn EventStore> = slow.clone();
+    let head = append_many(&*store, 100).await;
+    let config = ProjectionConfig::new("orders")
+        .checkpoint_every(10, Duration::from_secs(3600))
+        .batch_size(5);
+    let recorder = Recorder::default();
+    let handle = ProjectionHandle::spawn(Arc::clone(&store), config, recorder.clone())
+        .await
+        .unwrap();
+    // A save starts after 10 events and cannot finish: the events after it
+    // are handled all the same, and no second save overtakes the first.
+    handle.wait_for(head, WAIT).await.unwrap();
+    assert_eq!(recorder.seen().len(), 100);
+    let status = handle.status();
+    assert_eq!(status.checkpoint, Position::START, "not saved yet");
+    assert_eq!(slow.saves_started.load(Ordering::SeqCst), 1);
+    assert_eq!(store.load_checkpoint("orders").await.unwrap(), None);
+
+    // Once the store answers, the checkpoint moves; shutdown saves the rest.
+    slow.gate.add_permits(1_000);
+    assert_eq!(handle.shutdown().await.unwrap(), head);
+    assert_eq!(store.load_checkpoint("orders").await.unwrap(), Some(head));
+}
+
+#[tokio::test]
+async fn a_projection_ends_when_the_store_shuts_down() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let recorder = Recorder::default();
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        ProjectionConfig::new("orders"),
+        recorder.clone(),
+    )
+    .await
+    .unwrap();
+    let last = append_many(&*store, 5).await;
+    handle.wait_for(last, WAIT).await.unwrap();
+    store.shutdown().await.unwrap();
+    // Nothing more can arrive: waiting for more answers at once.
+    assert!(matches!(
+        handle.wait_for(last.next(), WAIT).await,
+        Err(ProjectionControlError::NotRunning {
+            state: ProjectionState::Ended,
+            ..
+        })
+    ));
+    let status = handle.status();
+    assert_eq!(
+        (status.state, status.position),
+        (ProjectionState::Ended, last)
+    );
+    assert_eq!(recorder.seen().len(), 5);
+    let _ = handle.shutdown().await;
+    assert_eq!(handle.status().state, ProjectionState::Stopped);
 }
 
 #[tokio::test]

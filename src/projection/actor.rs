@@ -60,6 +60,10 @@ pub(crate) struct Applied {
     pub(crate) store_failed: bool,
 }
 
+/// The rest of a checkpoint save, once started: see
+/// [`Runner::start_checkpoint`].
+pub(crate) type SaveCheckpoint = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
 /// What the actor drives: a user's projection plus where its checkpoint and
 /// read model live.
 #[async_trait]
@@ -72,8 +76,17 @@ pub(crate) trait Runner: Send + 'static {
     /// (filtered-out or skipped events).
     fn advance(&mut self, position: Position);
 
+    /// Starts making `position` the durable checkpoint: whatever must be
+    /// written in order with the runner's other writes is written now, and
+    /// the returned future completes the save (durability). It borrows
+    /// nothing from the runner, so the actor keeps applying events while the
+    /// store syncs.
+    fn start_checkpoint(&mut self, position: Position) -> Result<SaveCheckpoint, StoreError>;
+
     /// Makes `position` the durable checkpoint.
-    async fn save_checkpoint(&mut self, position: Position) -> Result<(), StoreError>;
+    async fn save_checkpoint(&mut self, position: Position) -> Result<(), StoreError> {
+        self.start_checkpoint(position)?.await
+    }
 
     /// Moves the checkpoint back to the start and erases the read model.
     /// The flag says whether the checkpoint is now at the start, even if a
@@ -125,8 +138,15 @@ impl<P: Projection> Runner for PlainRunner<P> {
 
     fn advance(&mut self, _position: Position) {}
 
-    async fn save_checkpoint(&mut self, position: Position) -> Result<(), StoreError> {
-        self.store.save_checkpoint(&self.name, position).await
+    fn start_checkpoint(&mut self, position: Position) -> Result<SaveCheckpoint, StoreError> {
+        // The store's save is one call (write and sync), so all of it runs in
+        // the future. The actor starts the next save only once this one
+        // completed, so saves cannot overtake each other.
+        let store = Arc::clone(&self.store);
+        let name = Arc::clone(&self.name);
+        Ok(Box::pin(async move {
+            store.save_checkpoint(&name, position).await
+        }))
     }
 
     async fn reset(&mut self) -> (bool, Result<(), ProjectionControlError>) {
@@ -228,6 +248,15 @@ struct Retry {
     at: Instant,
 }
 
+/// A checkpoint save under way: the store syncs while the actor goes on.
+struct Saving {
+    position: Position,
+    /// The events counted in `unsaved` when it started, counted again if it
+    /// fails.
+    events: u64,
+    rest: SaveCheckpoint,
+}
+
 /// Everything the actor mutates.
 pub(crate) struct ActorState {
     store: Arc<dyn EventStore>,
@@ -247,8 +276,12 @@ pub(crate) struct ActorState {
     pending_passed: Option<Position>,
     position: Position,
     checkpoint: Position,
+    /// Events handled since the last save started.
     unsaved: u64,
+    /// When the last save started.
     last_save: Instant,
+    /// At most one save at a time, so that saves cannot overtake each other.
+    saving: Option<Saving>,
     events_handled: u64,
     retry: Option<Retry>,
     read_retry_at: Option<Instant>,
@@ -296,6 +329,7 @@ impl ActorState {
             checkpoint,
             unsaved: 0,
             last_save: Instant::now(),
+            saving: None,
             events_handled: 0,
             retry: None,
             read_retry_at: None,
@@ -311,7 +345,13 @@ impl ActorState {
     }
 
     fn runnable(&self) -> bool {
-        !(self.paused || self.failed || self.stopped || self.ended)
+        !(self.paused || self.failed || self.stopped || self.finished())
+    }
+
+    /// The live feed closed and nothing taken from the subscription is left
+    /// to apply (a batch being retried is still retried).
+    fn finished(&self) -> bool {
+        self.ended && self.pending.is_empty() && self.pending_passed.is_none()
     }
 
     fn schedule(&mut self, myself: &ActorRef<ProjectionMessage>) {
@@ -328,6 +368,8 @@ impl ActorState {
             ProjectionState::Stopped
         } else if self.failed {
             ProjectionState::Failed
+        } else if self.finished() {
+            ProjectionState::Ended
         } else if self.paused {
             ProjectionState::Paused
         } else {
@@ -352,42 +394,47 @@ impl ActorState {
     /// timer), take a batch, apply it.
     async fn process(&mut self) {
         if self.pending.is_empty() && self.pending_passed.is_none() {
-            if let Some(at) = self.read_retry_at {
-                if Instant::now() < at {
-                    wait_until(&self.interrupt, at).await;
-                    return;
-                }
-                self.read_retry_at = None;
-            }
-            let interrupt = Arc::clone(&self.interrupt);
-            let deadline = (self.position > self.checkpoint)
-                .then(|| self.last_save + self.config.checkpoint_interval);
-            let woke = tokio::select! {
-                biased;
-                () = interrupt.notified() => Woke::Interrupted,
-                () = sleep_until_some(deadline) => Woke::CheckpointDue,
-                delivery = self.subscription.next_delivery() => Woke::Delivery(delivery),
-            };
-            match woke {
-                Woke::Interrupted => return,
-                Woke::CheckpointDue => {
-                    self.save_checkpoint().await;
-                    return;
-                }
-                Woke::Delivery(delivery) => {
-                    if !self.take(delivery) {
+            // Events left from the last catch-up page need no wait.
+            self.subscription
+                .take_buffered(self.config.batch_size, &mut self.pending);
+            if self.pending.is_empty() {
+                if let Some(at) = self.read_retry_at {
+                    if Instant::now() < at {
+                        wait_until(&self.interrupt, at).await;
                         return;
+                    }
+                    self.read_retry_at = None;
+                }
+                let interrupt = Arc::clone(&self.interrupt);
+                let deadline = (self.position > self.checkpoint && self.saving.is_none())
+                    .then(|| self.last_save + self.config.checkpoint_interval);
+                let woke = tokio::select! {
+                    biased;
+                    () = interrupt.notified() => Woke::Interrupted,
+                    result = save_finished(&mut self.saving) => Woke::Saved(result),
+                    () = sleep_until_some(deadline) => Woke::CheckpointDue,
+                    delivery = self.subscription.next_delivery() => Woke::Delivery(delivery),
+                };
+                match woke {
+                    Woke::Interrupted => return,
+                    Woke::Saved(result) => {
+                        if let Some(saving) = self.saving.take() {
+                            self.saved(saving.position, saving.events, result);
+                        }
+                        return;
+                    }
+                    Woke::CheckpointDue => {
+                        self.start_save().await;
+                        return;
+                    }
+                    Woke::Delivery(delivery) => {
+                        if !self.take(delivery) {
+                            return;
+                        }
                     }
                 }
             }
-            while self.pending.len() < self.config.batch_size && self.pending_passed.is_none() {
-                let Some(delivery) = self.subscription.try_next_delivery() else {
-                    break;
-                };
-                if !self.take(delivery) {
-                    break;
-                }
-            }
+            self.fill_batch();
         }
         if let Some(retry) = self.retry {
             if Instant::now() < retry.at {
@@ -396,11 +443,31 @@ impl ActorState {
             }
         }
         self.apply_pending().await;
-        if self.position > self.checkpoint
+        self.collect_save().await;
+        if self.saving.is_none()
+            && self.position > self.checkpoint
             && (self.unsaved >= self.config.checkpoint_every_events
                 || self.last_save.elapsed() >= self.config.checkpoint_interval)
         {
-            self.save_checkpoint().await;
+            self.start_save().await;
+        }
+    }
+
+    /// Tops the batch up with what the subscription has without waiting: the
+    /// rest of the current page in one move, then (if the batch has room) the
+    /// next page, which the store answers at once.
+    fn fill_batch(&mut self) {
+        while self.pending.len() < self.config.batch_size && self.pending_passed.is_none() {
+            let room = self.config.batch_size - self.pending.len();
+            if self.subscription.take_buffered(room, &mut self.pending) > 0 {
+                continue;
+            }
+            let Some(delivery) = self.subscription.try_next_delivery() else {
+                break;
+            };
+            if !self.take(delivery) {
+                break;
+            }
         }
     }
 
@@ -416,7 +483,7 @@ impl ActorState {
                 true
             }
             Ok(Delivery::End) => {
-                info!(projection = %self.config.name, "the store's live feed closed; the projection is idle");
+                info!(projection = %self.config.name, "the store's live feed closed and every event was handled; the projection ended");
                 self.ended = true;
                 false
             }
@@ -534,16 +601,85 @@ impl ActorState {
         }
     }
 
-    /// Saves the checkpoint at the current position; a failure is reported
-    /// in the status and retried at the next save.
-    async fn save_checkpoint(&mut self) -> Option<StoreError> {
+    /// Starts saving the checkpoint at the current position, without waiting
+    /// for the store to make it durable: the save completes while the actor
+    /// applies the next batches (a sync per save would otherwise stall a
+    /// catch-up for most of its time), and [`ActorState::checkpoint`] moves
+    /// once it did.
+    async fn start_save(&mut self) {
         let position = self.position;
-        match self.runner.save_checkpoint(position).await {
+        let events = self.unsaved;
+        self.unsaved = 0;
+        self.last_save = Instant::now();
+        match self.runner.start_checkpoint(position) {
+            Ok(rest) => {
+                self.saving = Some(Saving {
+                    position,
+                    events,
+                    rest,
+                });
+                // Polled once now, so that the store starts on it at once.
+                self.collect_save().await;
+            }
+            Err(error) => {
+                self.saved(position, events, Err(error));
+            }
+        }
+    }
+
+    /// Polls the save under way once, without waiting, and records its end
+    /// if it completed.
+    async fn collect_save(&mut self) {
+        std::future::poll_fn(|cx| {
+            self.poll_save(cx);
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    fn poll_save(&mut self, cx: &mut Context<'_>) {
+        let Some(saving) = &mut self.saving else {
+            return;
+        };
+        if let Poll::Ready(result) = saving.rest.as_mut().poll(cx) {
+            let (position, events) = (saving.position, saving.events);
+            self.saving = None;
+            self.saved(position, events, result);
+        }
+    }
+
+    /// Waits for the save under way, if any.
+    async fn settle_save(&mut self) {
+        if let Some(mut saving) = self.saving.take() {
+            let result = saving.rest.as_mut().await;
+            self.saved(saving.position, saving.events, result);
+        }
+    }
+
+    /// Saves the checkpoint at the current position and waits until it is
+    /// durable (after the save under way, if any); a failure is reported in
+    /// the status and retried at the next save.
+    async fn save_checkpoint(&mut self) -> Option<StoreError> {
+        self.settle_save().await;
+        let position = self.position;
+        let events = self.unsaved;
+        self.unsaved = 0;
+        self.last_save = Instant::now();
+        let result = self.runner.save_checkpoint(position).await;
+        self.saved(position, events, result)
+    }
+
+    /// Records how the save of `position` ended.
+    fn saved(
+        &mut self,
+        position: Position,
+        events: u64,
+        result: Result<(), StoreError>,
+    ) -> Option<StoreError> {
+        match result {
             Ok(()) => {
                 debug!(projection = %self.config.name, %position, "checkpoint saved");
                 self.checkpoint = position;
-                self.unsaved = 0;
-                self.last_save = Instant::now();
                 None
             }
             Err(error) => {
@@ -553,7 +689,8 @@ impl ActorState {
                     error: error.to_string(),
                     attempts: 1,
                 });
-                // Do not try again at once from the timer.
+                // Retried after the next batch, not at once from the timer.
+                self.unsaved += events;
                 self.last_save = Instant::now();
                 Some(error)
             }
@@ -561,6 +698,8 @@ impl ActorState {
     }
 
     async fn reset(&mut self) -> Result<(), ProjectionControlError> {
+        // A save still under way must not land after the reset's checkpoint.
+        self.settle_save().await;
         let (at_start, result) = self.runner.reset().await;
         if !at_start {
             warn!(projection = %self.config.name, error = ?result.as_ref().err(), "reset failed; the projection goes on where it was");
@@ -603,6 +742,7 @@ impl ActorState {
 
 enum Woke {
     Interrupted,
+    Saved(Result<(), StoreError>),
     CheckpointDue,
     Delivery(Result<Delivery, SubscriptionError>),
 }
@@ -615,6 +755,14 @@ async fn wait_until(interrupt: &Notify, at: Instant) {
         biased;
         () = interrupt.notified() => {}
         () = sleep_until(at) => {}
+    }
+}
+
+/// Completes the save under way; never completes when there is none.
+async fn save_finished(saving: &mut Option<Saving>) -> Result<(), StoreError> {
+    match saving {
+        Some(saving) => saving.rest.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

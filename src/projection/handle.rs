@@ -23,7 +23,7 @@ use crate::projection::{
     SledProjection,
 };
 use crate::store::sled::SledStore;
-use crate::store::{validate_checkpoint_name, EventStore};
+use crate::store::EventStore;
 
 /// A cheap, cloneable handle to a running projection actor.
 ///
@@ -104,7 +104,8 @@ impl ProjectionHandle {
     /// saved checkpoint are handled again after a crash).
     ///
     /// # Errors
-    /// [`ProjectionControlError::InvalidInput`] for a bad name,
+    /// [`ProjectionControlError::InvalidInput`] for a bad name or setting
+    /// (see [`ProjectionConfig::validate`]),
     /// [`ProjectionControlError::Read`] when the checkpoint cannot be loaded,
     /// [`ProjectionControlError::Spawn`] when the actor cannot start.
     #[instrument(skip_all, fields(projection = %config.name))]
@@ -113,7 +114,7 @@ impl ProjectionHandle {
         config: ProjectionConfig,
         projection: P,
     ) -> Result<Self, ProjectionControlError> {
-        validate_checkpoint_name(&config.name)?;
+        config.validate()?;
         let checkpoint = store
             .load_checkpoint(&config.name)
             .await?
@@ -144,7 +145,7 @@ impl ProjectionHandle {
         config: ProjectionConfig,
         projection: P,
     ) -> Result<Self, ProjectionControlError> {
-        validate_checkpoint_name(&config.name)?;
+        config.validate()?;
         let (runner, checkpoint) =
             SledRunner::open(Arc::clone(&store), config.name.as_str().into(), projection)?;
         Self::start(store, config, Box::new(runner), checkpoint).await
@@ -213,8 +214,8 @@ impl ProjectionHandle {
     /// # Errors
     /// [`ProjectionControlError::Timeout`] when `timeout` passed first (the
     /// projection keeps going), [`ProjectionControlError::NotRunning`] when
-    /// it stopped or failed before getting there. A paused projection is
-    /// waited for, until the timeout.
+    /// it stopped, failed or ended (the store shut down) before getting
+    /// there. A paused projection is waited for, until the timeout.
     pub async fn wait_for(
         &self,
         position: Position,
@@ -227,7 +228,7 @@ impl ProjectionHandle {
                 status.position >= position
                     || matches!(
                         status.state,
-                        ProjectionState::Stopped | ProjectionState::Failed
+                        ProjectionState::Stopped | ProjectionState::Failed | ProjectionState::Ended
                     )
             }),
         )

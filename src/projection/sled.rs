@@ -15,7 +15,7 @@ use sled::IVec;
 
 use crate::error::{InvalidInput, ProjectionControlError, ProjectionError, StoreError};
 use crate::event::{Position, RecordedEvent};
-use crate::projection::actor::{panic_message, Applied, Runner};
+use crate::projection::actor::{panic_message, Applied, Runner, SaveCheckpoint};
 use crate::projection::ProjectionContext;
 use crate::store::sled::SledStore;
 
@@ -300,7 +300,7 @@ impl<P: SledProjection> Runner for SledRunner<P> {
         // filtered out or skipped change nothing in the read model.
     }
 
-    async fn save_checkpoint(&mut self, position: Position) -> Result<(), StoreError> {
+    fn start_checkpoint(&mut self, position: Position) -> Result<SaveCheckpoint, StoreError> {
         if position != self.stored {
             // Only progress through events that changed nothing: one key,
             // atomic on its own.
@@ -309,7 +309,8 @@ impl<P: SledProjection> Runner for SledRunner<P> {
                 .insert(self.name.as_bytes(), &position.0.to_be_bytes())?;
             self.stored = position;
         }
-        self.store.sync().await
+        let store = Arc::clone(&self.store);
+        Ok(Box::pin(async move { store.sync().await }))
     }
 
     async fn reset(&mut self) -> (bool, Result<(), ProjectionControlError>) {

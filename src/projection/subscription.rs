@@ -157,6 +157,46 @@ impl Subscription {
         }
     }
 
+    /// Moves up to `max` matching events that the subscription already holds
+    /// (read with the last catch-up page or live commit) into `out`, in
+    /// order, without reading the store or waiting; returns how many. The
+    /// projection actor takes its batches this way: one call per batch
+    /// instead of one delivery, with its boxed step, per event.
+    pub(crate) fn take_buffered(&mut self, max: usize, out: &mut VecDeque<RecordedEvent>) -> usize {
+        // While a step is in flight it owns the cursor, and with it the
+        // buffer: the events must then come from that step first.
+        let Some(cursor) = &mut self.cursor else {
+            return 0;
+        };
+        let count = max.min(cursor.buffer.len());
+        let Some(last) = count
+            .checked_sub(1)
+            .map(|last| cursor.buffer[last].position)
+        else {
+            return 0;
+        };
+        if cfg!(debug_assertions) {
+            let mut previous = cursor.delivered;
+            for event in cursor.buffer.range(..count) {
+                assert!(
+                    event.position > previous,
+                    "subscription positions must strictly increase: {} after {previous}",
+                    event.position,
+                );
+                previous = event.position;
+            }
+        }
+        if out.is_empty() && count == cursor.buffer.len() {
+            std::mem::swap(out, &mut cursor.buffer);
+        } else {
+            out.extend(cursor.buffer.drain(..count));
+        }
+        cursor.delivered = last;
+        cursor.reported = last;
+        self.position = last;
+        count
+    }
+
     fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery, SubscriptionError>> {
         let step = match &mut self.step {
             Some(step) => step,
@@ -295,7 +335,7 @@ impl Cursor {
     /// State changes only once the read succeeded, so a failed read is
     /// retried from the same place.
     async fn read_page(&mut self, head: Position) -> Result<(), SubscriptionError> {
-        let page = self
+        let mut page = self
             .store
             .read_all(
                 self.checked.next(),
@@ -310,13 +350,14 @@ impl Cursor {
             Some(last) if page.len() >= self.page_size => last.position.min(head),
             _ => head,
         };
-        for event in page {
-            if event.position > head {
-                break;
-            }
-            if event.position > self.checked {
-                self.buffer.push_back(event);
-            }
+        // Positions increase along the page: keep those in (checked, head].
+        page.truncate(page.partition_point(|event| event.position <= head));
+        page.drain(..page.partition_point(|event| event.position <= self.checked));
+        if self.buffer.is_empty() {
+            // Takes over the page's allocation instead of moving each event.
+            self.buffer = VecDeque::from(page);
+        } else {
+            self.buffer.extend(page);
         }
         self.checked = scanned;
         Ok(())
@@ -378,6 +419,53 @@ mod tests {
             .await
             .unwrap()
             .last_position
+    }
+
+    #[tokio::test]
+    async fn buffered_events_are_taken_in_batches_without_gap_or_repeat() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+        let mut appended = Vec::new();
+        for stream in ["user-1", "order-1", "user-2", "user-3", "user-4", "order-2"] {
+            appended.push(append(&*store, stream).await);
+        }
+        let mut subscription = subscribe(
+            Arc::clone(&store),
+            Position::START,
+            EventFilter::Category("user".into()),
+        )
+        .with_page_size(3);
+        let mut out = VecDeque::new();
+        assert_eq!(
+            subscription.take_buffered(10, &mut out),
+            0,
+            "nothing read yet"
+        );
+        // A page is 3 matching events: positions 1, 3 and 4.
+        assert!(
+            matches!(subscription.next_delivery().await, Ok(Delivery::Event(e)) if e.position == appended[0])
+        );
+        assert_eq!(subscription.take_buffered(1, &mut out), 1);
+        assert_eq!(subscription.position(), appended[2]);
+        assert_eq!(subscription.take_buffered(10, &mut out), 1);
+        assert_eq!(subscription.position(), appended[3]);
+        assert_eq!(subscription.take_buffered(10, &mut out), 0);
+        // The next page is short: position 5, then 6 is filtered out.
+        assert!(
+            matches!(subscription.next_delivery().await, Ok(Delivery::Event(e)) if e.position == appended[4])
+        );
+        assert_eq!(subscription.take_buffered(10, &mut out), 0);
+        assert!(
+            matches!(subscription.next_delivery().await, Ok(Delivery::Passed(p)) if p == appended[5])
+        );
+        let taken: Vec<_> = out.iter().map(|e| e.position).collect();
+        assert_eq!(taken, [appended[2], appended[3]]);
+        // Live commits are buffered the same way.
+        let live = append(&*store, "user-5").await;
+        assert!(
+            matches!(subscription.next_delivery().await, Ok(Delivery::Event(e)) if e.position == live)
+        );
+        assert_eq!(subscription.take_buffered(10, &mut out), 0);
+        assert_eq!(subscription.position(), live);
     }
 
     #[tokio::test]

@@ -216,13 +216,19 @@ enum WriteRequest {
 
 /// An event record as stored under `E + position`. Strings and bytes borrow
 /// from the stored value when decoding, so that a filtered scan allocates
-/// only for the events it returns.
+/// only for the events it returns. The stream id and the event type are
+/// (de)serialized as bytes, which postcard encodes exactly as it encodes a
+/// `str` (a varint length, then the bytes): the format is unchanged, and a
+/// scan checks their UTF-8 only when they differ from the previous record's
+/// (see [`RecordDecoder`]).
 #[derive(Serialize, Deserialize)]
 struct StoredRecord<'a> {
     event_id: Uuid,
-    stream: &'a str,
+    #[serde(with = "serde_bytes")]
+    stream: &'a [u8],
     version: u64,
-    event_type: &'a str,
+    #[serde(with = "serde_bytes")]
+    event_type: &'a [u8],
     schema_version: u16,
     recorded_at_micros: u64,
     correlation_id: Option<Uuid>,
@@ -314,27 +320,82 @@ fn decode_record(position: u64, bytes: &[u8]) -> Result<StoredRecord<'_>, StoreE
         .map_err(|e| corrupt(format_args!("event at position {position}: {e}")))
 }
 
-fn to_recorded(position: u64, record: &StoredRecord<'_>) -> Result<RecordedEvent, StoreError> {
-    Ok(RecordedEvent {
-        event_id: record.event_id,
-        stream_id: StreamId::new(record.stream)
-            .map_err(|e| corrupt(format_args!("event at position {position}: {e}")))?,
-        version: Version(record.version),
-        position: Position(position),
-        event_type: record.event_type.to_owned(),
-        schema_version: record.schema_version,
-        recorded_at_micros: record.recorded_at_micros,
-        metadata: Metadata {
-            correlation_id: record.correlation_id,
-            causation_id: record.causation_id,
-            extra: record
-                .extra
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        },
-        payload: record.payload.to_vec(),
-    })
+fn record_utf8(position: u64, bytes: &[u8]) -> Result<&str, StoreError> {
+    std::str::from_utf8(bytes)
+        .map_err(|e| corrupt(format_args!("event at position {position}: {e}")))
+}
+
+/// Builds [`RecordedEvent`]s from stored records, one read at a time. The
+/// events of one append sit next to each other in the log and share their
+/// stream (and often their type), so the decoder keeps the previous event's
+/// stream id and type and reuses them while the bytes repeat: a scan checks
+/// and allocates a stream id once per run of events rather than per event.
+#[derive(Default)]
+struct RecordDecoder {
+    stream: Option<StreamId>,
+    event_type: String,
+}
+
+impl RecordDecoder {
+    /// The event stored at `position` as `bytes`, or `None` when it does not
+    /// pass `filter` (a filtered-out event's stream id is not validated).
+    fn decode(
+        &mut self,
+        position: u64,
+        bytes: &[u8],
+        filter: &EventFilter,
+    ) -> Result<Option<RecordedEvent>, StoreError> {
+        let record = decode_record(position, bytes)?;
+        let known_stream = self
+            .stream
+            .as_ref()
+            .filter(|known| known.as_str().as_bytes() == record.stream);
+        let stream = match known_stream {
+            Some(known) => known.as_str(),
+            None => record_utf8(position, record.stream)?,
+        };
+        let known_type = self.event_type.as_bytes() == record.event_type;
+        let event_type = if known_type {
+            self.event_type.as_str()
+        } else {
+            record_utf8(position, record.event_type)?
+        };
+        if !filter.matches(stream, event_type) {
+            return Ok(None);
+        }
+        let event_type = event_type.to_owned();
+        let stream_id = match known_stream {
+            Some(known) => known.clone(),
+            None => {
+                let stream_id = StreamId::new(stream)
+                    .map_err(|e| corrupt(format_args!("event at position {position}: {e}")))?;
+                self.stream = Some(stream_id.clone());
+                stream_id
+            }
+        };
+        if !known_type {
+            self.event_type.clone_from(&event_type);
+        }
+        Ok(Some(RecordedEvent {
+            event_id: record.event_id,
+            stream_id,
+            version: Version(record.version),
+            position: Position(position),
+            event_type,
+            schema_version: record.schema_version,
+            recorded_at_micros: record.recorded_at_micros,
+            metadata: Metadata {
+                correlation_id: record.correlation_id,
+                causation_id: record.causation_id,
+                extra: record
+                    .extra
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            },
+            payload: record.payload.to_vec(),
+        }))
+    }
 }
 
 impl SledStore {
@@ -500,12 +561,13 @@ impl SledStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    fn read_event(&self, position: u64) -> Result<Option<RecordedEvent>, StoreError> {
+    fn read_event(
+        &self,
+        position: u64,
+        decoder: &mut RecordDecoder,
+    ) -> Result<Option<RecordedEvent>, StoreError> {
         match self.log.get(event_key(position))? {
-            Some(bytes) => Ok(Some(to_recorded(
-                position,
-                &decode_record(position, &bytes)?,
-            )?)),
+            Some(bytes) => decoder.decode(position, &bytes, &EventFilter::All),
             None => Ok(None),
         }
     }
@@ -910,9 +972,9 @@ impl Writer {
         for (offset, event) in events.iter().enumerate() {
             let record = StoredRecord {
                 event_id: event.event_id,
-                stream: stream.as_str(),
+                stream: stream.as_str().as_bytes(),
                 version: actual + 1 + offset as u64,
-                event_type: &event.event_type,
+                event_type: event.event_type.as_bytes(),
                 schema_version: event.schema_version,
                 recorded_at_micros: pending.recorded_at_micros,
                 correlation_id: event.metadata.correlation_id,
@@ -991,7 +1053,7 @@ impl Writer {
             .ok_or_else(|| corrupt(format_args!("event id {id} points at missing {position}")))?;
         let record = decode_record(position, &bytes)?;
         Ok(Some(StoredId {
-            stream: StreamId::new(record.stream).map_err(corrupt)?,
+            stream: StreamId::new(record_utf8(position, record.stream)?).map_err(corrupt)?,
             version: Version(record.version),
             position: Position(position),
         }))
@@ -1058,13 +1120,14 @@ impl EventStore for SledStore {
                 .range(prefix.clone()..=stream_key(stream.as_str(), from.0)),
         };
         let mut events = Vec::new();
+        let mut decoder = RecordDecoder::default();
         let mut push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
             let (key, value) = entry?;
             if !key.starts_with(&prefix) {
                 return Ok(false);
             }
             let position = decode_u64(&value)?;
-            let event = self.read_event(position)?.ok_or_else(|| {
+            let event = self.read_event(position, &mut decoder)?.ok_or_else(|| {
                 corrupt(format_args!("{stream} index points at missing {position}"))
             })?;
             events.push(event);
@@ -1108,12 +1171,12 @@ impl EventStore for SledStore {
             ReadDirection::Backward => self.log.range(event_key(0)..=event_key(from.0)),
         };
         let mut events = Vec::with_capacity(limit.min(4096));
+        let mut decoder = RecordDecoder::default();
         let mut push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
             let (key, value) = entry?;
             let position = decode_u64(&key[1..])?;
-            let record = decode_record(position, &value)?;
-            if filter.matches(record.stream, record.event_type) {
-                events.push(to_recorded(position, &record)?);
+            if let Some(event) = decoder.decode(position, &value, filter)? {
+                events.push(event);
             }
             Ok(events.len() < limit)
         };
@@ -1219,5 +1282,113 @@ impl EventStore for SledStore {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record as it was first declared, with `str` fields.
+    #[derive(Serialize)]
+    struct StrRecord<'a> {
+        event_id: Uuid,
+        stream: &'a str,
+        version: u64,
+        event_type: &'a str,
+        schema_version: u16,
+        recorded_at_micros: u64,
+        correlation_id: Option<Uuid>,
+        causation_id: Option<Uuid>,
+        extra: Vec<(&'a str, &'a str)>,
+        #[serde(with = "serde_bytes")]
+        payload: &'a [u8],
+    }
+
+    fn encode(stream: &str, event_type: &str) -> Vec<u8> {
+        let record = StoredRecord {
+            event_id: Uuid::from_u128(7),
+            stream: stream.as_bytes(),
+            version: 3,
+            event_type: event_type.as_bytes(),
+            schema_version: 2,
+            recorded_at_micros: 11,
+            correlation_id: Some(Uuid::from_u128(9)),
+            causation_id: None,
+            extra: vec![("tenant", "é")],
+            payload: b"payload",
+        };
+        postcard::to_stdvec(&record).unwrap()
+    }
+
+    #[test]
+    fn byte_fields_encode_as_the_str_fields_did() {
+        let bytes = encode("order-1", "OrderPlaced");
+        let as_str = postcard::to_stdvec(&StrRecord {
+            event_id: Uuid::from_u128(7),
+            stream: "order-1",
+            version: 3,
+            event_type: "OrderPlaced",
+            schema_version: 2,
+            recorded_at_micros: 11,
+            correlation_id: Some(Uuid::from_u128(9)),
+            causation_id: None,
+            extra: vec![("tenant", "é")],
+            payload: b"payload",
+        })
+        .unwrap();
+        assert_eq!(bytes, as_str);
+    }
+
+    #[test]
+    fn the_decoder_reuses_only_identical_streams_and_types() {
+        let mut decoder = RecordDecoder::default();
+        let records = [
+            ("order-1", "OrderPlaced"),
+            ("order-1", "OrderPlaced"),
+            ("order-10", "OrderPlaced"),
+            ("order-1", "OrderShipped"),
+            ("order-1", "OrderShippe"),
+        ];
+        for (position, (stream, event_type)) in (1..).zip(records) {
+            let event = decoder
+                .decode(position, &encode(stream, event_type), &EventFilter::All)
+                .unwrap()
+                .unwrap();
+            assert_eq!(event.stream_id.as_str(), stream);
+            assert_eq!(event.event_type, event_type);
+            assert_eq!(event.position, Position(position));
+            assert_eq!(event.payload, b"payload");
+            assert_eq!(event.metadata.extra["tenant"], "é");
+        }
+    }
+
+    #[test]
+    fn the_decoder_checks_what_it_does_not_reuse() {
+        let mut decoder = RecordDecoder::default();
+        let all = EventFilter::All;
+        assert!(decoder.decode(1, &encode("order-1", "A"), &all).is_ok());
+        // A reserved stream id is refused even right after a valid one...
+        assert!(matches!(
+            decoder.decode(2, &encode("$order-1", "A"), &all),
+            Err(StoreError::Corrupt(_))
+        ));
+        // ... but, as before, not when the filter leaves the event out.
+        let orders = EventFilter::Category("order".into());
+        assert!(matches!(
+            decoder.decode(3, &encode("$x", "A"), &orders),
+            Ok(None)
+        ));
+        // Bytes that are not UTF-8 are refused whatever the filter.
+        let mut bytes = encode("order-1", "A\u{e9}");
+        let index = bytes
+            .windows(3)
+            .position(|w| w == [b'A', 0xc3, 0xa9])
+            .unwrap();
+        bytes[index + 1] = 0xff;
+        assert!(matches!(
+            decoder.decode(4, &bytes, &orders),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 }
