@@ -297,17 +297,6 @@ fn id_key(id: Uuid) -> [u8; 17] {
     key
 }
 
-/// The last key of the `I` index, O(log n).
-fn greatest_id(log: &sled::Tree) -> Result<Option<Uuid>, StoreError> {
-    let Some((key, _)) = log.scan_prefix([EVENT_ID]).next_back().transpose()? else {
-        return Ok(None);
-    };
-    let bytes: [u8; 16] = key[1..]
-        .try_into()
-        .map_err(|_| corrupt(format_args!("event id key of {} bytes", key.len())))?;
-    Ok(Some(Uuid::from_bytes(bytes)))
-}
-
 fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes
         .try_into()
@@ -500,7 +489,6 @@ impl SledStore {
             min_free_bytes: config.min_free_bytes,
             heads: HashMap::new(),
             head_cache_capacity: config.head_cache_capacity,
-            greatest_id: greatest_id(&log)?,
         };
         let writer = std::thread::Builder::new()
             .name("annals-writer".into())
@@ -716,11 +704,6 @@ struct Writer {
     /// it is updated only after a group is durable, never by a failed one.
     heads: HashMap<StreamId, u64>,
     head_cache_capacity: usize,
-    /// The greatest event id in the `I` index (`None` when it is empty).
-    /// The writer alone adds to the index, so an id above it cannot be
-    /// stored: new v7 ids, which increase with time, skip the index lookup
-    /// of the idempotency check (about 15% of the writer's time otherwise).
-    greatest_id: Option<Uuid>,
 }
 
 /// One append of a group, decided but not yet durable.
@@ -858,9 +841,6 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.last_position = next_position - 1;
-                if let Some(&greatest) = new_ids.keys().max() {
-                    self.greatest_id = self.greatest_id.max(Some(greatest));
-                }
                 let counters = &self.syncer.counters;
                 let appended = decided.iter().filter(|d| d.outcome.is_ok()).count() as u64;
                 counters.appends.fetch_add(appended, Ordering::Relaxed);
@@ -1038,11 +1018,11 @@ impl Writer {
         if let Some(stored) = new_ids.get(&id) {
             return Ok(Some(stored.clone()));
         }
-        // Keys sort as the ids' bytes, as `Uuid`'s order does.
-        let may_be_stored = matches!(self.greatest_id, Some(greatest) if id <= greatest);
-        if !may_be_stored {
-            return Ok(None);
-        }
+        // Always looked up, even for an id above every stored one (fresh
+        // v7 ids nearly always are): the gets keep sled's index pages
+        // consolidated. Skipping them made sled write 70% more (a million
+        // events: an 895 MB log against 522 MB, six times the system time)
+        // and opening the store 35 times slower (3.1-3.9 s against 89 ms).
         let Some(position) = self.log.get(id_key(id))? else {
             return Ok(None);
         };
