@@ -238,7 +238,7 @@ impl Metadata {
 }
 
 /// An event to append: its id, type name, schema version, metadata and
-/// already-encoded payload (see [`crate::codec`] for typed events).
+/// already-encoded payload (see [`crate::encode_event`] for typed events).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewEvent {
     /// Unique id; appends are idempotent by it. A UUID v7 unless set.

@@ -71,6 +71,13 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
 
     /// Reads up to `limit` events of the whole log that pass `filter`,
     /// starting at position `from` (inclusive), in `direction`.
+    ///
+    /// Like every read, it returns acknowledged events only (up to
+    /// [`EventStore::head_position`] when it starts), never one of a group
+    /// commit still on its way to the disk. On the sled store, a
+    /// [`EventFilter::Stream`] read goes through the stream's index, so it
+    /// costs what the stream's length does, not the log's; the other
+    /// filters scan the log from `from`.
     async fn read_all(
         &self,
         from: Position,

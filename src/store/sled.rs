@@ -549,6 +549,48 @@ impl SledStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// `read_all` with a stream filter, through the stream's index rather
+    /// than the whole log: the cost follows the stream's length.
+    fn read_all_of_stream(
+        &self,
+        stream: &StreamId,
+        from: Position,
+        direction: ReadDirection,
+        limit: usize,
+        head: u64,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let index = self.log.scan_prefix(stream_prefix(stream.as_str()));
+        let index: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            match direction {
+                ReadDirection::Forward => Box::new(index),
+                ReadDirection::Backward => Box::new(index.rev()),
+            };
+        let mut events = Vec::new();
+        let mut decoder = RecordDecoder::default();
+        for entry in index {
+            let (_, value) = entry?;
+            let position = decode_u64(&value)?;
+            let (before_from, past_end) = match direction {
+                ReadDirection::Forward => (position < from.0, position > head),
+                ReadDirection::Backward => (position > from.0 || position > head, false),
+            };
+            if past_end {
+                break;
+            }
+            if before_from {
+                continue;
+            }
+            let event = self.read_event(position, &mut decoder)?.ok_or_else(|| {
+                corrupt(format_args!("{stream} index points at missing {position}"))
+            })?;
+            events.push(event);
+            if events.len() >= limit {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
     fn read_event(
         &self,
         position: u64,
@@ -1092,6 +1134,8 @@ impl EventStore for SledStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, ReadError> {
         validate_limit(limit)?;
+        // Acknowledged events only, as in `read_all`.
+        let head = self.feed.head().0;
         let prefix = stream_prefix(stream.as_str());
         let range = match direction {
             ReadDirection::Forward => self.log.range(stream_key(stream.as_str(), from.0)..),
@@ -1107,6 +1151,11 @@ impl EventStore for SledStore {
                 return Ok(false);
             }
             let position = decode_u64(&value)?;
+            if position > head {
+                // Versions and positions grow together: past the head going
+                // forward, nothing more; going backward, older ones follow.
+                return Ok(direction == ReadDirection::Backward);
+            }
             let event = self.read_event(position, &mut decoder)?.ok_or_else(|| {
                 corrupt(format_args!("{stream} index points at missing {position}"))
             })?;
@@ -1144,11 +1193,16 @@ impl EventStore for SledStore {
         filter: &EventFilter,
     ) -> Result<Vec<RecordedEvent>, ReadError> {
         validate_limit(limit)?;
+        // Acknowledged events only: the writer applies a group to sled
+        // before it is durable and moves the head once it is.
+        let head = self.feed.head().0;
+        if let EventFilter::Stream(stream) = filter {
+            return self.read_all_of_stream(stream, from, direction, limit, head);
+        }
         let range = match direction {
-            ReadDirection::Forward => self
-                .log
-                .range(event_key(from.0.max(1))..event_key(u64::MAX)),
-            ReadDirection::Backward => self.log.range(event_key(0)..=event_key(from.0)),
+            ReadDirection::Forward if from.0.max(1) > head => return Ok(Vec::new()),
+            ReadDirection::Forward => self.log.range(event_key(from.0.max(1))..=event_key(head)),
+            ReadDirection::Backward => self.log.range(event_key(0)..=event_key(from.0.min(head))),
         };
         let mut events = Vec::with_capacity(limit.min(4096));
         let mut decoder = RecordDecoder::default();
@@ -1370,5 +1424,60 @@ mod tests {
             decoder.decode(4, &bytes, &orders),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    /// The writer applies a group to sled before it is durable; until the
+    /// head moves, no read may return it (it could still be lost). Staged
+    /// here by writing a record and its index entry past the head.
+    #[tokio::test]
+    async fn reads_stop_at_the_acknowledged_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path().join("store")).unwrap();
+        let id = StreamId::new("order-1").unwrap();
+        let event = || NewEvent::new("Placed", vec![1]);
+        store
+            .append(&id, ExpectedVersion::Any, vec![event(), event()])
+            .await
+            .unwrap();
+        let mut record = encode("order-1", "Placed");
+        // `encode` writes version 3, the next one: position 3, unacknowledged.
+        store.log.insert(event_key(3), record.as_slice()).unwrap();
+        store
+            .log
+            .insert(stream_key("order-1", 3), &3u64.to_be_bytes())
+            .unwrap();
+        record.clear();
+
+        let positions = |events: Vec<RecordedEvent>| -> Vec<u64> {
+            events.iter().map(|event| event.position.0).collect()
+        };
+        let stream_filter = EventFilter::Stream(id.clone());
+        for filter in [EventFilter::All, stream_filter] {
+            let forward = store
+                .read_all(Position::START, ReadDirection::Forward, 10, &filter)
+                .await
+                .unwrap();
+            assert_eq!(positions(forward), [1, 2], "{filter:?}");
+            let backward = store
+                .read_all(Position::END, ReadDirection::Backward, 10, &filter)
+                .await
+                .unwrap();
+            assert_eq!(positions(backward), [2, 1], "{filter:?}");
+            let beyond = store
+                .read_all(Position(3), ReadDirection::Forward, 10, &filter)
+                .await
+                .unwrap();
+            assert!(beyond.is_empty(), "{filter:?}");
+        }
+        let forward = store
+            .read_stream(&id, Version::FIRST, ReadDirection::Forward, 10)
+            .await
+            .unwrap();
+        assert_eq!(positions(forward), [1, 2]);
+        let backward = store
+            .read_stream(&id, Version::MAX, ReadDirection::Backward, 10)
+            .await
+            .unwrap();
+        assert_eq!(positions(backward), [2, 1]);
     }
 }
