@@ -33,13 +33,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annals::{
-    encode_event, Durability, EventStore, ExpectedVersion, NewEvent, Projection, ProjectionConfig,
-    ProjectionContext, ProjectionError, ProjectionHandle, RecordedEvent, SledStore,
-    SledStoreConfig, StreamId,
+    Durability, EventStore, Projection, ProjectionConfig, ProjectionContext, ProjectionError,
+    ProjectionHandle, RecordedEvent, SledStore, SledStoreConfig,
 };
 use async_trait::async_trait;
-
-use common::CounterEvent;
 
 type Result<T, E = Box<dyn Error + Send + Sync>> = std::result::Result<T, E>;
 
@@ -57,21 +54,6 @@ impl Projection for Noop {
     }
 }
 
-/// The handler of `throughput`: counts events per stream in memory.
-struct StreamCounts(HashMap<StreamId, u64>);
-
-#[async_trait]
-impl Projection for StreamCounts {
-    async fn handle(
-        &mut self,
-        event: &RecordedEvent,
-        _: &ProjectionContext,
-    ) -> Result<(), ProjectionError> {
-        *self.0.entry(event.stream_id.clone()).or_default() += 1;
-        Ok(())
-    }
-}
-
 /// Marks the start of the measured part for callgrind's `--zero-before`.
 #[inline(never)]
 pub fn measure_start() {
@@ -85,58 +67,14 @@ pub fn measure_end() {
     std::hint::black_box(2);
 }
 
-/// Writes `events` events as `throughput` does: buffered, 1,000 per append
-/// to streams `counter-bulk-{k % 1000}`, 4 writers.
-async fn write(path: &Path, events: u64) -> Result<()> {
-    let store = Arc::new(SledStore::open_with(
-        SledStoreConfig::new(path).durability(Durability::Buffered {
-            flush_every_ms: 1000,
-        }),
-    )?);
-    let appends = events.div_ceil(1000);
-    let writers = 4u64;
-    let tasks: Vec<_> = (0..writers)
-        .map(|writer| {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move {
-                let mut append = writer;
-                while append < appends {
-                    let n = (events - append * 1000).min(1000);
-                    let stream = StreamId::new(format!("counter-bulk-{}", append % 1000))?;
-                    let batch = (0..n)
-                        .map(|_| encode_event(&CounterEvent::Incremented { by: 1 }))
-                        .collect::<Result<Vec<NewEvent>, _>>()?;
-                    store.append(&stream, ExpectedVersion::Any, batch).await?;
-                    append += writers;
-                }
-                Ok::<(), Box<dyn Error + Send + Sync>>(())
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await??;
-    }
-    store.shutdown().await?;
-    Ok(())
-}
-
 fn open(path: &Path) -> Result<Arc<SledStore>> {
     Ok(Arc::new(SledStore::open_with(
         SledStoreConfig::new(path).durability(Durability::Fsync),
     )?))
 }
 
-/// The raw scan of `throughput`: every `E` record, keys and values touched.
 fn raw_scan(store: &SledStore) -> Result<u64> {
-    let log = store.database().open_tree("log")?;
-    let (mut count, mut bytes) = (0u64, 0usize);
-    for entry in log.scan_prefix([b'E']) {
-        let (key, value) = entry?;
-        bytes += key.len() + value.len();
-        count += 1;
-    }
-    std::hint::black_box(bytes);
-    Ok(count)
+    Ok(common::scan_log(store)?)
 }
 
 /// A projection from 0 to the head; returns events/s and the fdatasyncs
@@ -157,7 +95,7 @@ async fn catch_up(
     let projection = if noop {
         ProjectionHandle::spawn(store.clone(), config, Noop).await?
     } else {
-        ProjectionHandle::spawn(store.clone(), config, StreamCounts(HashMap::new())).await?
+        ProjectionHandle::spawn(store.clone(), config, common::StreamCounts(HashMap::new())).await?
     };
     projection.wait_for(head, Duration::from_secs(600)).await?;
     let rate = head.0 as f64 / start.elapsed().as_secs_f64();
@@ -191,7 +129,7 @@ async fn main() -> Result<()> {
         Some("write") => {
             let path = Path::new(arg(1).ok_or("write DIR [N]")?);
             let events = arg(2).map_or(Ok(200_000), str::parse)?;
-            write(path, events).await?;
+            common::fill_bulk(path, events).await?;
             println!("wrote {events} events to {}", path.display());
         }
         Some("catchup") => {

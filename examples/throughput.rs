@@ -45,11 +45,9 @@ use std::time::{Duration, Instant};
 
 use annals::{
     encode_event, encode_value, Durability, EventStore, ExpectedVersion, NewEvent, Position,
-    Projection, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
-    RecordedEvent, Runtime, RuntimeConfig, SledStore, SledStoreConfig, Snapshot, StoreStats,
-    StreamId, Version,
+    ProjectionConfig, ProjectionHandle, Runtime, RuntimeConfig, SledStore, SledStoreConfig,
+    Snapshot, StoreStats, StreamId, Version,
 };
-use async_trait::async_trait;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -542,63 +540,10 @@ async fn loads(rounds: usize) -> Result<Vec<Load>> {
 // ---------------------------------------------------------------------------
 // A store of a million events: opening, catching up, scanning.
 
-/// Counts events per stream, in memory: a projection that costs little.
-struct StreamCounts(HashMap<StreamId, u64>);
-
-#[async_trait]
-impl Projection for StreamCounts {
-    async fn handle(
-        &mut self,
-        event: &RecordedEvent,
-        _: &ProjectionContext,
-    ) -> Result<(), ProjectionError> {
-        *self.0.entry(event.stream_id.clone()).or_default() += 1;
-        Ok(())
-    }
-}
-
-/// Writes `events` events quickly (buffered, 1,000 per append, 4 writers).
-async fn fill(path: &Path, events: u64) -> Result<()> {
-    let store = open_store(
-        path,
-        Durability::Buffered {
-            flush_every_ms: 1000,
-        },
-    )?;
-    let appends = events.div_ceil(1000);
-    let writers = 4u64;
-    let tasks: Vec<_> = (0..writers)
-        .map(|writer| {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move {
-                let mut append = writer;
-                while append < appends {
-                    let n = (events - append * 1000).min(1000);
-                    write_stream(&store, &format!("bulk-{}", append % 1000), n).await?;
-                    append += writers;
-                }
-                Ok::<(), Box<dyn Error + Send + Sync>>(())
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await??;
-    }
-    store.shutdown().await?;
-    Ok(())
-}
-
-/// Plain sled: every `E` record of the log, keys and values touched.
+/// Plain sled: every `E` record of the log; the count and events/s.
 fn raw_scan(store: &SledStore) -> Result<(u64, f64)> {
-    let log = store.database().open_tree("log")?;
     let start = Instant::now();
-    let (mut count, mut bytes) = (0u64, 0usize);
-    for entry in log.scan_prefix([b'E']) {
-        let (key, value) = entry?;
-        bytes += key.len() + value.len();
-        count += 1;
-    }
-    std::hint::black_box(bytes);
+    let count = common::scan_log(store)?;
     Ok((count, count as f64 / start.elapsed().as_secs_f64()))
 }
 
@@ -611,7 +556,7 @@ struct BigStore {
 async fn big_store(events: u64) -> Result<BigStore> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
-    fill(&path, events).await?;
+    common::fill_bulk(&path, events).await?;
 
     let mut opens = Vec::new();
     for _ in 0..3 {
@@ -632,7 +577,7 @@ async fn big_store(events: u64) -> Result<BigStore> {
     let projection = ProjectionHandle::spawn(
         store.clone(),
         ProjectionConfig::new("throughput-catchup"),
-        StreamCounts(HashMap::new()),
+        common::StreamCounts(HashMap::new()),
     )
     .await?;
     projection.wait_for(head, Duration::from_secs(600)).await?;
