@@ -15,8 +15,9 @@
 //! ```
 //!
 //! The latency figure is taken the way a service sees load: commands
-//! arrive on a fixed schedule whatever the answers do (open loop), over the
-//! 10,000 aggregates of the last command figure, all live; the first
+//! arrive on a fixed schedule whatever the answers do (open loop), over
+//! 10,000 live aggregates, on a fresh store and runtime for each run (an
+//! overloaded run leaves sled work that the next would pay for); the first
 //! quarter of each run is a warm-up and is not measured; each latency runs
 //! from the command's due time to its answer. The rate is half the
 //! closed-loop maximum when the runtime keeps up with it (achieves 95% of
@@ -133,16 +134,14 @@ struct CommandRun {
     _dir: tempfile::TempDir,
 }
 
-/// `aggregates` tasks, each sending one-event commands to its own aggregate
-/// one after another, for `run`; every aggregate is live before the clock
-/// starts.
-async fn commands(aggregates: usize, run: Duration) -> Result<CommandRun> {
+/// A runtime on a fresh durable store with `aggregates` live aggregates,
+/// each with one command done.
+async fn warm_runtime(aggregates: usize) -> Result<(Runtime, Arc<SledStore>, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let store = open_store(&dir.path().join("store"), Durability::Fsync)?;
     let config = RuntimeConfig::default().max_live_aggregates(aggregates.max(100_000) * 2);
     let runtime = Runtime::new(store.clone(), config);
     let counters = runtime.aggregates::<Counter>();
-
     let warm_up: Vec<_> = (0..aggregates)
         .map(|n| {
             let counters = counters.clone();
@@ -152,6 +151,30 @@ async fn commands(aggregates: usize, run: Duration) -> Result<CommandRun> {
     for task in warm_up {
         task.await??;
     }
+    Ok((runtime, store, dir))
+}
+
+/// One open-loop run on a fresh runtime and store: a run that overloaded
+/// the store leaves work behind (sled's own flushing of what it wrote), and
+/// measured on the same store the next run paid for it.
+async fn fresh_open_loop(
+    aggregates: usize,
+    rate: f64,
+    warm_up: Duration,
+    run: Duration,
+) -> Result<OpenLoop> {
+    let (runtime, _store, _dir) = warm_runtime(aggregates).await?;
+    let measured = open_loop(&runtime, aggregates, rate, warm_up, run).await?;
+    runtime.shutdown().await?;
+    Ok(measured)
+}
+
+/// `aggregates` tasks, each sending one-event commands to its own aggregate
+/// one after another, for `run`; every aggregate is live before the clock
+/// starts.
+async fn commands(aggregates: usize, run: Duration) -> Result<CommandRun> {
+    let (runtime, store, dir) = warm_runtime(aggregates).await?;
+    let counters = runtime.aggregates::<Counter>();
 
     let before = store.stats();
     let start = Instant::now();
@@ -316,14 +339,13 @@ impl Latency {
 /// rate steps down by a fifth (shorter runs) until one is: that is the
 /// open-loop maximum found, and the figure is measured again at half of it.
 async fn latency_at_half_max(
-    runtime: &Runtime,
     aggregates: usize,
     closed_loop_max: f64,
     scale: &Scale,
 ) -> Result<Latency> {
     let warm_up = scale.run / 4;
     let mut rate = closed_loop_max / 2.0;
-    let half_max = open_loop(runtime, aggregates, rate, warm_up, scale.run).await?;
+    let half_max = fresh_open_loop(aggregates, rate, warm_up, scale.run).await?;
     let mut latency = Latency {
         steps: Vec::new(),
         half_open_loop_max: None,
@@ -334,11 +356,11 @@ async fn latency_at_half_max(
     }
     for _ in 0..6 {
         rate *= 0.8;
-        let step = open_loop(runtime, aggregates, rate, warm_up, scale.run / 2).await?;
+        let step = fresh_open_loop(aggregates, rate, warm_up, scale.run / 2).await?;
         let sustained = step.sustained();
         latency.steps.push(step);
         if sustained {
-            let half = open_loop(runtime, aggregates, rate / 2.0, warm_up, scale.run).await?;
+            let half = fresh_open_loop(aggregates, rate / 2.0, warm_up, scale.run).await?;
             latency.half_open_loop_max = Some(half);
             break;
         }
@@ -670,10 +692,9 @@ async fn main() -> Result<()> {
     .await??;
     drop(raw_dir);
 
-    let latency =
-        latency_at_half_max(&big.runtime, AGGREGATE_COUNTS[2], commands_10000, &scale).await?;
     big.runtime.shutdown().await?;
     drop(big);
+    let latency = latency_at_half_max(AGGREGATE_COUNTS[2], commands_10000, &scale).await?;
 
     let loads = loads(scale.load_rounds).await?;
     let store = big_store(scale.open_events).await?;
