@@ -1245,10 +1245,19 @@ mod cases {
             payload: version.to_be_bytes().to_vec(),
         };
         store.save_snapshot(&id, at(10)).await.unwrap();
+        // Older: refused.
         store.save_snapshot(&id, at(4)).await.unwrap();
-        store.save_snapshot(&id, at(10)).await.unwrap();
         assert_eq!(store.load_snapshot(&id).await.unwrap(), Some(at(10)));
+        // The same version: the stored one stays.
+        let same = Snapshot {
+            version: Version(10),
+            payload: b"another encoding".to_vec(),
+        };
+        store.save_snapshot(&id, same).await.unwrap();
+        assert_eq!(store.load_snapshot(&id).await.unwrap(), Some(at(10)));
+        // Newest first, so that a plain overwrite would end on the oldest.
         let savers: Vec<_> = (1..=64u64)
+            .rev()
             .map(|version| {
                 let (store, id) = (store.clone(), id.clone());
                 tokio::spawn(async move { store.save_snapshot(&id, at(version * 3)).await })
