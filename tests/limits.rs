@@ -4,18 +4,20 @@
 //! refusal writes nothing, not even after the sled store is reopened.
 //! Each answer is the documented typed error (docs/design.md, "Limits").
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use annals::{
-    Aggregate, CommandError, DomainEvent, EventFilter, EventStore, ExpectedVersion, FailurePolicy,
-    InvalidInput, MemoryStore, NewEvent, Position, Projection, ProjectionConfig, ProjectionContext,
-    ProjectionControlError, ProjectionError, ProjectionHandle, QueryError, ReadDirection,
-    RecordedEvent, Runtime, RuntimeConfig, SledStore, SledStoreConfig, StreamId, Version,
-    DEFAULT_MAX_EVENT_SIZE, MAX_CHECKPOINT_NAME_LEN, MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN,
-    MAX_STREAM_ID_LEN,
+    Aggregate, CommandError, DomainEvent, EventStore, ExpectedVersion, FailurePolicy, InvalidInput,
+    MemoryStore, NewEvent, Position, Projection, ProjectionConfig, ProjectionContext,
+    ProjectionControlError, ProjectionError, ProjectionHandle, QueryError, RecordedEvent, Runtime,
+    RuntimeConfig, SledStore, SledStoreConfig, StreamId, Version, DEFAULT_MAX_EVENT_SIZE,
+    MAX_CHECKPOINT_NAME_LEN, MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
 use async_trait::async_trait;
+use common::whole_log;
 use serde::{Deserialize, Serialize};
 
 /// An aggregate that emits what it is told: `count` events of `size`
@@ -61,18 +63,6 @@ impl Aggregate for Bulk {
 
 fn stream(id: &str) -> StreamId {
     StreamId::new(id).expect("valid stream id")
-}
-
-async fn whole_log(store: &dyn EventStore) -> Vec<RecordedEvent> {
-    store
-        .read_all(
-            Position::START,
-            ReadDirection::Forward,
-            usize::MAX,
-            &EventFilter::All,
-        )
-        .await
-        .expect("read $all")
 }
 
 fn sled_store(path: &std::path::Path, max_event_size: usize) -> SledStore {

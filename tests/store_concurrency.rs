@@ -3,14 +3,17 @@
 //! (I2), `$all` must hold positions 1..N with no gap (I3), and every
 //! acknowledged event must be where its acknowledgement says.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use annals::{
-    AppendError, AppendResult, EventFilter, EventStore, ExpectedVersion, MemoryStore, NewEvent,
-    Position, ReadDirection, RecordedEvent, SledStore, StreamId, Version,
+    AppendError, AppendResult, EventStore, ExpectedVersion, MemoryStore, NewEvent, Position,
+    ReadDirection, RecordedEvent, SledStore, StreamId, Version,
 };
+use common::whole_log;
 use tempfile::TempDir;
 use tokio::sync::Barrier;
 use uuid::Uuid;
@@ -65,18 +68,6 @@ for_each_backend!(
 
 fn stream(id: &str) -> StreamId {
     StreamId::new(id).expect("valid stream id")
-}
-
-async fn whole_log(store: &dyn EventStore) -> Vec<RecordedEvent> {
-    store
-        .read_all(
-            Position::START,
-            ReadDirection::Forward,
-            usize::MAX,
-            &EventFilter::All,
-        )
-        .await
-        .expect("read $all")
 }
 
 /// Fails the test instead of hanging it when a backend deadlocks.

@@ -3,6 +3,8 @@
 //! (and against the fault-injecting wrapper with no faults planned).
 //! A backend that passes here behaves like the others for every caller.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,6 +16,7 @@ use annals::{
     StreamId, Version, DEFAULT_LIVE_FEED_CAPACITY, DEFAULT_MAX_EVENT_SIZE, MAX_CHECKPOINT_NAME_LEN,
     MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
+use common::{whole_log, whole_stream};
 use tempfile::TempDir;
 use uuid::Uuid;
 
@@ -156,25 +159,6 @@ fn events(tag: &str, count: usize) -> Vec<NewEvent> {
     (0..count)
         .map(|i| event("Happened", &format!("{tag}/{i}")))
         .collect()
-}
-
-async fn whole_log(store: &dyn EventStore) -> Vec<RecordedEvent> {
-    store
-        .read_all(
-            Position::START,
-            ReadDirection::Forward,
-            usize::MAX,
-            &EventFilter::All,
-        )
-        .await
-        .expect("read $all")
-}
-
-async fn whole_stream(store: &dyn EventStore, id: &StreamId) -> Vec<RecordedEvent> {
-    store
-        .read_stream(id, Version::FIRST, ReadDirection::Forward, usize::MAX)
-        .await
-        .expect("read stream")
 }
 
 async fn append(

@@ -3,6 +3,8 @@
 //! positions and versions continue with no gap and no reuse; and paths that
 //! do not hold a store of this format are typed errors.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -13,30 +15,12 @@ use annals::{
     NewEvent, Position, ReadDirection, RecordedEvent, SledStore, SledStoreConfig, Snapshot,
     StoreError, StreamId, Version, FORMAT_VERSION,
 };
+use common::{whole_log, whole_stream};
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
 fn stream(id: &str) -> StreamId {
     StreamId::new(id).expect("valid stream id")
-}
-
-async fn whole_log(store: &dyn EventStore) -> Vec<RecordedEvent> {
-    store
-        .read_all(
-            Position::START,
-            ReadDirection::Forward,
-            usize::MAX,
-            &EventFilter::All,
-        )
-        .await
-        .expect("read $all")
-}
-
-async fn whole_stream(store: &dyn EventStore, id: &StreamId) -> Vec<RecordedEvent> {
-    store
-        .read_stream(id, Version::FIRST, ReadDirection::Forward, usize::MAX)
-        .await
-        .expect("read stream")
 }
 
 /// Retries `attempt` for up to a second while the previous session still

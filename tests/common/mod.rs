@@ -296,3 +296,24 @@ impl EventStore for TestStore {
         self.inner.shutdown().await
     }
 }
+
+/// Every event of `$all`, in order.
+pub async fn whole_log(store: &dyn EventStore) -> Vec<RecordedEvent> {
+    store
+        .read_all(
+            Position::START,
+            ReadDirection::Forward,
+            usize::MAX,
+            &EventFilter::All,
+        )
+        .await
+        .expect("read $all")
+}
+
+/// Every event of `id`, in order.
+pub async fn whole_stream(store: &dyn EventStore, id: &StreamId) -> Vec<RecordedEvent> {
+    store
+        .read_stream(id, Version::FIRST, ReadDirection::Forward, usize::MAX)
+        .await
+        .expect("read stream")
+}
