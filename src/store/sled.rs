@@ -549,46 +549,42 @@ impl SledStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// `read_all` with a stream filter, through the stream's index rather
-    /// than the whole log: the cost follows the stream's length.
-    fn read_all_of_stream(
+    /// The version of `stream`'s first event at or after `from` (going
+    /// forward), or its last one at or before it (going backward): positions
+    /// grow with versions, so a binary search over the index, O(log n) gets.
+    /// `None` when there is none.
+    fn version_at_position(
         &self,
         stream: &StreamId,
         from: Position,
         direction: ReadDirection,
-        limit: usize,
-        head: u64,
-    ) -> Result<Vec<RecordedEvent>, ReadError> {
-        let index = self.log.scan_prefix(stream_prefix(stream.as_str()));
-        let index: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
-            match direction {
-                ReadDirection::Forward => Box::new(index),
-                ReadDirection::Backward => Box::new(index.rev()),
-            };
-        let mut events = Vec::new();
-        let mut decoder = RecordDecoder::default();
-        for entry in index {
-            let (_, value) = entry?;
-            let position = decode_u64(&value)?;
-            let (before_from, past_end) = match direction {
-                ReadDirection::Forward => (position < from.0, position > head),
-                ReadDirection::Backward => (position > from.0 || position > head, false),
-            };
-            if past_end {
-                break;
-            }
-            if before_from {
-                continue;
-            }
-            let event = self.read_event(position, &mut decoder)?.ok_or_else(|| {
-                corrupt(format_args!("{stream} index points at missing {position}"))
-            })?;
-            events.push(event);
-            if events.len() >= limit {
-                break;
+    ) -> Result<Option<Version>, StoreError> {
+        let position_of = |version: u64| -> Result<u64, StoreError> {
+            let value = self
+                .log
+                .get(stream_key(stream.as_str(), version))?
+                .ok_or_else(|| corrupt(format_args!("{stream} index misses version {version}")))?;
+            decode_u64(&value)
+        };
+        // The first version whose position is at or after `from`, in 1..=last+1.
+        let last = stream_head(&self.log, stream.as_str())?;
+        let (mut low, mut high) = (1, last + 1);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            if position_of(middle)? < from.0 {
+                low = middle + 1;
+            } else {
+                high = middle;
             }
         }
-        Ok(events)
+        Ok(match direction {
+            ReadDirection::Forward => (low <= last).then_some(Version(low)),
+            // At `from` itself, or the one before the first past it.
+            ReadDirection::Backward if low <= last && position_of(low)? == from.0 => {
+                Some(Version(low))
+            }
+            ReadDirection::Backward => (low > 1).then(|| Version(low - 1)),
+        })
     }
 
     fn read_event(
@@ -1182,7 +1178,17 @@ impl EventStore for SledStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Version, ReadError> {
-        Ok(Version(stream_head(&self.log, stream.as_str())?))
+        // The last version at or below the acknowledged head: the index may
+        // hold a group the writer applied and has not yet made durable.
+        let head = self.feed.head().0;
+        for entry in self.log.scan_prefix(stream_prefix(stream.as_str())).rev() {
+            let (key, value) = entry?;
+            if decode_u64(&value)? <= head {
+                let version = key.get(key.len().saturating_sub(8)..).unwrap_or_default();
+                return Ok(Version(decode_u64(version)?));
+            }
+        }
+        Ok(Version::NONE)
     }
 
     async fn read_all(
@@ -1197,7 +1203,12 @@ impl EventStore for SledStore {
         // before it is durable and moves the head once it is.
         let head = self.feed.head().0;
         if let EventFilter::Stream(stream) = filter {
-            return self.read_all_of_stream(stream, from, direction, limit, head);
+            // Through the stream's index: the cost follows the stream, not
+            // the log. `read_stream` stops at the head as this does.
+            return match self.version_at_position(stream, from, direction)? {
+                Some(version) => self.read_stream(stream, version, direction, limit).await,
+                None => Ok(Vec::new()),
+            };
         }
         let range = match direction {
             ReadDirection::Forward if from.0.max(1) > head => return Ok(Vec::new()),
@@ -1479,5 +1490,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(positions(backward), [2, 1]);
+        assert_eq!(store.stream_version(&id).await.unwrap(), Version(2));
     }
 }
