@@ -110,6 +110,9 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, ReadError>;
 
     /// Deletes the snapshot of `stream`, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] after [`EventStore::shutdown`]; the store's.
     async fn delete_snapshot(&self, stream: &StreamId) -> Result<(), StoreError>;
 
     /// Saves a named position (a projection's checkpoint). Durable under the
@@ -120,7 +123,13 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, ReadError>;
 
     /// Stops accepting writes, finishes the queued ones and flushes. Later
-    /// appends fail with [`StoreError::Closed`]. Calling it twice is fine.
+    /// appends and snapshot writes fail with [`StoreError::Closed`]; reads
+    /// still work. Calling it twice is fine.
+    ///
+    /// # Errors
+    /// [`StoreError::Poisoned`] (sled store) when a write had failed, or the
+    /// final flush fails: what is on disk is then the last durable prefix,
+    /// which reopening recovers.
     async fn shutdown(&self) -> Result<(), StoreError>;
 }
 

@@ -1310,10 +1310,16 @@ mod cases {
         };
         store.save_snapshot(&id, snapshot.clone()).await.unwrap();
         store.shutdown().await.unwrap();
-        match store.save_snapshot(&id, snapshot).await {
+        match store.save_snapshot(&id, snapshot.clone()).await {
             Err(StoreError::Closed) => {}
             other => panic!("expected Closed after shutdown, got {other:?}"),
         }
+        match store.delete_snapshot(&id).await {
+            Err(StoreError::Closed) => {}
+            other => panic!("expected Closed after shutdown, got {other:?}"),
+        }
+        // Reads still work.
+        assert_eq!(store.load_snapshot(&id).await.unwrap(), Some(snapshot));
     }
 
     pub(super) async fn checkpoints(open: Open) {

@@ -241,7 +241,11 @@ impl EventStore for MemoryStore {
     }
 
     async fn delete_snapshot(&self, stream: &StreamId) -> Result<(), StoreError> {
-        self.lock().snapshots.remove(stream);
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(StoreError::Closed);
+        }
+        inner.snapshots.remove(stream);
         Ok(())
     }
 

@@ -164,8 +164,6 @@ pub struct StoreStats {
 
 #[derive(Debug, Default)]
 struct Counters {
-    /// Set with `Writer::poisoned`, for `Drop`.
-    poisoned: std::sync::atomic::AtomicBool,
     appends: AtomicU64,
     group_commits: AtomicU64,
     durable_syncs: AtomicU64,
@@ -619,11 +617,6 @@ impl Drop for SledStore {
             drop(std::mem::replace(&mut self.sender, closed));
             let _ = handle.join();
         }
-        // Checked after the join: committing what was queued may itself
-        // have poisoned the store.
-        if self.counters.poisoned.load(Ordering::SeqCst) {
-            leak_sled_handles(&self.db);
-        }
     }
 }
 
@@ -774,8 +767,12 @@ impl Writer {
             None => self.flush_and_sync(),
             Some(why) => Err(why.clone()),
         };
-        if let Err(e) = &result {
-            error!(error = %e, "final flush of the event store failed");
+        if let Err(why) = &result {
+            error!(error = %why, "final flush of the event store failed");
+            // What reached the disk is unknown, as after any failed write;
+            // poisoned, the store's sled handles are leaked below, so that no
+            // drop waits for a flush that cannot complete.
+            self.poison(why.clone());
         }
         self.receiver.close();
         while let Ok(request) = self.receiver.try_recv() {
@@ -784,7 +781,7 @@ impl Writer {
         // Nothing commits after this point: subscribers get FeedError::Closed.
         self.feed.close();
         if let Some(reply) = shutdown {
-            let _ = reply.send(result.map_err(|e| StoreError::Io(std::io::Error::other(e))));
+            let _ = reply.send(result.map_err(StoreError::Poisoned));
         }
         if self.poisoned.is_some() {
             leak_sled_handles(&self.db);
@@ -925,7 +922,6 @@ impl Writer {
         if self.poisoned.is_none() {
             error!(error = %why, "a write failed; the store refuses writes until reopened");
             self.poisoned = Some(why);
-            self.syncer.counters.poisoned.store(true, Ordering::SeqCst);
         }
     }
 
@@ -1263,15 +1259,27 @@ impl EventStore for SledStore {
         .map_err(corrupt)?;
         // Not synced on its own: a snapshot is a cache, and the next group
         // commit flushes it. Losing it in a crash costs a longer replay.
-        // Compare-and-swap, so that of two racing saves the newer stays.
-        self.snapshots.fetch_and_update(stream.as_str(), |stored| {
-            let keep = stored.filter(|stored| {
+        // Compare-and-swap, so that of two racing saves the newer stays; a
+        // stored snapshot at the same or a higher version is left as it is,
+        // not rewritten.
+        let key = stream.as_str();
+        loop {
+            let stored = self.snapshots.get(key)?;
+            let newer_stored = stored.as_ref().is_some_and(|stored| {
                 postcard::from_bytes::<StoredSnapshot<'_>>(stored)
                     .is_ok_and(|stored| stored.version >= snapshot.version.0)
             });
-            Some(keep.map_or_else(|| bytes.clone(), <[u8]>::to_vec))
-        })?;
-        Ok(())
+            if newer_stored {
+                return Ok(());
+            }
+            if self
+                .snapshots
+                .compare_and_swap(key, stored, Some(bytes.as_slice()))?
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
     }
 
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, ReadError> {
@@ -1291,6 +1299,9 @@ impl EventStore for SledStore {
     }
 
     async fn delete_snapshot(&self, stream: &StreamId) -> Result<(), StoreError> {
+        if self.sender.is_closed() {
+            return Err(StoreError::Closed);
+        }
         self.snapshots.remove(stream.as_str())?;
         Ok(())
     }
