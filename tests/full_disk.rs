@@ -3,6 +3,8 @@
 //! again once space is freed. Needs root to mount a tmpfs; where mounting is
 //! not permitted the tests say so and check nothing else.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -136,7 +138,7 @@ async fn a_full_disk_refuses_appends_and_the_store_resumes_once_space_is_freed()
     store.shutdown().await.unwrap();
     drop(store);
 
-    let store = SledStore::open_with(config).unwrap();
+    let store = common::until_unlocked(|| SledStore::open_with(config.clone())).unwrap();
     assert_log_starts_with(&store, &acknowledged).await;
     store.shutdown().await.unwrap();
 }
@@ -176,6 +178,10 @@ fn full_disk_child() {
             "AGAIN {}",
             matches!(again, Err(AppendError::Store(StoreError::Poisoned(_))))
         );
+        // Shutting down answers that the store is poisoned, typed, and
+        // returns (sled's own final flush would wait forever).
+        let shut = store.shutdown().await;
+        println!("SHUTDOWN {}", matches!(shut, Err(StoreError::Poisoned(_))));
         drop(store);
         println!("DROPPED");
     });
@@ -215,6 +221,7 @@ fn sled_running_out_of_space_poisons_the_store_and_loses_nothing() {
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.contains("ERROR typed"), "{stdout}");
     assert!(stdout.contains("AGAIN true"), "{stdout}");
+    assert!(stdout.contains("SHUTDOWN true"), "{stdout}");
     assert!(stdout.contains("DROPPED"), "{stdout}");
     let acknowledged: Vec<Uuid> = stdout
         .lines()

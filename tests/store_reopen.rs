@@ -8,40 +8,18 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use annals::{
     AppendError, AppendResult, Durability, EventFilter, EventStore, ExpectedVersion, Metadata,
     NewEvent, Position, ReadDirection, RecordedEvent, SledStore, SledStoreConfig, Snapshot,
     StoreError, StreamId, Version, FORMAT_VERSION,
 };
-use common::{whole_log, whole_stream};
+use common::{until_unlocked, whole_log, whole_stream};
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
 fn stream(id: &str) -> StreamId {
     StreamId::new(id).expect("valid stream id")
-}
-
-/// Retries `attempt` for up to a second while the previous session still
-/// holds sled's file lock. sled 0.34 releases it a few milliseconds after
-/// its last handle is dropped (its I/O thread pool still holds the file),
-/// even after `shutdown()`; measured 3 to 10 ms with raw sled alone.
-fn until_unlocked<T, E: std::fmt::Display>(
-    mut attempt: impl FnMut() -> Result<T, E>,
-) -> Result<T, E> {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    loop {
-        match attempt() {
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            result => return result,
-        }
-    }
 }
 
 fn open(path: &Path, durability: Durability) -> SledStore {
