@@ -732,7 +732,8 @@ struct Writer {
     min_free_bytes: u64,
     /// Stream heads as committed. The writer is the only one that appends
     /// (sled's file lock keeps other processes out), so an entry is exact;
-    /// it is updated only after a group is durable, never by a failed one.
+    /// it is updated once a group is applied and, where the durability mode
+    /// asks for it, synced; never by a failed one.
     heads: HashMap<StreamId, u64>,
     head_cache_capacity: usize,
 }
