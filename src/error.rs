@@ -160,6 +160,20 @@ impl Clone for StoreError {
     }
 }
 
+/// `Ok` when `value` is at least 1, else [`InvalidInput::TooSmall`] for
+/// the setting `what`.
+pub(crate) fn at_least_one(what: &'static str, value: u64) -> Result<(), InvalidInput> {
+    if value == 0 {
+        Err(InvalidInput::TooSmall {
+            what,
+            value,
+            min: 1,
+        })
+    } else {
+        Ok(())
+    }
+}
+
 /// Why an append failed. Except for [`AppendError::Store`], nothing was
 /// written.
 #[derive(Debug, thiserror::Error)]

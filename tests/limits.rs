@@ -477,3 +477,34 @@ async fn default_event_size_is_the_documented_one() {
     assert_eq!(MAX_EVENT_TYPE_LEN, 128);
     assert_eq!(MAX_CHECKPOINT_NAME_LEN, 256);
 }
+
+/// Store settings below their minimum are a typed error before anything is
+/// created on disk, not silently raised to the minimum.
+#[test]
+fn sled_store_settings_below_their_minimum_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let config = || annals::SledStoreConfig::new(&path);
+    let cases = [
+        ("max_event_size", config().max_event_size(0)),
+        ("live_feed_capacity", config().live_feed_capacity(0)),
+        ("queue_capacity", config().queue_capacity(0)),
+        ("max_group_commit", config().max_group_commit(0)),
+        (
+            "flush_every_ms",
+            config().durability(annals::Durability::Buffered { flush_every_ms: 0 }),
+        ),
+    ];
+    for (setting, config) in cases {
+        match SledStore::open_with(config) {
+            Err(annals::StoreError::InvalidInput(InvalidInput::TooSmall { what, value, min })) => {
+                assert_eq!((what, value, min), (setting, 0, 1));
+            }
+            other => panic!("{setting} 0: expected TooSmall, got {other:?}"),
+        }
+        assert!(
+            !path.exists(),
+            "{setting} 0: the store directory was created"
+        );
+    }
+}

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 use uuid::Uuid;
 
-use crate::error::{AppendError, ReadError, StoreError};
+use crate::error::{at_least_one, AppendError, InvalidInput, ReadError, StoreError};
 use crate::event::{
     now_micros, validate_append, AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent,
     Position, ReadDirection, RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE,
@@ -145,6 +145,35 @@ impl SledStoreConfig {
     pub fn live_feed_capacity(mut self, commits: usize) -> Self {
         self.live_feed_capacity = commits;
         self
+    }
+
+    /// Sets how many appends may wait for the writer.
+    pub fn queue_capacity(mut self, appends: usize) -> Self {
+        self.queue_capacity = appends;
+        self
+    }
+
+    /// Sets the most appends one group commit takes.
+    pub fn max_group_commit(mut self, appends: usize) -> Self {
+        self.max_group_commit = appends;
+        self
+    }
+
+    /// Checks the settings [`SledStore::open_with`] needs: the event size,
+    /// the live feed, the queue, the group commit and a buffered flush
+    /// period must each be at least 1.
+    ///
+    /// # Errors
+    /// [`InvalidInput::TooSmall`] naming the first setting below it.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        at_least_one("max_event_size", self.max_event_size as u64)?;
+        at_least_one("live_feed_capacity", self.live_feed_capacity as u64)?;
+        at_least_one("queue_capacity", self.queue_capacity as u64)?;
+        at_least_one("max_group_commit", self.max_group_commit as u64)?;
+        if let Durability::Buffered { flush_every_ms } = self.durability {
+            at_least_one("flush_every_ms", flush_every_ms)?;
+        }
+        Ok(())
     }
 }
 
@@ -401,8 +430,11 @@ impl SledStore {
     /// [`StoreError::NotAStore`] when the path holds something else,
     /// [`StoreError::FormatMismatch`] for a store of another format,
     /// [`StoreError::Corrupt`] when the files are damaged, and
-    /// [`StoreError::Sled`] / [`StoreError::Io`] when they cannot be read.
+    /// [`StoreError::Sled`] / [`StoreError::Io`] when they cannot be read;
+    /// [`StoreError::InvalidInput`] for a setting below its minimum
+    /// ([`SledStoreConfig::validate`]), before anything is created.
     pub fn open_with(config: SledStoreConfig) -> Result<Self, StoreError> {
+        config.validate()?;
         let path = config.path.clone();
         check_path(&path)?;
         let mut sled_config = sled::Config::new()
@@ -411,7 +443,7 @@ impl SledStore {
             .mode(sled::Mode::HighThroughput);
         sled_config = match config.durability {
             Durability::Buffered { flush_every_ms } => {
-                sled_config.flush_every_ms(Some(flush_every_ms.max(1)))
+                sled_config.flush_every_ms(Some(flush_every_ms))
             }
             // Flushes happen per group commit; sled's own timer would only
             // add flushes that nobody waits for.
@@ -473,7 +505,7 @@ impl SledStore {
         let counters = Arc::new(Counters::default());
         let syncer = Syncer::new(&path, config.durability, Arc::clone(&counters))?;
         let feed = Arc::new(CommitFeed::new(config.live_feed_capacity, Position(head)));
-        let (sender, receiver) = mpsc::channel(config.queue_capacity.max(1));
+        let (sender, receiver) = mpsc::channel(config.queue_capacity);
         let writer = Writer {
             db: db.clone(),
             log: log.clone(),
@@ -482,7 +514,7 @@ impl SledStore {
             last_position: head,
             syncer,
             poisoned: None,
-            max_group_commit: config.max_group_commit.max(1),
+            max_group_commit: config.max_group_commit,
             path: path.clone(),
             min_free_bytes: config.min_free_bytes,
             heads: HashMap::new(),
