@@ -121,17 +121,21 @@ impl Slot {
     /// Stops the slot's actor if the slot is closed and nothing is pending:
     /// no command can reach it any more. Called by whoever may have made
     /// that true from outside the actor: a permit given back unsent (its
-    /// caller was cancelled between taking the place and sending) and the
-    /// spawner publishing the actor. Each side changes its own part and
-    /// then reads the other's behind a `SeqCst` fence, so at least one of
-    /// them sees both and stops the actor; stopping twice is harmless.
-    pub(crate) fn stop_if_drained(&self) {
+    /// caller was cancelled between taking the place and sending), a
+    /// closer that is not the actor (shutdown), and the spawner publishing
+    /// the actor. Each side changes its own part and then reads the other's
+    /// behind a `SeqCst` fence, so at least one of them sees both and stops
+    /// the actor; stopping twice is harmless. Returns whether it asked the
+    /// actor to stop.
+    pub(crate) fn stop_if_drained(&self) -> bool {
         fence(Ordering::SeqCst);
         if self.is_closed() && self.pending() == 0 {
             if let Some(cell) = self.actor.get() {
                 cell.stop(Some("closed and drained".to_owned()));
+                return true;
             }
         }
+        false
     }
 
     fn last_used(&self) -> u64 {
@@ -316,8 +320,9 @@ impl Registry {
         for entry in self.slots.iter() {
             let slot = entry.value();
             slot.close();
-            if slot.pending() == 0 && slot.actor.initialized() {
-                slot.stop_if_drained();
+            // Through the fence: a spawner publishing this slot's actor
+            // right now either sees the close or is seen here.
+            if slot.stop_if_drained() {
                 asked += 1;
             }
         }
