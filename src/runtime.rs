@@ -242,7 +242,6 @@ impl Runtime {
                 .saturating_add(Duration::from_secs(1)),
         );
         while self.inner.registry.running() > 0 && Instant::now() < deadline {
-            self.inner.registry.stop_drained();
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         if self.inner.registry.running() > 0 {
