@@ -287,14 +287,24 @@ impl Runtime {
         let key = key.clone();
         let slot = Arc::clone(slot);
         tokio::spawn(async move {
+            let mut published = false;
+            let (publishing, slot_ref) = (&mut published, &slot);
             let cell = slot
                 .actor
-                .get_or_try_init(|| runtime.spawn_actor::<A>(&key, &slot))
+                .get_or_try_init(|| async move {
+                    // Set only when this task's init runs; it returns early
+                    // below if that init fails.
+                    *publishing = true;
+                    runtime.spawn_actor::<A>(&key, slot_ref).await
+                })
                 .await?
                 .clone();
             // Every caller waiting for this actor may have given up and the
             // slot closed before it was published: see `stop_if_drained`.
-            slot.stop_if_drained();
+            // Only the task that published it changed anything to check.
+            if published {
+                slot.stop_if_drained();
+            }
             Ok(cell)
         })
         .await
