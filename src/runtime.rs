@@ -279,7 +279,7 @@ impl Runtime {
         &self,
         key: &SlotKey,
         slot: &Arc<Slot>,
-    ) -> Result<ActorCell, SpawnFailure> {
+    ) -> Result<ActorCell, NoActor> {
         if let Some(cell) = slot.actor.get() {
             return Ok(cell.clone());
         }
@@ -308,22 +308,28 @@ impl Runtime {
             Ok(cell)
         })
         .await
-        .map_err(|e| SpawnFailure::Other(e.to_string()))?
+        .map_err(|e| NoActor::Failed(SpawnFailure::Other(e.to_string())))?
     }
 
     async fn spawn_actor<A: Aggregate>(
         &self,
         key: &SlotKey,
         slot: &Arc<Slot>,
-    ) -> Result<ActorCell, SpawnFailure> {
+    ) -> Result<ActorCell, NoActor> {
         if slot.is_closed() {
-            // The recovery this caller waited for failed: its error, not
+            // The spawn this caller waited for failed: its error, not
             // another replay. Closed for any other reason: look again.
-            return Err(slot.failure.get().map_or(SpawnFailure::Retry, |load| {
-                SpawnFailure::Load(*load.clone())
-            }));
+            return Err(slot
+                .failure
+                .get()
+                .map_or(NoActor::Retry, |failure| NoActor::Failed((**failure).clone())));
         }
-        let supervisor = self.supervisor().await.map_err(SpawnFailure::Other)?;
+        // Not cached: the slot stays open, and the next caller tries the
+        // supervisor's spawn again.
+        let supervisor = self
+            .supervisor()
+            .await
+            .map_err(|e| NoActor::Failed(SpawnFailure::Other(e)))?;
         let actor = AggregateActor::<A> {
             store: Arc::clone(&self.inner.store),
             config: Arc::clone(&self.inner.config),
@@ -346,18 +352,19 @@ impl Runtime {
             Err(error) => {
                 let failure = match error {
                     SpawnErr::StartupFailed(error) => match error.downcast::<LoadError>() {
-                        Ok(load) => {
-                            let _ = slot.failure.set(load.clone());
-                            SpawnFailure::Load(*load)
-                        }
+                        Ok(load) => SpawnFailure::Load(*load),
+                        // A panic in recovery outside `apply` (in `Default`
+                        // or a snapshot's `Deserialize`), or ractor's error.
                         Err(other) => SpawnFailure::Other(other.to_string()),
                     },
                     other => SpawnFailure::Other(other.to_string()),
                 };
+                // Set before the close, which is what waiters check first.
+                let _ = slot.failure.set(Box::new(failure.clone()));
                 // Nobody may queue behind an actor that will never run.
                 slot.close();
                 self.inner.registry.remove(key, slot);
-                Err(failure)
+                Err(NoActor::Failed(failure))
             }
         }
     }
@@ -365,12 +372,21 @@ impl Runtime {
 
 /// Why an actor could not be had.
 #[derive(Debug)]
-enum SpawnFailure {
-    /// Recovery failed.
-    Load(LoadError),
+enum NoActor {
     /// The slot closed meanwhile: look the stream up again.
     Retry,
-    /// ractor or tokio failed (a panic outside the aggregate's code).
+    /// The spawn failed.
+    Failed(SpawnFailure),
+}
+
+/// Why an actor's spawn failed. Kept on its slot ([`Slot::failure`]), so
+/// that every caller that waited for that spawn gets a copy.
+#[derive(Debug, Clone)]
+pub(crate) enum SpawnFailure {
+    /// Recovery failed in the runtime's code or in `apply`.
+    Load(LoadError),
+    /// Anything else: a panic in recovery outside `apply` (`Default`, a
+    /// snapshot's `Deserialize`), or ractor or tokio failed.
     Other(String),
 }
 
@@ -678,9 +694,13 @@ impl<A: Aggregate> Aggregates<A> {
                 Err(_) => return Err(Unreachable::Timeout),
                 Ok(Ok(cell)) => return Ok((slot, permit, cell)),
                 // The slot closed meanwhile; the place is given back on drop.
-                Ok(Err(SpawnFailure::Retry)) => continue,
-                Ok(Err(SpawnFailure::Load(error))) => return Err(Unreachable::Load(error)),
-                Ok(Err(SpawnFailure::Other(message))) => return Err(Unreachable::Other(message)),
+                Ok(Err(NoActor::Retry)) => continue,
+                Ok(Err(NoActor::Failed(SpawnFailure::Load(error)))) => {
+                    return Err(Unreachable::Load(error))
+                }
+                Ok(Err(NoActor::Failed(SpawnFailure::Other(message)))) => {
+                    return Err(Unreachable::Other(message))
+                }
             }
         }
     }

@@ -16,7 +16,7 @@ use tokio::sync::OnceCell;
 use tracing::debug;
 
 use crate::event::StreamId;
-use crate::runtime::actor::LoadError;
+use crate::runtime::SpawnFailure;
 
 /// Set in [`Slot::state`] once the slot takes no more commands.
 const CLOSED: usize = 1 << (usize::BITS - 1);
@@ -43,11 +43,11 @@ pub(crate) struct Slot {
     last_used: AtomicU64,
     /// The actor, spawned by the first caller; the others wait for it.
     pub(crate) actor: OnceCell<ActorCell>,
-    /// Why the actor's recovery failed, set before the slot closes: the
-    /// callers that waited for that recovery all get its error, rather
-    /// than each replaying the stream again in turn. Boxed: every live
-    /// slot carries the field, and almost none fills it.
-    pub(crate) failure: OnceLock<Box<LoadError>>,
+    /// Why the actor's spawn (its recovery, mostly) failed, set before the
+    /// slot closes: the callers that waited for that spawn all get its
+    /// error, rather than each replaying the stream again in turn. Boxed:
+    /// every live slot carries the field, and almost none fills it.
+    pub(crate) failure: OnceLock<Box<SpawnFailure>>,
 }
 
 /// Why a slot refused a command.
