@@ -319,10 +319,9 @@ impl Runtime {
         if slot.is_closed() {
             // The spawn this caller waited for failed: its error, not
             // another replay. Closed for any other reason: look again.
-            return Err(slot
-                .failure
-                .get()
-                .map_or(NoActor::Retry, |failure| NoActor::Failed((**failure).clone())));
+            return Err(slot.failure.get().map_or(NoActor::Retry, |failure| {
+                NoActor::Failed((**failure).clone())
+            }));
         }
         // Not cached: the slot stays open, and the next caller tries the
         // supervisor's spawn again.
@@ -683,12 +682,15 @@ impl<A: Aggregate> Aggregates<A> {
         key: &SlotKey,
         deadline: Instant,
     ) -> Result<(Arc<Slot>, registry::Permit, ActorCell), Unreachable> {
+        let registry = &self.runtime.inner.registry;
         loop {
-            let (slot, permit) = match self.acquire(key) {
-                Ok(acquired) => acquired,
-                Err(Acquire::Retry) => continue,
-                Err(Acquire::ShutDown) => return Err(Unreachable::ShutDown),
-                Err(Acquire::Overloaded) => return Err(Unreachable::Overloaded),
+            let slot = registry.slot(key).ok_or(Unreachable::ShutDown)?;
+            let permit = match slot.try_acquire(self.runtime.inner.config.max_pending_commands) {
+                Ok(permit) => permit,
+                // The actor is stopping; the next lookup finds or makes a
+                // new slot.
+                Err(Refused::Closed) => continue,
+                Err(Refused::Overloaded) => return Err(Unreachable::Overloaded),
             };
             match timeout_at(deadline, self.runtime.actor_for::<A>(key, &slot)).await {
                 Err(_) => return Err(Unreachable::Timeout),
@@ -702,18 +704,6 @@ impl<A: Aggregate> Aggregates<A> {
                     return Err(Unreachable::Other(message))
                 }
             }
-        }
-    }
-
-    /// The slot of `key` with one pending place taken.
-    fn acquire(&self, key: &SlotKey) -> Result<(Arc<Slot>, registry::Permit), Acquire> {
-        let registry = &self.runtime.inner.registry;
-        let slot = registry.slot(key).ok_or(Acquire::ShutDown)?;
-        match slot.try_acquire(self.runtime.inner.config.max_pending_commands) {
-            Ok(permit) => Ok((slot, permit)),
-            // The actor is stopping; the next lookup finds or makes a new slot.
-            Err(Refused::Closed) => Err(Acquire::Retry),
-            Err(Refused::Overloaded) => Err(Acquire::Overloaded),
         }
     }
 }
@@ -734,10 +724,4 @@ enum Unreachable {
     Timeout,
     Load(LoadError),
     Other(String),
-}
-
-enum Acquire {
-    Retry,
-    Overloaded,
-    ShutDown,
 }
