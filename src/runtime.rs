@@ -54,8 +54,13 @@ pub struct RuntimeConfig {
     /// How long `execute` waits for an answer, including the aggregate's
     /// recovery. Default 10 seconds.
     pub command_timeout: Duration,
-    /// How many times a command is decided again after a conflict with
-    /// another writer before [`CommandError::Conflict`]. Default 3.
+    /// How many times a command is decided again on a caught-up state:
+    /// after its append conflicted with another writer, or when it stored
+    /// nothing (a domain refusal, or no events) and the stream had moved
+    /// past the state it was decided on. Both share this budget. Past it,
+    /// a conflict is [`CommandError::Conflict`], and a command that stored
+    /// nothing is answered as decided on the last state caught up to.
+    /// Default 3.
     pub max_conflict_retries: u32,
 }
 
@@ -103,7 +108,8 @@ impl RuntimeConfig {
         self
     }
 
-    /// Sets how many times a conflicting command is retried.
+    /// Sets how many times a command is decided again on a caught-up state
+    /// (see [`RuntimeConfig::max_conflict_retries`]).
     pub fn max_conflict_retries(mut self, retries: u32) -> Self {
         self.max_conflict_retries = retries;
         self
@@ -137,7 +143,10 @@ pub struct Executed<A: Aggregate> {
     /// The events, in stream order. Empty when the command had nothing to do
     /// (then nothing was stored).
     pub events: Vec<A::Event>,
-    /// The stream's version after the command.
+    /// The version of the command's last event. For a command that stored
+    /// nothing, the version of the state it was decided on: the stream's
+    /// at that check, or behind it when another writer kept moving it past
+    /// the retries ([`RuntimeConfig::max_conflict_retries`]).
     pub version: Version,
     /// The global position of the last event; `None` when there was none.
     pub position: Option<Position>,
@@ -489,8 +498,9 @@ impl<A: Aggregate> Aggregates<A> {
     ///
     /// Returns once the events are committed (durable as the store defines).
     /// Commands to one aggregate run one at a time, in the order they
-    /// arrive; on a conflict with another writer the command is decided
-    /// again on the caught-up state, up to the configured retries.
+    /// arrive; on a conflict with another writer, or when it stores nothing
+    /// but was decided on a state the stream has moved past, the command is
+    /// decided again on the caught-up state, up to the configured retries.
     ///
     /// # Errors
     /// [`CommandError::Domain`] when the aggregate refused it; the other
