@@ -54,8 +54,13 @@ pub struct RuntimeConfig {
     /// How long `execute` waits for an answer, including the aggregate's
     /// recovery. Default 10 seconds.
     pub command_timeout: Duration,
-    /// How many times a command is decided again after a conflict with
-    /// another writer before [`CommandError::Conflict`]. Default 3.
+    /// How many times a command is decided again on a caught-up state:
+    /// after its append conflicted with another writer, or when it stored
+    /// nothing (a domain refusal, or no events) and the stream had moved
+    /// past the state it was decided on. Both share this budget. Past it,
+    /// a conflict is [`CommandError::Conflict`], and a command that stored
+    /// nothing is answered as decided on the last state caught up to.
+    /// Default 3.
     pub max_conflict_retries: u32,
 }
 
@@ -103,7 +108,8 @@ impl RuntimeConfig {
         self
     }
 
-    /// Sets how many times a conflicting command is retried.
+    /// Sets how many times a command is decided again on a caught-up state
+    /// (see [`RuntimeConfig::max_conflict_retries`]).
     pub fn max_conflict_retries(mut self, retries: u32) -> Self {
         self.max_conflict_retries = retries;
         self
@@ -137,7 +143,10 @@ pub struct Executed<A: Aggregate> {
     /// The events, in stream order. Empty when the command had nothing to do
     /// (then nothing was stored).
     pub events: Vec<A::Event>,
-    /// The stream's version after the command.
+    /// The version of the command's last event. For a command that stored
+    /// nothing, the version of the state it was decided on: the stream's
+    /// at that check, or behind it when another writer kept moving it past
+    /// the retries ([`RuntimeConfig::max_conflict_retries`]).
     pub version: Version,
     /// The global position of the last event; `None` when there was none.
     pub position: Option<Position>,
@@ -242,7 +251,6 @@ impl Runtime {
                 .saturating_add(Duration::from_secs(1)),
         );
         while self.inner.registry.running() > 0 && Instant::now() < deadline {
-            self.inner.registry.stop_drained();
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         if self.inner.registry.running() > 0 {
@@ -280,7 +288,7 @@ impl Runtime {
         &self,
         key: &SlotKey,
         slot: &Arc<Slot>,
-    ) -> Result<ActorCell, SpawnFailure> {
+    ) -> Result<ActorCell, NoActor> {
         if let Some(cell) = slot.actor.get() {
             return Ok(cell.clone());
         }
@@ -288,33 +296,48 @@ impl Runtime {
         let key = key.clone();
         let slot = Arc::clone(slot);
         tokio::spawn(async move {
+            let mut published = false;
+            let (publishing, slot_ref) = (&mut published, &slot);
             let cell = slot
                 .actor
-                .get_or_try_init(|| runtime.spawn_actor::<A>(&key, &slot))
+                .get_or_try_init(|| async move {
+                    // Set only when this task's init runs; it returns early
+                    // below if that init fails.
+                    *publishing = true;
+                    runtime.spawn_actor::<A>(&key, slot_ref).await
+                })
                 .await?
                 .clone();
             // Every caller waiting for this actor may have given up and the
             // slot closed before it was published: see `stop_if_drained`.
-            slot.stop_if_drained();
+            // Only the task that published it changed anything to check.
+            if published {
+                slot.stop_if_drained();
+            }
             Ok(cell)
         })
         .await
-        .map_err(|e| SpawnFailure::Other(e.to_string()))?
+        .map_err(|e| NoActor::Failed(SpawnFailure::Other(e.to_string())))?
     }
 
     async fn spawn_actor<A: Aggregate>(
         &self,
         key: &SlotKey,
         slot: &Arc<Slot>,
-    ) -> Result<ActorCell, SpawnFailure> {
+    ) -> Result<ActorCell, NoActor> {
         if slot.is_closed() {
-            // The recovery this caller waited for failed: its error, not
+            // The spawn this caller waited for failed: its error, not
             // another replay. Closed for any other reason: look again.
-            return Err(slot.failure.get().map_or(SpawnFailure::Retry, |load| {
-                SpawnFailure::Load(*load.clone())
+            return Err(slot.failure.get().map_or(NoActor::Retry, |failure| {
+                NoActor::Failed((**failure).clone())
             }));
         }
-        let supervisor = self.supervisor().await.map_err(SpawnFailure::Other)?;
+        // Not cached: the slot stays open, and the next caller tries the
+        // supervisor's spawn again.
+        let supervisor = self
+            .supervisor()
+            .await
+            .map_err(|e| NoActor::Failed(SpawnFailure::Other(e)))?;
         let actor = AggregateActor::<A> {
             store: Arc::clone(&self.inner.store),
             config: Arc::clone(&self.inner.config),
@@ -337,18 +360,19 @@ impl Runtime {
             Err(error) => {
                 let failure = match error {
                     SpawnErr::StartupFailed(error) => match error.downcast::<LoadError>() {
-                        Ok(load) => {
-                            let _ = slot.failure.set(load.clone());
-                            SpawnFailure::Load(*load)
-                        }
+                        Ok(load) => SpawnFailure::Load(*load),
+                        // A panic in recovery outside `apply` (in `Default`
+                        // or a snapshot's `Deserialize`), or ractor's error.
                         Err(other) => SpawnFailure::Other(other.to_string()),
                     },
                     other => SpawnFailure::Other(other.to_string()),
                 };
+                // Set before the close, which is what waiters check first.
+                let _ = slot.failure.set(Box::new(failure.clone()));
                 // Nobody may queue behind an actor that will never run.
                 slot.close();
                 self.inner.registry.remove(key, slot);
-                Err(failure)
+                Err(NoActor::Failed(failure))
             }
         }
     }
@@ -356,12 +380,21 @@ impl Runtime {
 
 /// Why an actor could not be had.
 #[derive(Debug)]
-enum SpawnFailure {
-    /// Recovery failed.
-    Load(LoadError),
+enum NoActor {
     /// The slot closed meanwhile: look the stream up again.
     Retry,
-    /// ractor or tokio failed (a panic outside the aggregate's code).
+    /// The spawn failed.
+    Failed(SpawnFailure),
+}
+
+/// Why an actor's spawn failed. Kept on its slot ([`Slot::failure`]), so
+/// that every caller that waited for that spawn gets a copy.
+#[derive(Debug, Clone)]
+pub(crate) enum SpawnFailure {
+    /// Recovery failed in the runtime's code or in `apply`.
+    Load(LoadError),
+    /// Anything else: a panic in recovery outside `apply` (`Default`, a
+    /// snapshot's `Deserialize`), or ractor or tokio failed.
     Other(String),
 }
 
@@ -465,8 +498,9 @@ impl<A: Aggregate> Aggregates<A> {
     ///
     /// Returns once the events are committed (durable as the store defines).
     /// Commands to one aggregate run one at a time, in the order they
-    /// arrive; on a conflict with another writer the command is decided
-    /// again on the caught-up state, up to the configured retries.
+    /// arrive; on a conflict with another writer, or when it stores nothing
+    /// but was decided on a state the stream has moved past, the command is
+    /// decided again on the caught-up state, up to the configured retries.
     ///
     /// # Errors
     /// [`CommandError::Domain`] when the aggregate refused it; the other
@@ -658,33 +692,28 @@ impl<A: Aggregate> Aggregates<A> {
         key: &SlotKey,
         deadline: Instant,
     ) -> Result<(Arc<Slot>, registry::Permit, ActorCell), Unreachable> {
+        let registry = &self.runtime.inner.registry;
         loop {
-            let (slot, permit) = match self.acquire(key) {
-                Ok(acquired) => acquired,
-                Err(Acquire::Retry) => continue,
-                Err(Acquire::ShutDown) => return Err(Unreachable::ShutDown),
-                Err(Acquire::Overloaded) => return Err(Unreachable::Overloaded),
+            let slot = registry.slot(key).ok_or(Unreachable::ShutDown)?;
+            let permit = match slot.try_acquire(self.runtime.inner.config.max_pending_commands) {
+                Ok(permit) => permit,
+                // The actor is stopping; the next lookup finds or makes a
+                // new slot.
+                Err(Refused::Closed) => continue,
+                Err(Refused::Overloaded) => return Err(Unreachable::Overloaded),
             };
             match timeout_at(deadline, self.runtime.actor_for::<A>(key, &slot)).await {
                 Err(_) => return Err(Unreachable::Timeout),
                 Ok(Ok(cell)) => return Ok((slot, permit, cell)),
                 // The slot closed meanwhile; the place is given back on drop.
-                Ok(Err(SpawnFailure::Retry)) => continue,
-                Ok(Err(SpawnFailure::Load(error))) => return Err(Unreachable::Load(error)),
-                Ok(Err(SpawnFailure::Other(message))) => return Err(Unreachable::Other(message)),
+                Ok(Err(NoActor::Retry)) => continue,
+                Ok(Err(NoActor::Failed(SpawnFailure::Load(error)))) => {
+                    return Err(Unreachable::Load(error))
+                }
+                Ok(Err(NoActor::Failed(SpawnFailure::Other(message)))) => {
+                    return Err(Unreachable::Other(message))
+                }
             }
-        }
-    }
-
-    /// The slot of `key` with one pending place taken.
-    fn acquire(&self, key: &SlotKey) -> Result<(Arc<Slot>, registry::Permit), Acquire> {
-        let registry = &self.runtime.inner.registry;
-        let slot = registry.slot(key).ok_or(Acquire::ShutDown)?;
-        match slot.try_acquire(self.runtime.inner.config.max_pending_commands) {
-            Ok(permit) => Ok((slot, permit)),
-            // The actor is stopping; the next lookup finds or makes a new slot.
-            Err(Refused::Closed) => Err(Acquire::Retry),
-            Err(Refused::Overloaded) => Err(Acquire::Overloaded),
         }
     }
 }
@@ -705,10 +734,4 @@ enum Unreachable {
     Timeout,
     Load(LoadError),
     Other(String),
-}
-
-enum Acquire {
-    Retry,
-    Overloaded,
-    ShutDown,
 }

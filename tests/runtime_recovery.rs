@@ -261,3 +261,75 @@ async fn commands_waiting_for_a_failed_recovery_share_its_error() {
     assert!(ledgers.execute("broken", C::Open).await.is_err());
     assert_eq!(store.loads_of("ledger-broken"), recoveries + 1);
 }
+
+/// An aggregate whose snapshot never decodes: its `Deserialize` panics, a
+/// failure of recovery outside `apply` that ractor reports as a failed
+/// start rather than as the runtime's own load error.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Doomed;
+
+impl<'de> serde::Deserialize<'de> for Doomed {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("snapshot Deserialize panicked on purpose")
+    }
+}
+
+impl annals::Aggregate for Doomed {
+    type Command = C;
+    type Event = common::LedgerEvent;
+    type Error = common::LedgerError;
+    const CATEGORY: &'static str = "doomed";
+
+    fn handle(&self, _: &C) -> Result<Vec<common::LedgerEvent>, common::LedgerError> {
+        Ok(vec![])
+    }
+
+    fn apply(&mut self, _: &common::LedgerEvent) {}
+}
+
+#[tokio::test]
+async fn commands_waiting_for_a_recovery_that_panicked_share_its_error() {
+    const WAITING: usize = 24;
+    let store = Arc::new(TestStore {
+        load_delay: Some(std::time::Duration::from_millis(100)),
+        ..TestStore::new()
+    });
+    let stream = StreamId::new("doomed-1").unwrap();
+    common::outside_append(&store.inner, "doomed-1", common::LedgerEvent::Opened).await;
+    store
+        .inner
+        .save_snapshot(
+            &stream,
+            Snapshot {
+                version: Version(1),
+                payload: vec![0],
+            },
+        )
+        .await
+        .unwrap();
+    let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
+    let doomed = runtime.aggregates::<Doomed>();
+    let waiting: Vec<_> = (0..WAITING)
+        .map(|_| {
+            let doomed = doomed.clone();
+            tokio::spawn(async move { doomed.execute("1", C::Nothing).await })
+        })
+        .collect();
+    for command in waiting {
+        match command.await.unwrap() {
+            Err(annals::CommandError::AggregatePanicked { message, .. }) => assert!(
+                message.contains("on purpose"),
+                "the recovery's panic, not {message}"
+            ),
+            other => panic!("expected the recovery's panic, got {other:?}"),
+        }
+    }
+    let recoveries = store.loads_of("doomed-1");
+    assert!(
+        recoveries <= 3,
+        "{recoveries} recoveries for {WAITING} commands waiting on one"
+    );
+    // A later command is not answered from the cache: it recovers again.
+    assert!(doomed.execute("1", C::Nothing).await.is_err());
+    assert_eq!(store.loads_of("doomed-1"), recoveries + 1);
+}

@@ -552,8 +552,9 @@ impl<A: Aggregate> AggregateActor<A> {
         let timer = ractor::time::send_after(after, myself.get_cell(), || {
             AggregateMessage::<A>::IdleCheck
         });
-        // The previous check has fired (only a check schedules the next).
-        state.idle_timer = IdleTimer(Some(timer.abort_handle()));
+        // The previous check has fired (only a check schedules the next):
+        // overwrite its handle, without the abort a dropped `IdleTimer` does.
+        state.idle_timer.0 = Some(timer.abort_handle());
     }
 
     /// Snapshots every `snapshot_every` events. The state is encoded here,

@@ -16,7 +16,7 @@ use tokio::sync::OnceCell;
 use tracing::debug;
 
 use crate::event::StreamId;
-use crate::runtime::actor::LoadError;
+use crate::runtime::SpawnFailure;
 
 /// Set in [`Slot::state`] once the slot takes no more commands.
 const CLOSED: usize = 1 << (usize::BITS - 1);
@@ -43,11 +43,11 @@ pub(crate) struct Slot {
     last_used: AtomicU64,
     /// The actor, spawned by the first caller; the others wait for it.
     pub(crate) actor: OnceCell<ActorCell>,
-    /// Why the actor's recovery failed, set before the slot closes: the
-    /// callers that waited for that recovery all get its error, rather
-    /// than each replaying the stream again in turn. Boxed: every live
-    /// slot carries the field, and almost none fills it.
-    pub(crate) failure: OnceLock<Box<LoadError>>,
+    /// Why the actor's spawn (its recovery, mostly) failed, set before the
+    /// slot closes: the callers that waited for that spawn all get its
+    /// error, rather than each replaying the stream again in turn. Boxed:
+    /// every live slot carries the field, and almost none fills it.
+    pub(crate) failure: OnceLock<Box<SpawnFailure>>,
 }
 
 /// Why a slot refused a command.
@@ -121,17 +121,21 @@ impl Slot {
     /// Stops the slot's actor if the slot is closed and nothing is pending:
     /// no command can reach it any more. Called by whoever may have made
     /// that true from outside the actor: a permit given back unsent (its
-    /// caller was cancelled between taking the place and sending) and the
-    /// spawner publishing the actor. Each side changes its own part and
-    /// then reads the other's behind a `SeqCst` fence, so at least one of
-    /// them sees both and stops the actor; stopping twice is harmless.
-    pub(crate) fn stop_if_drained(&self) {
+    /// caller was cancelled between taking the place and sending), a
+    /// closer that is not the actor (shutdown), and the spawner publishing
+    /// the actor. Each side changes its own part and then reads the other's
+    /// behind a `SeqCst` fence, so at least one of them sees both and stops
+    /// the actor; stopping twice is harmless. Returns whether it asked the
+    /// actor to stop.
+    pub(crate) fn stop_if_drained(&self) -> bool {
         fence(Ordering::SeqCst);
         if self.is_closed() && self.pending() == 0 {
             if let Some(cell) = self.actor.get() {
                 cell.stop(Some("closed and drained".to_owned()));
+                return true;
             }
         }
+        false
     }
 
     fn last_used(&self) -> u64 {
@@ -195,8 +199,11 @@ impl Registry {
         // Checked after the insert: either `shutdown` sees this slot when it
         // closes them all, or this sees the flag.
         if self.shut_down.load(Ordering::SeqCst) {
+            // The slot may be a live one that shutdown's pass, not there
+            // yet, will no longer find once removed: stop its actor here.
             slot.close();
             self.remove(key, &slot);
+            slot.stop_if_drained();
             return None;
         }
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
@@ -316,23 +323,14 @@ impl Registry {
         for entry in self.slots.iter() {
             let slot = entry.value();
             slot.close();
-            if slot.pending() == 0 && slot.actor.initialized() {
-                slot.stop_if_drained();
+            // Through the fence: a spawner publishing this slot's actor
+            // right now either sees the close or is seen here.
+            if slot.stop_if_drained() {
                 asked += 1;
             }
         }
         self.slots.clear();
         asked
-    }
-
-    /// Stops every running actor whose slot is closed and drained. The
-    /// paths above stop each such actor when it becomes one; this sweep,
-    /// run while `shutdown` waits, is the backstop that keeps a missed one
-    /// from holding shutdown until its deadline.
-    pub(crate) fn stop_drained(&self) {
-        for entry in self.actors.iter() {
-            entry.value().1.stop_if_drained();
-        }
     }
 }
 
@@ -406,19 +404,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_shutdown_sweep_stops_closed_drained_actors() {
+    async fn a_lookup_that_meets_shutdown_stops_the_idle_actor_it_closes() {
         let (registry, key, slot, actor, handle) = with_waiting_actor().await;
-        registry.actor_started(actor.get_id(), key.clone(), Arc::clone(&slot));
-        // Published after the slot closed and drained, with no check after
-        // (the race `stop_if_drained` covers): only the sweep can stop it.
-        let permit = slot.try_acquire(8).unwrap();
-        registry.shut_down();
-        permit.hand_over();
-        slot.release();
         slot.actor.set(actor.get_cell()).unwrap();
-        assert!(!stopped_within(&actor.get_cell(), Duration::from_millis(50)).await);
-        registry.stop_drained();
-        assert!(stopped_within(&actor.get_cell(), Duration::from_secs(5)).await);
+        // Shutdown has raised its flag but not reached this slot yet; a
+        // lookup meanwhile closes and removes it, so shutdown's pass over
+        // the slots never sees it.
+        registry.shut_down.store(true, Ordering::SeqCst);
+        assert!(registry.slot(&key).is_none());
+        assert_eq!(registry.shut_down(), 0);
+        assert!(
+            stopped_within(&actor.get_cell(), Duration::from_secs(2)).await,
+            "the idle actor of a slot closed by a lookup kept running"
+        );
         handle.await.unwrap();
     }
 
