@@ -72,10 +72,6 @@ pub(crate) trait Runner: Send + 'static {
     /// stopping at the first failure.
     async fn apply(&mut self, events: &[RecordedEvent], attempt: u32) -> Applied;
 
-    /// The projection passed `position` without applying anything more
-    /// (filtered-out or skipped events).
-    fn advance(&mut self, position: Position);
-
     /// Starts making `position` the durable checkpoint: whatever must be
     /// written in order with the runner's other writes is written now, and
     /// the returned future completes the save (durability). It borrows
@@ -135,8 +131,6 @@ impl<P: Projection> Runner for PlainRunner<P> {
             store_failed: false,
         }
     }
-
-    fn advance(&mut self, _position: Position) {}
 
     fn start_checkpoint(&mut self, position: Position) -> Result<SaveCheckpoint, StoreError> {
         // The store's save is one call (write and sync), so all of it runs in
@@ -560,7 +554,6 @@ impl ActorState {
                     });
                     self.pending.pop_front();
                     self.position = failing_position;
-                    self.runner.advance(failing_position);
                     self.unsaved += 1;
                     self.retry = None;
                 }
@@ -596,7 +589,6 @@ impl ActorState {
         if let Some(passed) = self.pending_passed.take() {
             if passed > self.position {
                 self.position = passed;
-                self.runner.advance(passed);
             }
         }
     }

@@ -295,11 +295,6 @@ impl<P: SledProjection> Runner for SledRunner<P> {
         }
     }
 
-    fn advance(&mut self, _position: Position) {
-        // Written with the next commit or checkpoint save: events that were
-        // filtered out or skipped change nothing in the read model.
-    }
-
     fn start_checkpoint(&mut self, position: Position) -> Result<SaveCheckpoint, StoreError> {
         if position != self.stored {
             // Only progress through events that changed nothing: one key,
