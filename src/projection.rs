@@ -299,7 +299,9 @@ pub enum ProjectionState {
     Running,
     /// Paused by [`ProjectionHandle::pause`]; resumes where it stopped.
     Paused,
-    /// Shut down; its checkpoint is saved.
+    /// Shut down. Its checkpoint was saved then, unless
+    /// [`ProjectionHandle::shutdown`] returned an error (the status's
+    /// `checkpoint` is the last save that succeeded).
     Stopped,
     /// Its handler kept failing (see [`FailurePolicy::Retry`]) or the actor
     /// died; [`ProjectionStatus::last_error`] says why.

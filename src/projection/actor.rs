@@ -47,7 +47,7 @@ pub(crate) enum ProjectionMessage {
     Reset(RpcReplyPort<Result<(), ProjectionControlError>>),
     /// Save the checkpoint and stop. No reply port when sent because the
     /// last handle was dropped.
-    Shutdown(Option<RpcReplyPort<Result<Position, ProjectionControlError>>>),
+    Shutdown(Option<RpcReplyPort<Result<Position, StoreError>>>),
 }
 
 /// How many events of a batch a runner applied, and why it stopped early.
@@ -848,7 +848,7 @@ impl Actor for ProjectionActor {
             ProjectionMessage::Shutdown(reply) => {
                 let result = match state.save_checkpoint().await {
                     None => Ok(state.checkpoint),
-                    Some(error) => Err(error.into()),
+                    Some(error) => Err(error),
                 };
                 info!(projection = %state.config.name, checkpoint = %state.checkpoint, "projection stopped");
                 state.stopped = true;
