@@ -307,9 +307,13 @@ pub enum ProjectionState {
     /// died; [`ProjectionStatus::last_error`] says why.
     Failed,
     /// The store shut down (its live feed closed) and the projection handled
-    /// every event it holds: nothing more will arrive. The actor stays until
-    /// [`ProjectionHandle::shutdown`], which also frees its name; a
-    /// [`ProjectionHandle::reset`] rebuilds from what the store still holds.
+    /// every event it holds: nothing more will arrive. A checkpoint save
+    /// under way is finished first, so the status shows where a restart
+    /// would begin. The actor stays until [`ProjectionHandle::shutdown`],
+    /// which also frees its name. Saving (at that shutdown) and a
+    /// [`ProjectionHandle::reset`] need the store, which a shut-down sled
+    /// store refuses with [`StoreError::Closed`](crate::StoreError::Closed):
+    /// shut projections down before their store.
     Ended,
 }
 

@@ -804,6 +804,12 @@ impl Actor for ProjectionActor {
                 state.process_scheduled = false;
                 if state.runnable() {
                     state.process().await;
+                    if state.finished() {
+                        // Nothing schedules the actor again once it ended, so
+                        // a save under way would never be collected and the
+                        // status would show a stale checkpoint forever.
+                        state.settle_save().await;
+                    }
                 }
             }
             ProjectionMessage::Pause(reply) => {
