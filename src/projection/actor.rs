@@ -525,6 +525,9 @@ impl ActorState {
                     attempts: attempt,
                 });
                 self.failed = true;
+                // As on any failure: a failed actor is not scheduled again,
+                // so the save under way is collected now or never.
+                self.settle_save().await;
                 return;
             }
             match self.config.failure_policy {
@@ -869,5 +872,100 @@ impl Actor for ProjectionActor {
         state.publish();
         state.schedule(&myself);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ExpectedVersion, NewEvent, StreamId};
+    use crate::store::memory::MemoryStore;
+    use crate::ProjectionHandle;
+    use tokio::sync::Semaphore;
+
+    /// Applies every event before `fail_from`; the commit of a batch that
+    /// reaches it fails, as a sled commit can. Checkpoint saves wait at
+    /// `gate`, which opens a moment after that failure: the save under way
+    /// completes once the projection already stopped handling.
+    struct FailingCommit {
+        fail_from: Position,
+        gate: Arc<Semaphore>,
+    }
+
+    #[async_trait]
+    impl Runner for FailingCommit {
+        async fn apply(&mut self, events: &[RecordedEvent], _attempt: u32) -> Applied {
+            if events.iter().any(|event| event.position >= self.fail_from) {
+                let gate = Arc::clone(&self.gate);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    gate.add_permits(100);
+                });
+                return Applied {
+                    count: 0,
+                    error: Some(ProjectionError::handler("the commit failed")),
+                    store_failed: true,
+                };
+            }
+            Applied {
+                count: events.len(),
+                error: None,
+                store_failed: false,
+            }
+        }
+
+        fn start_checkpoint(&mut self, _position: Position) -> Result<SaveCheckpoint, StoreError> {
+            let gate = Arc::clone(&self.gate);
+            Ok(Box::pin(async move {
+                gate.acquire()
+                    .await
+                    .map_err(|_| StoreError::Closed)?
+                    .forget();
+                Ok(())
+            }))
+        }
+
+        async fn reset(&mut self) -> (bool, Result<(), ProjectionControlError>) {
+            (false, Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_waits_for_the_save_under_way() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+        let stream = StreamId::new("order-1").unwrap();
+        let events = (0..20)
+            .map(|_| NewEvent::new("Happened", Vec::new()))
+            .collect();
+        let last = store
+            .append(&stream, ExpectedVersion::Any, events)
+            .await
+            .unwrap()
+            .last_position;
+        let config = ProjectionConfig::new("failing")
+            .checkpoint_every(10, Duration::from_secs(3600))
+            .batch_size(5);
+        let gate = Arc::new(Semaphore::new(0));
+        let runner = FailingCommit {
+            fail_from: Position(16),
+            gate: Arc::clone(&gate),
+        };
+        let handle = ProjectionHandle::start(store, config, Box::new(runner), Position::START)
+            .await
+            .unwrap();
+        // The save of position 10 is under way when the batch 16..=20 fails.
+        assert!(matches!(
+            handle.wait_for(last, Duration::from_secs(5)).await,
+            Err(ProjectionControlError::NotRunning {
+                state: ProjectionState::Failed,
+                ..
+            })
+        ));
+        let status = handle.status();
+        assert_eq!(
+            (status.position, status.checkpoint),
+            (Position(15), Position(10))
+        );
+        assert_eq!(handle.shutdown().await.unwrap(), Position(15));
     }
 }

@@ -155,7 +155,7 @@ impl ProjectionHandle {
         Self::start(store, config, Box::new(runner), checkpoint).await
     }
 
-    async fn start(
+    pub(crate) async fn start(
         store: Arc<dyn EventStore>,
         config: ProjectionConfig,
         runner: Box<dyn crate::projection::actor::Runner>,
