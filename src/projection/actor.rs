@@ -569,7 +569,7 @@ impl ActorState {
                         error: error.to_string(),
                         attempts: attempt,
                     });
-                    if attempt >= max_attempts.max(1) {
+                    if attempt >= max_attempts {
                         error!(projection = %self.config.name, position = %failing_position,
                             attempts = attempt, %error, "projection handler kept failing; the projection stops");
                         self.failed = true;
