@@ -1,5 +1,6 @@
 //! Projections: subscriptions to the log ([`subscribe`]) and the
-//! [`Projection`] trait run by a supervised projection actor with a named,
+//! [`Projection`] trait run by a projection actor (one per projection, with
+//! no supervisor: a dead actor shows as failed in its status) with a named,
 //! durable checkpoint, controlled through a cheap [`ProjectionHandle`]. A
 //! projection starts after its checkpoint and handles every matching event
 //! in global order, at least once; a [`SledProjection`] keeps its read model
@@ -319,6 +320,7 @@ pub enum ProjectionState {
 
 /// An event skipped under [`FailurePolicy::SkipAndRecord`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SkippedEvent {
     /// Its position.
     pub position: Position,
@@ -334,6 +336,7 @@ pub struct SkippedEvent {
 
 /// A projection's handler failure, as reported in its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ProjectionFailure {
     /// The position of the event that failed (or the position the
     /// projection was at, for a failure to read or to save).

@@ -111,7 +111,9 @@ impl ProjectionHandle {
     /// [`ProjectionControlError::InvalidInput`] for a bad name or setting
     /// (see [`ProjectionConfig::validate`]),
     /// [`ProjectionControlError::Read`] when the checkpoint cannot be loaded,
-    /// [`ProjectionControlError::Spawn`] when the actor cannot start.
+    /// [`ProjectionControlError::AlreadyRunning`] when one of that name runs
+    /// on this store, [`ProjectionControlError::Spawn`] when the actor cannot
+    /// start.
     #[instrument(skip_all, fields(projection = %config.name))]
     pub async fn spawn<P: Projection>(
         store: Arc<dyn EventStore>,
@@ -139,10 +141,14 @@ impl ProjectionHandle {
     /// together, and the events are applied again.
     ///
     /// # Errors
-    /// As [`ProjectionHandle::spawn`], plus
-    /// [`ProjectionControlError::InvalidInput`] for a tree name that is
-    /// empty or reserved by the store, and [`ProjectionControlError::Store`]
-    /// when a tree cannot be opened.
+    /// [`ProjectionControlError::InvalidInput`] for a bad name or setting
+    /// (see [`ProjectionConfig::validate`]) or a tree name that is empty or
+    /// reserved by the store; [`ProjectionControlError::Store`] when a tree
+    /// cannot be opened or the checkpoint cannot be read (it is read from
+    /// the sled tree directly, not through [`EventStore::load_checkpoint`],
+    /// hence not [`ProjectionControlError::Read`]);
+    /// [`ProjectionControlError::AlreadyRunning`] and
+    /// [`ProjectionControlError::Spawn`] as for [`ProjectionHandle::spawn`].
     #[instrument(skip_all, fields(projection = %config.name))]
     pub async fn spawn_sled<P: SledProjection>(
         store: Arc<SledStore>,
