@@ -1,5 +1,6 @@
 //! Projections: subscriptions to the log ([`subscribe`]) and the
-//! [`Projection`] trait run by a supervised projection actor with a named,
+//! [`Projection`] trait run by a projection actor (one per projection, with
+//! no supervisor: a dead actor shows as failed in its status) with a named,
 //! durable checkpoint, controlled through a cheap [`ProjectionHandle`]. A
 //! projection starts after its checkpoint and handles every matching event
 //! in global order, at least once; a [`SledProjection`] keeps its read model
@@ -299,20 +300,27 @@ pub enum ProjectionState {
     Running,
     /// Paused by [`ProjectionHandle::pause`]; resumes where it stopped.
     Paused,
-    /// Shut down; its checkpoint is saved.
+    /// Shut down. Its checkpoint was saved then, unless
+    /// [`ProjectionHandle::shutdown`] returned an error (the status's
+    /// `checkpoint` is the last save that succeeded).
     Stopped,
     /// Its handler kept failing (see [`FailurePolicy::Retry`]) or the actor
     /// died; [`ProjectionStatus::last_error`] says why.
     Failed,
     /// The store shut down (its live feed closed) and the projection handled
-    /// every event it holds: nothing more will arrive. The actor stays until
-    /// [`ProjectionHandle::shutdown`], which also frees its name; a
-    /// [`ProjectionHandle::reset`] rebuilds from what the store still holds.
+    /// every event it holds: nothing more will arrive. A checkpoint save
+    /// under way is finished first, so the status shows where a restart
+    /// would begin. The actor stays until [`ProjectionHandle::shutdown`],
+    /// which also frees its name. Saving (at that shutdown) and a
+    /// [`ProjectionHandle::reset`] need the store, which a shut-down sled
+    /// store refuses with [`StoreError::Closed`](crate::StoreError::Closed):
+    /// shut projections down before their store.
     Ended,
 }
 
 /// An event skipped under [`FailurePolicy::SkipAndRecord`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SkippedEvent {
     /// Its position.
     pub position: Position,
@@ -328,6 +336,7 @@ pub struct SkippedEvent {
 
 /// A projection's handler failure, as reported in its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ProjectionFailure {
     /// The position of the event that failed (or the position the
     /// projection was at, for a failure to read or to save).

@@ -13,7 +13,7 @@ use annals::{
     AppendError, AppendResult, EventFilter, EventStore, ExpectedVersion, FailurePolicy, LiveFeed,
     MemoryStore, NewEvent, Position, Projection, ProjectionConfig, ProjectionContext,
     ProjectionControlError, ProjectionError, ProjectionHandle, ProjectionState, ReadDirection,
-    ReadError, RecordedEvent, Snapshot, StoreError, StreamId, Version,
+    ReadError, RecordedEvent, SledStore, Snapshot, StoreError, StreamId, Version,
 };
 use async_trait::async_trait;
 use tokio::sync::Semaphore;
@@ -544,8 +544,83 @@ async fn a_projection_ends_when_the_store_shuts_down() {
         (ProjectionState::Ended, last)
     );
     assert_eq!(recorder.seen().len(), 5);
-    let _ = handle.shutdown().await;
+    // The memory store still takes checkpoints after its shutdown, so this
+    // one is saved; a sled store refuses (see the next test).
+    assert_eq!(handle.shutdown().await.unwrap(), last);
     assert_eq!(handle.status().state, ProjectionState::Stopped);
+    assert_eq!(store.load_checkpoint("orders").await.unwrap(), Some(last));
+}
+
+#[tokio::test]
+async fn a_projection_shut_down_after_a_sled_store_cannot_save_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        ProjectionConfig::new("orders"),
+        Recorder::default(),
+    )
+    .await
+    .unwrap();
+    let last = append_many(&*store, 5).await;
+    handle.wait_for(last, WAIT).await.unwrap();
+    store.shutdown().await.unwrap();
+    assert!(matches!(
+        handle.wait_for(last.next(), WAIT).await,
+        Err(ProjectionControlError::NotRunning {
+            state: ProjectionState::Ended,
+            ..
+        })
+    ));
+    // The wrong order: the save needs the store's writer, which is gone.
+    // The actor stops all the same, and a second call says the same.
+    for _ in 0..2 {
+        assert!(matches!(
+            handle.shutdown().await,
+            Err(ProjectionControlError::Store(StoreError::Closed))
+        ));
+    }
+    assert_eq!(handle.status().state, ProjectionState::Stopped);
+}
+
+#[tokio::test]
+async fn a_save_under_way_when_the_store_shuts_down_reaches_the_status() {
+    let slow = Arc::new(SlowCheckpoints {
+        inner: MemoryStore::new(),
+        gate: Arc::new(Semaphore::new(0)),
+        saves_started: AtomicU32::new(0),
+    });
+    let store: Arc<dyn EventStore> = slow.clone();
+    let last = append_many(&*store, 20).await;
+    let config = ProjectionConfig::new("orders")
+        .checkpoint_every(10, Duration::from_secs(3600))
+        .batch_size(5);
+    let handle = ProjectionHandle::spawn(Arc::clone(&store), config, Recorder::default())
+        .await
+        .unwrap();
+    // A save of position 10 starts and waits at the gate.
+    handle.wait_for(last, WAIT).await.unwrap();
+    assert_eq!(slow.saves_started.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.status().checkpoint, Position::START);
+
+    store.shutdown().await.unwrap();
+    // Lets the actor reach the end of the feed while the save still waits.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slow.gate.add_permits(1_000);
+    assert!(matches!(
+        handle.wait_for(last.next(), WAIT).await,
+        Err(ProjectionControlError::NotRunning {
+            state: ProjectionState::Ended,
+            ..
+        })
+    ));
+    // Ended, and the save that was under way shows in the status.
+    assert_eq!(handle.status().checkpoint, Position(10));
+    assert_eq!(
+        store.load_checkpoint("orders").await.unwrap(),
+        Some(Position(10))
+    );
+    assert_eq!(handle.shutdown().await.unwrap(), last);
 }
 
 #[tokio::test]

@@ -47,7 +47,7 @@ pub(crate) enum ProjectionMessage {
     Reset(RpcReplyPort<Result<(), ProjectionControlError>>),
     /// Save the checkpoint and stop. No reply port when sent because the
     /// last handle was dropped.
-    Shutdown(Option<RpcReplyPort<Result<Position, ProjectionControlError>>>),
+    Shutdown(Option<RpcReplyPort<Result<Position, StoreError>>>),
 }
 
 /// How many events of a batch a runner applied, and why it stopped early.
@@ -71,10 +71,6 @@ pub(crate) trait Runner: Send + 'static {
     /// Applies `events` in order (their effects visible once this returns),
     /// stopping at the first failure.
     async fn apply(&mut self, events: &[RecordedEvent], attempt: u32) -> Applied;
-
-    /// The projection passed `position` without applying anything more
-    /// (filtered-out or skipped events).
-    fn advance(&mut self, position: Position);
 
     /// Starts making `position` the durable checkpoint: whatever must be
     /// written in order with the runner's other writes is written now, and
@@ -135,8 +131,6 @@ impl<P: Projection> Runner for PlainRunner<P> {
             store_failed: false,
         }
     }
-
-    fn advance(&mut self, _position: Position) {}
 
     fn start_checkpoint(&mut self, position: Position) -> Result<SaveCheckpoint, StoreError> {
         // The store's save is one call (write and sync), so all of it runs in
@@ -531,6 +525,9 @@ impl ActorState {
                     attempts: attempt,
                 });
                 self.failed = true;
+                // As on any failure: a failed actor is not scheduled again,
+                // so the save under way is collected now or never.
+                self.settle_save().await;
                 return;
             }
             match self.config.failure_policy {
@@ -560,7 +557,6 @@ impl ActorState {
                     });
                     self.pending.pop_front();
                     self.position = failing_position;
-                    self.runner.advance(failing_position);
                     self.unsaved += 1;
                     self.retry = None;
                 }
@@ -573,7 +569,7 @@ impl ActorState {
                         error: error.to_string(),
                         attempts: attempt,
                     });
-                    if attempt >= max_attempts.max(1) {
+                    if attempt >= max_attempts {
                         error!(projection = %self.config.name, position = %failing_position,
                             attempts = attempt, %error, "projection handler kept failing; the projection stops");
                         self.failed = true;
@@ -596,7 +592,6 @@ impl ActorState {
         if let Some(passed) = self.pending_passed.take() {
             if passed > self.position {
                 self.position = passed;
-                self.runner.advance(passed);
             }
         }
     }
@@ -812,6 +807,12 @@ impl Actor for ProjectionActor {
                 state.process_scheduled = false;
                 if state.runnable() {
                     state.process().await;
+                    if state.finished() {
+                        // Nothing schedules the actor again once it ended, so
+                        // a save under way would never be collected and the
+                        // status would show a stale checkpoint forever.
+                        state.settle_save().await;
+                    }
                 }
             }
             ProjectionMessage::Pause(reply) => {
@@ -856,7 +857,7 @@ impl Actor for ProjectionActor {
             ProjectionMessage::Shutdown(reply) => {
                 let result = match state.save_checkpoint().await {
                     None => Ok(state.checkpoint),
-                    Some(error) => Err(error.into()),
+                    Some(error) => Err(error),
                 };
                 info!(projection = %state.config.name, checkpoint = %state.checkpoint, "projection stopped");
                 state.stopped = true;
@@ -871,5 +872,100 @@ impl Actor for ProjectionActor {
         state.publish();
         state.schedule(&myself);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ExpectedVersion, NewEvent, StreamId};
+    use crate::store::memory::MemoryStore;
+    use crate::ProjectionHandle;
+    use tokio::sync::Semaphore;
+
+    /// Applies every event before `fail_from`; the commit of a batch that
+    /// reaches it fails, as a sled commit can. Checkpoint saves wait at
+    /// `gate`, which opens a moment after that failure: the save under way
+    /// completes once the projection already stopped handling.
+    struct FailingCommit {
+        fail_from: Position,
+        gate: Arc<Semaphore>,
+    }
+
+    #[async_trait]
+    impl Runner for FailingCommit {
+        async fn apply(&mut self, events: &[RecordedEvent], _attempt: u32) -> Applied {
+            if events.iter().any(|event| event.position >= self.fail_from) {
+                let gate = Arc::clone(&self.gate);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    gate.add_permits(100);
+                });
+                return Applied {
+                    count: 0,
+                    error: Some(ProjectionError::handler("the commit failed")),
+                    store_failed: true,
+                };
+            }
+            Applied {
+                count: events.len(),
+                error: None,
+                store_failed: false,
+            }
+        }
+
+        fn start_checkpoint(&mut self, _position: Position) -> Result<SaveCheckpoint, StoreError> {
+            let gate = Arc::clone(&self.gate);
+            Ok(Box::pin(async move {
+                gate.acquire()
+                    .await
+                    .map_err(|_| StoreError::Closed)?
+                    .forget();
+                Ok(())
+            }))
+        }
+
+        async fn reset(&mut self) -> (bool, Result<(), ProjectionControlError>) {
+            (false, Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_waits_for_the_save_under_way() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+        let stream = StreamId::new("order-1").unwrap();
+        let events = (0..20)
+            .map(|_| NewEvent::new("Happened", Vec::new()))
+            .collect();
+        let last = store
+            .append(&stream, ExpectedVersion::Any, events)
+            .await
+            .unwrap()
+            .last_position;
+        let config = ProjectionConfig::new("failing")
+            .checkpoint_every(10, Duration::from_secs(3600))
+            .batch_size(5);
+        let gate = Arc::new(Semaphore::new(0));
+        let runner = FailingCommit {
+            fail_from: Position(16),
+            gate: Arc::clone(&gate),
+        };
+        let handle = ProjectionHandle::start(store, config, Box::new(runner), Position::START)
+            .await
+            .unwrap();
+        // The save of position 10 is under way when the batch 16..=20 fails.
+        assert!(matches!(
+            handle.wait_for(last, Duration::from_secs(5)).await,
+            Err(ProjectionControlError::NotRunning {
+                state: ProjectionState::Failed,
+                ..
+            })
+        ));
+        let status = handle.status();
+        assert_eq!(
+            (status.position, status.checkpoint),
+            (Position(15), Position(10))
+        );
+        assert_eq!(handle.shutdown().await.unwrap(), Position(15));
     }
 }

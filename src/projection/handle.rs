@@ -12,7 +12,7 @@ use ractor::{Actor, ActorRef, RpcReplyPort};
 use tokio::sync::{watch, Notify};
 use tracing::instrument;
 
-use crate::error::ProjectionControlError;
+use crate::error::{ProjectionControlError, StoreError};
 use crate::event::Position;
 use crate::projection::actor::{
     ActorState, NameLease, PlainRunner, ProjectionActor, ProjectionMessage,
@@ -77,6 +77,10 @@ struct Inner {
     interrupt: Arc<Notify>,
     store: Arc<dyn EventStore>,
     join: Mutex<Option<JoinHandle<()>>>,
+    /// The actor's answer to the first shutdown, so that later calls return
+    /// it rather than a stale checkpoint. A tokio mutex because concurrent
+    /// calls must wait for the first to finish, across its awaits.
+    shutdown: tokio::sync::Mutex<Option<Result<Position, StoreError>>>,
 }
 
 impl Drop for Inner {
@@ -107,7 +111,9 @@ impl ProjectionHandle {
     /// [`ProjectionControlError::InvalidInput`] for a bad name or setting
     /// (see [`ProjectionConfig::validate`]),
     /// [`ProjectionControlError::Read`] when the checkpoint cannot be loaded,
-    /// [`ProjectionControlError::Spawn`] when the actor cannot start.
+    /// [`ProjectionControlError::AlreadyRunning`] when one of that name runs
+    /// on this store, [`ProjectionControlError::Spawn`] when the actor cannot
+    /// start.
     #[instrument(skip_all, fields(projection = %config.name))]
     pub async fn spawn<P: Projection>(
         store: Arc<dyn EventStore>,
@@ -135,10 +141,14 @@ impl ProjectionHandle {
     /// together, and the events are applied again.
     ///
     /// # Errors
-    /// As [`ProjectionHandle::spawn`], plus
-    /// [`ProjectionControlError::InvalidInput`] for a tree name that is
-    /// empty or reserved by the store, and [`ProjectionControlError::Store`]
-    /// when a tree cannot be opened.
+    /// [`ProjectionControlError::InvalidInput`] for a bad name or setting
+    /// (see [`ProjectionConfig::validate`]) or a tree name that is empty or
+    /// reserved by the store; [`ProjectionControlError::Store`] when a tree
+    /// cannot be opened or the checkpoint cannot be read (it is read from
+    /// the sled tree directly, not through [`EventStore::load_checkpoint`],
+    /// hence not [`ProjectionControlError::Read`]);
+    /// [`ProjectionControlError::AlreadyRunning`] and
+    /// [`ProjectionControlError::Spawn`] as for [`ProjectionHandle::spawn`].
     #[instrument(skip_all, fields(projection = %config.name))]
     pub async fn spawn_sled<P: SledProjection>(
         store: Arc<SledStore>,
@@ -151,7 +161,7 @@ impl ProjectionHandle {
         Self::start(store, config, Box::new(runner), checkpoint).await
     }
 
-    async fn start(
+    pub(crate) async fn start(
         store: Arc<dyn EventStore>,
         config: ProjectionConfig,
         runner: Box<dyn crate::projection::actor::Runner>,
@@ -179,6 +189,7 @@ impl ProjectionHandle {
                 interrupt,
                 store,
                 join: Mutex::new(Some(join)),
+                shutdown: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -289,19 +300,30 @@ impl ProjectionHandle {
     /// Stops the projection after saving its checkpoint (for a sled read
     /// model: syncing it), and waits for the actor to end (and so for the
     /// event being handled, if any). Returns the saved
-    /// checkpoint. Calling it again returns the same.
+    /// checkpoint. Calling it again (from any clone) returns the same result
+    /// as the first call, success or failure.
+    ///
+    /// Shut projections down before their store: the final save needs the
+    /// store, and a shut-down sled store refuses it
+    /// ([`StoreError::Closed`]), leaving the checkpoint where the last
+    /// successful save put it.
     ///
     /// # Errors
     /// [`ProjectionControlError::Store`] when the checkpoint cannot be saved
-    /// (the actor stops anyway).
+    /// (the actor stops anyway), [`ProjectionControlError::NotRunning`] when
+    /// the actor had died.
     pub async fn shutdown(&self) -> Result<Position, ProjectionControlError> {
+        let mut first = self.inner.shutdown.lock().await;
+        if let Some(result) = &*first {
+            return result.clone().map_err(Into::into);
+        }
         let result = match self
             .call(|reply| ProjectionMessage::Shutdown(Some(reply)))
             .await
         {
-            Ok(result) => result,
-            Err(_) if self.status().state == ProjectionState::Stopped => {
-                Ok(self.inner.status.borrow().checkpoint)
+            Ok(result) => {
+                *first = Some(result.clone());
+                result.map_err(Into::into)
             }
             Err(error) => Err(error),
         };

@@ -53,11 +53,12 @@ pub trait SledProjection: Send + 'static {
         context: &ProjectionContext,
     ) -> Result<(), ProjectionError>;
 
-    /// Called after a reset erased the trees, for any state kept outside
-    /// them (caches). Default: nothing.
+    /// Called first when a reset starts, before the trees are erased, for
+    /// any state kept outside them (caches). Default: nothing.
     ///
     /// # Errors
-    /// Whatever the read model decides.
+    /// Whatever the read model decides. An error (or a panic) fails the
+    /// reset with nothing erased: the projection goes on where it was.
     fn reset(&mut self) -> Result<(), ProjectionError> {
         Ok(())
     }
@@ -293,11 +294,6 @@ impl<P: SledProjection> Runner for SledRunner<P> {
             error,
             store_failed: false,
         }
-    }
-
-    fn advance(&mut self, _position: Position) {
-        // Written with the next commit or checkpoint save: events that were
-        // filtered out or skipped change nothing in the read model.
     }
 
     fn start_checkpoint(&mut self, position: Position) -> Result<SaveCheckpoint, StoreError> {

@@ -114,8 +114,9 @@ impl fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    /// Sets how many events one catch-up read asks for (at least 1; default
-    /// [`DEFAULT_PAGE_SIZE`]). Takes effect from the next read.
+    /// Sets how many events one catch-up read asks for (default
+    /// [`DEFAULT_PAGE_SIZE`]; 0 is taken as 1). Takes effect from the next
+    /// read.
     pub fn with_page_size(mut self, page_size: usize) -> Self {
         if let Some(cursor) = &mut self.cursor {
             cursor.page_size = page_size.max(1);
@@ -350,15 +351,13 @@ impl Cursor {
             Some(last) if page.len() >= self.page_size => last.position.min(head),
             _ => head,
         };
-        // Positions increase along the page: keep those in (checked, head].
+        // Positions increase along the page, all after `checked` (the read
+        // started there): keep those up to `head`.
         page.truncate(page.partition_point(|event| event.position <= head));
-        page.drain(..page.partition_point(|event| event.position <= self.checked));
-        if self.buffer.is_empty() {
-            // Takes over the page's allocation instead of moving each event.
-            self.buffer = VecDeque::from(page);
-        } else {
-            self.buffer.extend(page);
-        }
+        // Only called once the buffer ran dry, so the page replaces it and
+        // its allocation is reused instead of moving each event.
+        debug_assert!(self.buffer.is_empty(), "a page read over buffered events");
+        self.buffer = VecDeque::from(page);
         self.checked = scanned;
         Ok(())
     }
