@@ -272,17 +272,7 @@ impl ProjectionConfig {
     /// retry's `max_attempts` must be at least 1.
     pub fn validate(&self) -> Result<(), InvalidInput> {
         crate::store::validate_checkpoint_name(&self.name)?;
-        let at_least_one = |what: &'static str, value: u64| {
-            if value == 0 {
-                Err(InvalidInput::TooSmall {
-                    what,
-                    value,
-                    min: 1,
-                })
-            } else {
-                Ok(())
-            }
-        };
+        use crate::error::at_least_one;
         at_least_one("checkpoint_every_events", self.checkpoint_every_events)?;
         at_least_one("batch_size", self.batch_size as u64)?;
         if let FailurePolicy::Retry { max_attempts, .. } = self.failure_policy {
