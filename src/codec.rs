@@ -1,14 +1,22 @@
 //! postcard encoding of users' events and states. An event enum is stored
 //! under its serde variant *name* (the event type) and a schema version,
 //! never under a variant index, so reordering or adding variants never breaks
-//! stored data; upcasters turn old schema versions into the current one.
+//! stored data; upcasters turn old schema versions into the current one, and
+//! renames map old event type names to current ones.
 //!
 //! The mapping needs no code from the user: any plain (externally tagged)
 //! serde enum works. `#[derive(Serialize, Deserialize)] enum OrderEvent {
 //! OrderPlaced(..), ItemAdded { .. }, OrderShipped }` stores `OrderPlaced`,
-//! `ItemAdded` and `OrderShipped`. Renaming a variant is done with
-//! `#[serde(rename = "OldName")]`, or `#[serde(alias = "OldName")]` to read
-//! old records under a new name.
+//! `ItemAdded` and `OrderShipped`.
+//!
+//! Renaming a variant never rewrites the log. Either keep the stored name
+//! (`#[serde(rename = "OldName")]` on the renamed variant), or store new
+//! events under the new name and register the old one with
+//! [`Upcasters::rename`], which reads old records as the new variant and
+//! keys schema versions and upcasters by the new name only (see
+//! [`DomainEvent`]). serde's `#[serde(alias = "OldName")]` also reads old
+//! records, but [`DomainEvent::schema_version`] and the upcasters then still
+//! see the old name; use it or a rename, not both for one name.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -27,19 +35,63 @@ use crate::event::{NewEvent, RecordedEvent};
 ///
 /// Implement it with an empty `impl DomainEvent for OrderEvent {}`; override
 /// [`DomainEvent::schema_version`] and [`DomainEvent::upcasters`] when a
-/// variant's payload changes shape.
+/// variant's payload changes shape or a variant is renamed.
+///
+/// A rename and a new payload shape, read from records a previous release
+/// stored, without rewriting them:
+///
+/// ```
+/// use annals::{decode_event_parts, encode_event, encode_value, DomainEvent, Upcasters};
+/// use serde::{Deserialize, Serialize};
+///
+/// // Release 1 stored `OrderCreated { customer }`. Release 2 calls the
+/// // variant `OrderPlaced` and adds a currency: schema version 2.
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// enum OrderEvent {
+///     OrderPlaced { customer: String, currency: String },
+///     OrderShipped,
+/// }
+///
+/// impl DomainEvent for OrderEvent {
+///     fn schema_version(event_type: &str) -> u16 {
+///         if event_type == "OrderPlaced" { 2 } else { 1 }
+///     }
+///
+///     fn upcasters(upcasters: &mut Upcasters) {
+///         upcasters
+///             .rename("OrderCreated", "OrderPlaced")
+///             // A variant's contents are its fields in order, as a tuple.
+///             .add("OrderPlaced", 1, |(customer,): (String,)| (customer, "EUR".to_owned()));
+///     }
+/// }
+///
+/// # fn main() -> Result<(), annals::CodecError> {
+/// // A record of release 1: event type `OrderCreated`, schema version 1.
+/// let stored = encode_value(&("ada".to_owned(),))?;
+/// let event: OrderEvent = decode_event_parts("OrderCreated", 1, &stored)?;
+/// assert_eq!(
+///     event,
+///     OrderEvent::OrderPlaced { customer: "ada".into(), currency: "EUR".into() }
+/// );
+/// // New events are stored under the current name and version.
+/// let new = encode_event(&event)?;
+/// assert_eq!((new.event_type.as_str(), new.schema_version), ("OrderPlaced", 2));
+/// # Ok(())
+/// # }
+/// ```
 pub trait DomainEvent:
     Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static
 {
-    /// The current schema version of `event_type`; new events are stored
-    /// with it. Default 1.
+    /// The current schema version of `event_type` (a current variant name);
+    /// new events are stored with it. Default 1.
     fn schema_version(event_type: &str) -> u16 {
         let _ = event_type;
         1
     }
 
-    /// Registers the upcasters from older schema versions. Called once per
-    /// event type per process. Default: none.
+    /// Registers the upcasters from older schema versions and the renames
+    /// of event types. Called once per event type per process. Default:
+    /// none.
     fn upcasters(upcasters: &mut Upcasters) {
         let _ = upcasters;
     }
@@ -47,17 +99,26 @@ pub trait DomainEvent:
 
 type Step = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, CodecError> + Send + Sync>;
 
-/// Conversions of stored payloads from one schema version to the next.
+/// How stored events of older releases become current ones: conversions
+/// of payloads from one schema version to the next, and renames of event
+/// types. Filled in by [`DomainEvent::upcasters`].
 #[derive(Default)]
 pub struct Upcasters {
     steps: HashMap<(String, u16), Step>,
+    /// Old name → the name it was renamed to.
+    renames: HashMap<String, String>,
 }
 
 impl fmt::Debug for Upcasters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut keys: Vec<_> = self.steps.keys().collect();
         keys.sort();
-        f.debug_struct("Upcasters").field("steps", &keys).finish()
+        let mut renames: Vec<_> = self.renames.iter().collect();
+        renames.sort();
+        f.debug_struct("Upcasters")
+            .field("steps", &keys)
+            .field("renames", &renames)
+            .finish()
     }
 }
 
@@ -65,6 +126,8 @@ impl Upcasters {
     /// Registers how a payload of `event_type` at schema version
     /// `from_version` (decoded as `Old`) becomes one at `from_version + 1`
     /// (encoded from `New`, the shape of the variant's contents then).
+    /// `event_type` is the current name: a renamed type's old records are
+    /// upcast by the steps of the name they were renamed to.
     pub fn add<Old, New>(
         &mut self,
         event_type: &str,
@@ -83,6 +146,43 @@ impl Upcasters {
         self.steps
             .insert((event_type.to_owned(), from_version), step);
         self
+    }
+
+    /// Registers that events stored under `old_name` are now the variant
+    /// named `new_name`: they decode as that variant, and their schema
+    /// version is `new_name`'s version line (a record of `old_name` at
+    /// version 1 is upcast by `new_name`'s step from version 1, up to
+    /// [`DomainEvent::schema_version`]`(new_name)`). New events are stored
+    /// under `new_name` only; the log is never rewritten.
+    ///
+    /// Renames chain: after `A → B` and `B → C`, records of `A` read as
+    /// `C`. A stored name that is still a variant of the enum is read as
+    /// that variant, so an old name must not be reused for a new variant.
+    /// Filters on event types ([`crate::EventFilter`]) match the stored
+    /// names: a projection filtering on `new_name` should list `old_name`
+    /// too.
+    ///
+    /// # Panics
+    /// When the rename closes a cycle (`new_name` is, or was renamed to,
+    /// `old_name`): no name would be current.
+    pub fn rename(&mut self, old_name: &str, new_name: &str) -> &mut Self {
+        assert!(
+            self.current_name(new_name) != old_name,
+            "Upcasters::rename({old_name:?}, {new_name:?}) closes a cycle of renames"
+        );
+        self.renames.insert(old_name.to_owned(), new_name.to_owned());
+        self
+    }
+
+    /// The name that records stored under `stored` are read as: the end of
+    /// its chain of renames, or `stored` itself. `rename` refuses cycles,
+    /// so the walk ends.
+    fn current_name<'a>(&'a self, stored: &'a str) -> &'a str {
+        let mut name = stored;
+        while let Some(next) = self.renames.get(name) {
+            name = next;
+        }
+        name
     }
 
     /// Brings `payload` from `found` up to `current`.
@@ -161,41 +261,82 @@ pub fn event_type_of<E: DomainEvent>(event: &E) -> Result<&'static str, CodecErr
     Ok(event_type)
 }
 
-/// Decodes a stored event into the user's enum, upcasting old schema
-/// versions first.
+/// Decodes a stored event into the user's enum, following renames and
+/// upcasting old schema versions first.
 ///
 /// # Errors
-/// [`CodecError::UnknownEventType`] when no variant has the stored name,
+/// [`CodecError::UnknownEventType`], naming the event's stream and version,
+/// when no variant has the stored name or a name it was renamed to;
 /// [`CodecError::NoUpcaster`] when the schema version cannot be brought to
-/// the current one, [`CodecError::Decode`] when the payload does not decode
+/// the current one; [`CodecError::Decode`] when the payload does not decode
 /// (including trailing bytes: a payload must decode exactly).
 pub fn decode_event<E: DomainEvent>(event: &RecordedEvent) -> Result<E, CodecError> {
-    decode_event_parts(&event.event_type, event.schema_version, &event.payload)
+    decode_event_parts(&event.event_type, event.schema_version, &event.payload).map_err(|error| {
+        match error {
+            CodecError::UnknownEventTypeName { event_type } => CodecError::UnknownEventType {
+                stream_id: event.stream_id.clone(),
+                version: event.version,
+                event_type,
+            },
+            CodecError::Decode { what, message } => CodecError::Decode {
+                what: format!("{what} (stream {} version {})", event.stream_id, event.version),
+                message,
+            },
+            other => other,
+        }
+    })
 }
 
 /// As [`decode_event`], from the parts of a stored event.
 ///
 /// # Errors
-/// As [`decode_event`].
+/// As [`decode_event`], except that an unknown name is
+/// [`CodecError::UnknownEventTypeName`]: the parts name no stream.
 pub fn decode_event_parts<E: DomainEvent>(
     event_type: &str,
     schema_version: u16,
     payload: &[u8],
 ) -> Result<E, CodecError> {
-    let current = E::schema_version(event_type);
+    // Nearly every record is a current variant at its current version:
+    // decode it without the registry (a shared map) on the way.
+    if schema_version == E::schema_version(event_type) {
+        match decode_variant(event_type, schema_version, payload) {
+            Err(CodecError::UnknownEventTypeName { .. }) => {}
+            decoded => return decoded,
+        }
+    }
+    let upcasters = upcasters_of::<E>();
+    let current_name = upcasters.current_name(event_type);
+    let current = E::schema_version(current_name);
     let upcast;
     let payload = if schema_version == current {
         payload
     } else {
-        upcast = upcasters_of::<E>().upcast(event_type, schema_version, current, payload)?;
+        upcast = upcasters.upcast(current_name, schema_version, current, payload)?;
         &upcast
     };
+    decode_variant(current_name, schema_version, payload).map_err(|error| match error {
+        // Name the stored type, the one a reader finds in the log.
+        CodecError::UnknownEventTypeName { .. } => CodecError::UnknownEventTypeName {
+            event_type: event_type.to_owned(),
+        },
+        other => other,
+    })
+}
+
+/// Decodes `payload` as the variant named `event_type`, at the current
+/// schema version (`schema_version` is the stored one, for messages).
+fn decode_variant<E: DomainEvent>(
+    event_type: &str,
+    schema_version: u16,
+    payload: &[u8],
+) -> Result<E, CodecError> {
     E::deserialize(VariantDeserializer {
         name: event_type,
         payload,
     })
     .map_err(|e| match e {
-        DecodeFailure::UnknownVariant => CodecError::UnknownEventType {
+        DecodeFailure::UnknownVariant => CodecError::UnknownEventTypeName {
             event_type: event_type.to_owned(),
         },
         DecodeFailure::Message(message) => CodecError::Decode {
@@ -697,11 +838,93 @@ mod tests {
     #[test]
     fn an_unknown_event_type_is_a_typed_error() {
         let new = encode_event(&after::OrderEvent::ItemRemoved { sku: "x".into() }).unwrap();
-        let error = decode_event::<before::OrderEvent>(&recorded(new)).unwrap_err();
+        let error = decode_event::<before::OrderEvent>(&recorded(new.clone())).unwrap_err();
         assert!(
-            matches!(&error, CodecError::UnknownEventType { event_type } if event_type == "ItemRemoved"),
+            matches!(
+                &error,
+                CodecError::UnknownEventType { stream_id, version, event_type }
+                    if stream_id.as_str() == "order-1"
+                        && *version == crate::Version(1)
+                        && event_type == "ItemRemoved"
+            ),
             "{error:?}"
         );
+        let message = error.to_string();
+        for part in ["order-1", "version 1", "ItemRemoved", "Upcasters::rename"] {
+            assert!(message.contains(part), "{message:?} lacks {part:?}");
+        }
+        let error = decode_event_parts::<before::OrderEvent>(
+            &new.event_type,
+            new.schema_version,
+            &new.payload,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&error, CodecError::UnknownEventTypeName { event_type } if event_type == "ItemRemoved"),
+            "{error:?}"
+        );
+    }
+
+    /// The enum after `ItemAdded` became `ItemPut`, then `LineAdded`.
+    mod renamed {
+        use super::*;
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub(crate) enum OrderEvent {
+            LineAdded { sku: String, quantity: u32 },
+            OrderShipped,
+        }
+        impl DomainEvent for OrderEvent {
+            fn upcasters(upcasters: &mut Upcasters) {
+                upcasters
+                    .rename("ItemAdded", "ItemPut")
+                    .rename("ItemPut", "LineAdded")
+                    .rename("Dropped", "NoSuchVariant");
+            }
+        }
+    }
+
+    #[test]
+    fn renames_chain_and_name_the_stored_type_when_they_lead_nowhere() {
+        let old = recorded(
+            encode_event(&before::OrderEvent::ItemAdded {
+                sku: "tea".into(),
+                quantity: 3,
+            })
+            .unwrap(),
+        );
+        let line = renamed::OrderEvent::LineAdded {
+            sku: "tea".into(),
+            quantity: 3,
+        };
+        assert_eq!(decode_event::<renamed::OrderEvent>(&old).unwrap(), line);
+        let middle = decode_event_parts("ItemPut", 1, &old.payload).unwrap();
+        assert_eq!(line, middle);
+        assert_eq!(encode_event(&line).unwrap().event_type, "LineAdded");
+        let error = decode_event_parts::<renamed::OrderEvent>("Dropped", 1, &[]).unwrap_err();
+        assert!(
+            matches!(&error, CodecError::UnknownEventTypeName { event_type } if event_type == "Dropped"),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "closes a cycle")]
+    fn a_cycle_of_renames_is_refused() {
+        Upcasters::default().rename("A", "B").rename("B", "A");
+    }
+
+    #[test]
+    fn a_decode_error_of_a_recorded_event_names_its_stream_and_version() {
+        let mut new = encode_event(&before::OrderEvent::ItemAdded {
+            sku: "tea".into(),
+            quantity: 3,
+        })
+        .unwrap();
+        new.payload.push(0);
+        let message = decode_event::<before::OrderEvent>(&recorded(new))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("stream order-1 version 1"), "{message}");
     }
 
     #[test]

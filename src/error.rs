@@ -252,9 +252,30 @@ pub enum CodecError {
         /// postcard's message.
         message: String,
     },
-    /// The stored event type is not one of the event enum's variants.
-    #[error("unknown event type {event_type:?}")]
+    /// A stored event's type is neither one of the event enum's variants
+    /// nor a name renamed to one ([`Upcasters::rename`](crate::Upcasters::rename)).
+    /// The event stays in the log untouched; the aggregate or projection
+    /// that reads it cannot go on until the event type knows the name.
+    #[error(
+        "stream {stream_id} version {version}: unknown event type {event_type:?} \
+         (a renamed variant? register the old name with Upcasters::rename)"
+    )]
     UnknownEventType {
+        /// The stream of the event.
+        stream_id: StreamId,
+        /// The event's version in its stream.
+        version: Version,
+        /// The stored name.
+        event_type: String,
+    },
+    /// As [`CodecError::UnknownEventType`], from
+    /// [`decode_event_parts`](crate::decode_event_parts), whose bare parts
+    /// name no stream and no version.
+    #[error(
+        "unknown event type {event_type:?} \
+         (a renamed variant? register the old name with Upcasters::rename)"
+    )]
+    UnknownEventTypeName {
         /// The stored name.
         event_type: String,
     },

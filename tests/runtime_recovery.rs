@@ -246,6 +246,7 @@ async fn commands_waiting_for_a_failed_recovery_share_its_error() {
         match command.await.unwrap() {
             Err(annals::CommandError::Codec(annals::CodecError::UnknownEventType {
                 event_type,
+                ..
             })) => assert_eq!(event_type, "RenamedSinceThen"),
             other => panic!("expected the recovery's codec error, got {other:?}"),
         }
