@@ -39,6 +39,68 @@ use crate::codec::DomainEvent;
 /// - `Clone` lets the runtime try the new events on a copy before storing
 ///   them (see [`crate::CommandError::AggregatePanicked`]) and hand out
 ///   states.
+///
+/// Besides annals, an aggregate needs only `serde` with its `derive`
+/// feature (for the state and the events) and `tokio` to run the runtime.
+/// The domain error is any [`std::error::Error`]: a `Display` and an empty
+/// `Error` impl, a few lines by hand, as in this example (the
+/// [`crate::AggregateTest`] kit checks it without a store):
+///
+/// ```
+/// use annals::{Aggregate, AggregateTest, DomainEvent};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// enum LoanEvent { BookLent { member: String }, BookReturned }
+/// impl DomainEvent for LoanEvent {}
+///
+/// #[derive(Debug)]
+/// enum LoanCommand { Lend { member: String }, Return }
+///
+/// #[derive(Debug, PartialEq)]
+/// enum LoanError { AlreadyLent, NotLent }
+/// impl std::fmt::Display for LoanError {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         f.write_str(match self {
+///             LoanError::AlreadyLent => "the book is already lent",
+///             LoanError::NotLent => "the book is not lent",
+///         })
+///     }
+/// }
+/// impl std::error::Error for LoanError {}
+///
+/// #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// struct Book { borrower: Option<String> }
+///
+/// impl Aggregate for Book {
+///     type Command = LoanCommand;
+///     type Event = LoanEvent;
+///     type Error = LoanError;
+///     const CATEGORY: &'static str = "book";
+///
+///     fn handle(&self, command: &LoanCommand) -> Result<Vec<LoanEvent>, LoanError> {
+///         match (command, &self.borrower) {
+///             (LoanCommand::Lend { .. }, Some(_)) => Err(LoanError::AlreadyLent),
+///             (LoanCommand::Lend { member }, None) => {
+///                 Ok(vec![LoanEvent::BookLent { member: member.clone() }])
+///             }
+///             (LoanCommand::Return, None) => Err(LoanError::NotLent),
+///             (LoanCommand::Return, Some(_)) => Ok(vec![LoanEvent::BookReturned]),
+///         }
+///     }
+///
+///     fn apply(&mut self, event: &LoanEvent) {
+///         self.borrower = match event {
+///             LoanEvent::BookLent { member } => Some(member.clone()),
+///             LoanEvent::BookReturned => None,
+///         };
+///     }
+/// }
+///
+/// AggregateTest::<Book>::given([LoanEvent::BookLent { member: "ada".into() }])
+///     .when(LoanCommand::Lend { member: "bob".into() })
+///     .then_expect_error(LoanError::AlreadyLent);
+/// ```
 pub trait Aggregate:
     Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static
 {
