@@ -1,3 +1,6 @@
+//! Renamed event types read old records through the runtime, and an
+//! unknown event type names its stream and version (the end of this file).
+//!
 //! Decoders fed arbitrary and mutated bytes never panic (invariant I6):
 //! stored event records (overwritten in the `log` tree under `E` +
 //! position, docs/design.md), snapshot records (the `snapshots` tree, read
@@ -13,10 +16,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use annals::{
-    decode_event_parts, decode_value, encode_event, encode_value, Aggregate, CommandError,
-    DomainEvent, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent, Position,
-    QueryError, ReadDirection, RecordedEvent, Runtime, RuntimeConfig, SledStore, Snapshot,
-    StreamId, Upcasters, Version,
+    decode_event_parts, decode_value, encode_event, encode_value, Aggregate, CodecError,
+    CommandError, DomainEvent, EventFilter, EventStore, ExpectedVersion, MemoryStore, Metadata,
+    NewEvent, Position, QueryError, ReadDirection, RecordedEvent, Runtime, RuntimeConfig,
+    SledStore, Snapshot, StreamId, Upcasters, Version,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -562,4 +565,218 @@ fn damaged_snapshots_never_panic_and_recovery_still_works() {
         late.unwrap();
         aggregates.shutdown().await.unwrap();
     });
+}
+
+// ---------------------------------------------------------------------------
+// Renamed event types, end to end through the runtime on a MemoryStore.
+
+/// Release 2 of a library's loans: release 1 stored `LoanStarted { member }`
+/// and `LoanEnded`; release 2 renamed them `BookLent` and `BookReturned`,
+/// and `BookLent` gained a due day (schema version 2, upcast from the
+/// version line `LoanStarted` began).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum LoanEvent {
+    BookLent { member: String, due_day: u32 },
+    BookReturned,
+}
+
+impl DomainEvent for LoanEvent {
+    fn schema_version(event_type: &str) -> u16 {
+        if event_type == "BookLent" {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn upcasters(upcasters: &mut Upcasters) {
+        upcasters
+            .rename("LoanStarted", "BookLent")
+            .rename("LoanEnded", "BookReturned")
+            .add("BookLent", 1, |(member,): (String,)| (member, 14u32));
+    }
+}
+
+#[derive(Debug)]
+enum LoanCommand {
+    Lend(String),
+    Return,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Book {
+    borrower: Option<String>,
+    due_day: u32,
+    loans: u32,
+}
+
+impl Aggregate for Book {
+    type Command = LoanCommand;
+    type Event = LoanEvent;
+    type Error = Never;
+    const CATEGORY: &'static str = "book";
+
+    fn handle(&self, command: &LoanCommand) -> Result<Vec<LoanEvent>, Never> {
+        Ok(vec![match command {
+            LoanCommand::Lend(member) => LoanEvent::BookLent {
+                member: member.clone(),
+                due_day: 7,
+            },
+            LoanCommand::Return => LoanEvent::BookReturned,
+        }])
+    }
+
+    fn apply(&mut self, event: &LoanEvent) {
+        match event {
+            LoanEvent::BookLent { member, due_day } => {
+                self.borrower = Some(member.clone());
+                self.due_day = *due_day;
+                self.loans += 1;
+            }
+            LoanEvent::BookReturned => self.borrower = None,
+        }
+    }
+}
+
+/// Appends release-1 records (old names, schema version 1) to `stream`.
+async fn store_release_one(store: &MemoryStore, stream: &str, members: &[&str]) {
+    let stream = StreamId::new(stream).unwrap();
+    let mut events = Vec::new();
+    for member in members {
+        events.push(NewEvent::new(
+            "LoanStarted",
+            encode_value(&(member.to_string(),)).unwrap(),
+        ));
+        events.push(NewEvent::new("LoanEnded", Vec::new()));
+    }
+    events.pop(); // the last loan is still running
+    store
+        .append(&stream, ExpectedVersion::NoStream, events)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_aggregate_recovers_events_stored_under_renamed_types() {
+    let store = Arc::new(MemoryStore::new());
+    store_release_one(&store, "book-1", &["ada", "bob"]).await;
+    let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
+    let books = runtime.aggregates::<Book>();
+    assert_eq!(
+        books.state("1").await.unwrap(),
+        Book {
+            borrower: Some("bob".into()),
+            due_day: 14,
+            loans: 2
+        }
+    );
+
+    books.execute("1", LoanCommand::Return).await.unwrap();
+    books
+        .execute("1", LoanCommand::Lend("cy".into()))
+        .await
+        .unwrap();
+    let stream = StreamId::new("book-1").unwrap();
+    let stored: Vec<(String, u16)> = store
+        .read_stream(&stream, Version::FIRST, ReadDirection::Forward, usize::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.event_type, e.schema_version))
+        .collect();
+    // The old records are untouched; new ones carry the current names.
+    let expected = [
+        ("LoanStarted", 1),
+        ("LoanEnded", 1),
+        ("LoanStarted", 1),
+        ("BookReturned", 1),
+        ("BookLent", 2),
+    ];
+    let expected: Vec<(String, u16)> = expected.iter().map(|(t, v)| (t.to_string(), *v)).collect();
+    assert_eq!(stored, expected);
+
+    // A second runtime (its shutdown would close the shared store) replays
+    // the mixed stream to the same state.
+    let replayed = Runtime::new(store, RuntimeConfig::default().snapshot_every(0));
+    let state = replayed.aggregates::<Book>().state("1").await.unwrap();
+    assert_eq!(
+        state,
+        Book {
+            borrower: Some("cy".into()),
+            due_day: 7,
+            loans: 3
+        }
+    );
+    runtime.shutdown().await.unwrap();
+    replayed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unknown_event_type_names_its_stream_and_version() {
+    let store = Arc::new(MemoryStore::new());
+    store_release_one(&store, "book-2", &["ada"]).await;
+    let stream = StreamId::new("book-2").unwrap();
+    store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(Version(1)),
+            vec![NewEvent::new("BookLost", Vec::new())],
+        )
+        .await
+        .unwrap();
+    let runtime = Runtime::new(store, RuntimeConfig::default());
+    let books = runtime.aggregates::<Book>();
+    let error = books.execute("2", LoanCommand::Return).await.unwrap_err();
+    match &error {
+        CommandError::Codec(CodecError::UnknownEventType {
+            stream_id,
+            version,
+            event_type,
+        }) => {
+            assert_eq!(stream_id.as_str(), "book-2");
+            assert_eq!(*version, Version(2));
+            assert_eq!(event_type, "BookLost");
+        }
+        other => panic!("expected UnknownEventType, got {other:?}"),
+    }
+    let message = error.to_string();
+    assert!(
+        message.contains("book-2") && message.contains("version 2"),
+        "{message}"
+    );
+    match books.state("2").await {
+        Err(QueryError::Codec(CodecError::UnknownEventType { version, .. })) => {
+            assert_eq!(version, Version(2))
+        }
+        other => panic!("expected UnknownEventType, got {other:?}"),
+    }
+    // Bare parts have no stream: the name-only variant.
+    assert!(matches!(
+        decode_event_parts::<LoanEvent>("BookLost", 1, &[]),
+        Err(CodecError::UnknownEventTypeName { event_type }) if event_type == "BookLost"
+    ));
+    runtime.shutdown().await.unwrap();
+}
+
+#[test]
+fn renamed_types_are_upcast_along_the_current_name_line() {
+    let v1 = encode_value(&("ada".to_owned(),)).unwrap();
+    let lent = LoanEvent::BookLent {
+        member: "ada".into(),
+        due_day: 14,
+    };
+    // An old name at version 1, and the current name at version 1 (written
+    // by a release between the rename and the new field): both upcast.
+    assert_eq!(decode_event_parts::<LoanEvent>("LoanStarted", 1, &v1).unwrap(), lent);
+    assert_eq!(decode_event_parts::<LoanEvent>("BookLent", 1, &v1).unwrap(), lent);
+    // An old name at the current version decodes as is.
+    let v2 = encode_event(&lent).unwrap().payload;
+    assert_eq!(decode_event_parts::<LoanEvent>("LoanStarted", 2, &v2).unwrap(), lent);
+    // A version beyond the current one has no path, under either name.
+    for name in ["LoanStarted", "BookLent"] {
+        assert!(matches!(
+            decode_event_parts::<LoanEvent>(name, 3, &v2),
+            Err(CodecError::NoUpcaster { event_type, found: 3, current: 2 }) if event_type == "BookLent"
+        ));
+    }
 }
