@@ -170,7 +170,8 @@ impl Upcasters {
             self.current_name(new_name) != old_name,
             "Upcasters::rename({old_name:?}, {new_name:?}) closes a cycle of renames"
         );
-        self.renames.insert(old_name.to_owned(), new_name.to_owned());
+        self.renames
+            .insert(old_name.to_owned(), new_name.to_owned());
         self
     }
 
@@ -279,7 +280,10 @@ pub fn decode_event<E: DomainEvent>(event: &RecordedEvent) -> Result<E, CodecErr
                 event_type,
             },
             CodecError::Decode { what, message } => CodecError::Decode {
-                what: format!("{what} (stream {} version {})", event.stream_id, event.version),
+                what: format!(
+                    "{what} (stream {} version {})",
+                    event.stream_id, event.version
+                ),
                 message,
             },
             other => other,

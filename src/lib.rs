@@ -124,4 +124,6 @@ pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats,
 pub use crate::store::{
     Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
 };
-pub use crate::testing::{AggregateTest, AggregateTestResult, ProjectionTest, ProjectionTestResult};
+pub use crate::testing::{
+    AggregateTest, AggregateTestResult, ProjectionTest, ProjectionTestResult,
+};

@@ -319,10 +319,7 @@ impl<P> ProjectionTest<P> {
             Ok(id) => id,
             Err(e) => panic!("{stream:?} is not a stream id: {e}"),
         };
-        let version = self
-            .versions
-            .entry(stream_id.clone())
-            .or_insert(Version(0));
+        let version = self.versions.entry(stream_id.clone()).or_insert(Version(0));
         for new in events {
             *version = version.next();
             self.log.push(RecordedEvent {

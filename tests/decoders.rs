@@ -767,11 +767,20 @@ fn renamed_types_are_upcast_along_the_current_name_line() {
     };
     // An old name at version 1, and the current name at version 1 (written
     // by a release between the rename and the new field): both upcast.
-    assert_eq!(decode_event_parts::<LoanEvent>("LoanStarted", 1, &v1).unwrap(), lent);
-    assert_eq!(decode_event_parts::<LoanEvent>("BookLent", 1, &v1).unwrap(), lent);
+    assert_eq!(
+        decode_event_parts::<LoanEvent>("LoanStarted", 1, &v1).unwrap(),
+        lent
+    );
+    assert_eq!(
+        decode_event_parts::<LoanEvent>("BookLent", 1, &v1).unwrap(),
+        lent
+    );
     // An old name at the current version decodes as is.
     let v2 = encode_event(&lent).unwrap().payload;
-    assert_eq!(decode_event_parts::<LoanEvent>("LoanStarted", 2, &v2).unwrap(), lent);
+    assert_eq!(
+        decode_event_parts::<LoanEvent>("LoanStarted", 2, &v2).unwrap(),
+        lent
+    );
     // A version beyond the current one has no path, under either name.
     for name in ["LoanStarted", "BookLent"] {
         assert!(matches!(
