@@ -41,7 +41,7 @@
 //!     .when(())
 //!     .then_expect_events([CounterEvent::Incremented]);
 //! assert_eq!(counter.value, 1);
-//! AggregateTest::<Counter>::given([CounterEvent::Incremented; 2])
+//! AggregateTest::<Counter>::given(vec![CounterEvent::Incremented; 2])
 //!     .when(())
 //!     .then_expect_error(Full);
 //! ```
