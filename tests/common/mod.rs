@@ -148,7 +148,7 @@ pub async fn reopen_sled(path: &std::path::Path) -> annals::SledStore {
     loop {
         match annals::SledStore::open(path) {
             Ok(store) => return store,
-            Err(error) if attempts < 200 && error.to_string().contains("lock") => {
+            Err(annals::StoreError::InUse { .. }) if attempts < 200 => {
                 attempts += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
@@ -330,7 +330,8 @@ pub fn until_unlocked<T, E: std::fmt::Display>(
     loop {
         match attempt() {
             Err(e)
-                if e.to_string().contains("could not acquire lock")
+                if (e.to_string().contains("could not acquire lock")
+                    || e.to_string().contains("is in use"))
                     && Instant::now() < deadline =>
             {
                 std::thread::sleep(Duration::from_millis(2));
