@@ -349,7 +349,7 @@ async fn refusals_write_nothing_to_disk() {
     let store = loop {
         match SledStore::open(&path) {
             Ok(store) => break store,
-            Err(e) if e.to_string().contains("lock") => {
+            Err(annals::StoreError::InUse { .. }) => {
                 tokio::time::sleep(Duration::from_millis(5)).await
             }
             Err(e) => panic!("reopen: {e}"),

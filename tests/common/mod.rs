@@ -321,8 +321,10 @@ pub async fn whole_stream(store: &dyn EventStore, id: &StreamId) -> Vec<Recorded
 
 /// Retries `attempt` for up to a second while the previous session still
 /// holds sled's file lock. sled 0.34 releases it a few milliseconds after
-/// its last handle is dropped (its I/O thread pool still holds the file),
-/// even after `shutdown()`; measured 3 to 10 ms with raw sled alone.
+/// its last handle is dropped (its I/O thread pool still holds the file);
+/// measured 3 to 10 ms with raw sled alone. `SledStore::shutdown` waits for
+/// that itself; a plain drop, a raw sled database or a child process that
+/// just exited do not.
 pub fn until_unlocked<T, E: std::fmt::Display>(
     mut attempt: impl FnMut() -> Result<T, E>,
 ) -> Result<T, E> {
