@@ -568,3 +568,41 @@ pub enum Error {
     #[error(transparent)]
     ProjectionControl(#[from] ProjectionControlError),
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection reset")]
+    struct DriverError;
+
+    #[test]
+    fn a_backend_error_keeps_its_backend_and_source_through_clones() {
+        let error = StoreError::from(BackendError::new("postgres", DriverError));
+        let cloned = error.clone();
+        for error in [&error, &cloned] {
+            assert_eq!(error.to_string(), "postgres: connection reset");
+            let StoreError::Backend(backend) = error else {
+                panic!("expected Backend, got {error:?}");
+            };
+            assert_eq!(backend.backend(), "postgres");
+            assert!(backend.downcast_ref::<DriverError>().is_some());
+            assert!(backend.downcast_ref::<std::io::Error>().is_none());
+            let source = backend.source().expect("the driver's error is the source");
+            assert_eq!(source.to_string(), "connection reset");
+        }
+    }
+
+    #[test]
+    fn in_use_names_the_path() {
+        let error = StoreError::InUse {
+            path: PathBuf::from("/var/lib/orders"),
+        };
+        let message = error.to_string();
+        assert!(message.contains("/var/lib/orders"), "{message}");
+        assert!(message.contains("another process"), "{message}");
+    }
+}

@@ -457,7 +457,7 @@ async fn a_store_open_in_another_process_is_in_use() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let held = lines.any(|line| line.map_or(false, |line| line == "holding"));
+    let held = lines.any(|line| line.is_ok_and(|line| line == "holding"));
     assert!(held, "the child never opened the store");
     match SledStore::open(&path) {
         Err(StoreError::InUse { path: reported }) => assert_eq!(reported, path),
