@@ -2,6 +2,9 @@
 //! a concurrency conflict, a failing store, undecodable data and the
 //! domain's own rejections. Every enum converts into the umbrella [`Error`].
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use uuid::Uuid;
 
 use crate::event::{ExpectedVersion, Position, StreamId, Version};
@@ -50,12 +53,15 @@ pub enum InvalidInput {
         max: usize,
     },
     /// An event was larger than the store's maximum event size.
-    #[error("an event is {size} bytes, more than the maximum of {max}")]
+    #[error("an event is {size} bytes, more than the maximum of {max} (raise it with {setting})")]
     EventTooLarge {
         /// The event's size.
         size: usize,
         /// The maximum.
         max: usize,
+        /// The setting that raises the maximum, e.g.
+        /// `"SledStoreConfig::max_event_size"`.
+        setting: &'static str,
     },
     /// The same event id appeared twice in one append.
     #[error("event id {0} appears twice in one append")]
@@ -92,9 +98,10 @@ pub enum InvalidInput {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// sled reported an error.
-    #[error("sled: {0}")]
-    Sled(#[from] sled::Error),
+    /// The backend (sled, a database driver, ...) reported an error; it is
+    /// kept as the source.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     /// An I/O error outside sled (for example the fdatasync of its files).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
@@ -108,6 +115,13 @@ pub enum StoreError {
         found: u32,
         /// The version this build reads.
         expected: u32,
+    },
+    /// Another store (of this process or another) has the directory open;
+    /// it stays locked until that store is shut down or dropped.
+    #[error("{} is in use: another process or store handle has it open", path.display())]
+    InUse {
+        /// The store's directory.
+        path: PathBuf,
     },
     /// The path holds something that is not an annals store.
     #[error("{0} does not hold an annals store")]
@@ -132,21 +146,19 @@ pub enum StoreError {
     /// A name or argument was refused.
     #[error(transparent)]
     InvalidInput(#[from] InvalidInput),
-    /// Injected by the fault-injecting test wrapper.
-    #[error("injected fault: {0}")]
-    Injected(&'static str),
 }
 
 impl Clone for StoreError {
     fn clone(&self) -> Self {
         match self {
-            StoreError::Sled(e) => StoreError::Sled(e.clone()),
+            StoreError::Backend(e) => StoreError::Backend(e.clone()),
             StoreError::Io(e) => StoreError::Io(std::io::Error::new(e.kind(), e.to_string())),
             StoreError::Corrupt(what) => StoreError::Corrupt(what.clone()),
             StoreError::FormatMismatch { found, expected } => StoreError::FormatMismatch {
                 found: *found,
                 expected: *expected,
             },
+            StoreError::InUse { path } => StoreError::InUse { path: path.clone() },
             StoreError::NotAStore(what) => StoreError::NotAStore(what.clone()),
             StoreError::DiskFull { available, needed } => StoreError::DiskFull {
                 available: *available,
@@ -155,8 +167,52 @@ impl Clone for StoreError {
             StoreError::Closed => StoreError::Closed,
             StoreError::Poisoned(why) => StoreError::Poisoned(why.clone()),
             StoreError::InvalidInput(e) => StoreError::InvalidInput(e.clone()),
-            StoreError::Injected(what) => StoreError::Injected(what),
         }
+    }
+}
+
+/// A backend's own error inside a [`StoreError::Backend`]: the backend's
+/// name and its error, kept as the [`source`](std::error::Error::source)
+/// (shared, so that [`StoreError`] stays `Clone`). Backends written outside
+/// the crate report their failures with [`BackendError::new`].
+#[derive(Debug, Clone)]
+pub struct BackendError {
+    backend: &'static str,
+    error: Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl BackendError {
+    /// `backend`'s `error` (a name such as `"sled"` or `"postgres"`).
+    pub fn new(
+        backend: &'static str,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            backend,
+            error: Arc::from(error.into()),
+        }
+    }
+
+    /// The name of the backend that failed.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// The backend's error, if it is an `E`.
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.error.downcast_ref::<E>()
+    }
+}
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.backend, self.error)
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.error)
     }
 }
 
@@ -218,18 +274,6 @@ pub enum ReadError {
     /// The store failed or a record is corrupt.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<sled::Error> for ReadError {
-    fn from(error: sled::Error) -> Self {
-        ReadError::Store(StoreError::Sled(error))
-    }
-}
-
-impl From<sled::Error> for AppendError {
-    fn from(error: sled::Error) -> Self {
-        AppendError::Store(StoreError::Sled(error))
-    }
 }
 
 /// Encoding or decoding failed.
@@ -460,12 +504,6 @@ impl ProjectionError {
     }
 }
 
-impl From<sled::Error> for ProjectionError {
-    fn from(error: sled::Error) -> Self {
-        ProjectionError::Store(StoreError::Sled(error))
-    }
-}
-
 /// Why an operation on a [`ProjectionHandle`](crate::ProjectionHandle)
 /// failed.
 #[derive(Debug, thiserror::Error)]
@@ -550,4 +588,42 @@ pub enum Error {
     /// See [`ProjectionControlError`].
     #[error(transparent)]
     ProjectionControl(#[from] ProjectionControlError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection reset")]
+    struct DriverError;
+
+    #[test]
+    fn a_backend_error_keeps_its_backend_and_source_through_clones() {
+        let error = StoreError::from(BackendError::new("postgres", DriverError));
+        let cloned = error.clone();
+        for error in [&error, &cloned] {
+            assert_eq!(error.to_string(), "postgres: connection reset");
+            let StoreError::Backend(backend) = error else {
+                panic!("expected Backend, got {error:?}");
+            };
+            assert_eq!(backend.backend(), "postgres");
+            assert!(backend.downcast_ref::<DriverError>().is_some());
+            assert!(backend.downcast_ref::<std::io::Error>().is_none());
+            let source = backend.source().expect("the driver's error is the source");
+            assert_eq!(source.to_string(), "connection reset");
+        }
+    }
+
+    #[test]
+    fn in_use_names_the_path() {
+        let error = StoreError::InUse {
+            path: PathBuf::from("/var/lib/orders"),
+        };
+        let message = error.to_string();
+        assert!(message.contains("/var/lib/orders"), "{message}");
+        assert!(message.contains("another process"), "{message}");
+    }
 }

@@ -291,10 +291,18 @@ impl NewEvent {
     }
 }
 
-/// Checks one append's events against the limits every backend shares.
-pub(crate) fn validate_append(
+/// Checks one append's events against the limits every backend shares: at
+/// least one and at most [`MAX_EVENTS_PER_APPEND`] events, valid event
+/// types and metadata keys, no event larger than `max_event_size` (the
+/// error names `setting`, the backend's setting that raises it), no event
+/// id twice. A backend calls it before anything else in an append.
+///
+/// # Errors
+/// The first [`InvalidInput`] found; nothing may then be written.
+pub fn validate_append(
     events: &[NewEvent],
     max_event_size: usize,
+    setting: &'static str,
 ) -> Result<(), InvalidInput> {
     if events.is_empty() {
         return Err(InvalidInput::EmptyAppend);
@@ -315,6 +323,7 @@ pub(crate) fn validate_append(
             return Err(InvalidInput::EventTooLarge {
                 size: event.size(),
                 max: max_event_size,
+                setting,
             });
         }
         if !ids.insert(event.event_id) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::{AppendError, ReadError, StoreError};
+use crate::error::{AppendError, BackendError, ReadError, StoreError};
 use crate::event::{
     AppendResult, EventFilter, ExpectedVersion, NewEvent, Position, ReadDirection, RecordedEvent,
     Snapshot, StreamId, Version,
@@ -76,10 +76,54 @@ pub struct FaultCounts {
     pub writes_failed: u64,
 }
 
+/// A failure a [`FaultyStore`] made up. It reaches callers as the source of
+/// a [`StoreError::Backend`] naming the backend `"faults"`, inside the usual
+/// error types, exactly as a failing disk's error would; tests recognise it
+/// with [`InjectedFault::find`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("injected fault: {what}")]
+pub struct InjectedFault {
+    what: &'static str,
+}
+
+impl InjectedFault {
+    /// The name [`BackendError`]s of injected faults carry.
+    pub const BACKEND: &'static str = "faults";
+
+    /// Which fault: `"append rejected"`, `"acknowledgement lost"`, `"read
+    /// failed"` or `"write failed"`.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// The injected fault behind `error` (any of the crate's errors, or
+    /// one that wraps them as a source), if it is one.
+    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a InjectedFault> {
+        let mut current = Some(error);
+        while let Some(error) = current {
+            if let Some(fault) = error.downcast_ref::<InjectedFault>() {
+                return Some(fault);
+            }
+            if let Some(backend) = error.downcast_ref::<BackendError>() {
+                if let Some(fault) = backend.downcast_ref::<InjectedFault>() {
+                    return Some(fault);
+                }
+            }
+            current = error.source();
+        }
+        None
+    }
+
+    fn error(what: &'static str) -> StoreError {
+        StoreError::Backend(BackendError::new(Self::BACKEND, InjectedFault { what }))
+    }
+}
+
 /// Wraps a store and injects faults by a [`FaultPlan`] until
 /// [`FaultyStore::heal`] is called. Injected errors are
-/// [`StoreError::Injected`], inside the usual error types, so code under test
-/// sees what it would see from a failing disk.
+/// [`StoreError::Backend`] errors whose source is an [`InjectedFault`],
+/// inside the usual error types, so code under test sees what it would see
+/// from a failing disk.
 #[derive(Debug)]
 pub struct FaultyStore {
     inner: Arc<dyn EventStore>,
@@ -161,7 +205,7 @@ impl FaultyStore {
     async fn read_fault(&self) -> Result<(), StoreError> {
         self.delay().await;
         if self.strikes(self.plan.read_failed, &self.reads_failed) {
-            return Err(StoreError::Injected("read failed"));
+            return Err(InjectedFault::error("read failed"));
         }
         Ok(())
     }
@@ -169,7 +213,7 @@ impl FaultyStore {
     async fn write_fault(&self) -> Result<(), StoreError> {
         self.delay().await;
         if self.strikes(self.plan.write_failed, &self.writes_failed) {
-            return Err(StoreError::Injected("write failed"));
+            return Err(InjectedFault::error("write failed"));
         }
         Ok(())
     }
@@ -185,11 +229,11 @@ impl EventStore for FaultyStore {
     ) -> Result<AppendResult, AppendError> {
         self.delay().await;
         if self.strikes(self.plan.append_rejected, &self.appends_rejected) {
-            return Err(StoreError::Injected("append rejected").into());
+            return Err(InjectedFault::error("append rejected").into());
         }
         let result = self.inner.append(stream, expected, events).await?;
         if self.strikes(self.plan.append_ack_lost, &self.acks_lost) {
-            return Err(StoreError::Injected("acknowledgement lost").into());
+            return Err(InjectedFault::error("acknowledgement lost").into());
         }
         Ok(result)
     }
@@ -294,6 +338,25 @@ mod tests {
         let stored = memory.stream_version(&stream).await.unwrap().0;
         assert_eq!(stored, acknowledged + counts.acks_lost);
         assert_eq!(stored + counts.appends_rejected, 1000);
+
+        // A failure is an injected fault, recognisable as one through the
+        // usual error types.
+        let mut failed = None;
+        for _ in 0..1000 {
+            if let Err(error) = store.stream_version(&stream).await {
+                failed = Some(error);
+                break;
+            }
+        }
+        let error = failed.expect("5% of reads fail");
+        let fault = InjectedFault::find(&error).expect("an injected fault");
+        assert_eq!(fault.what(), "read failed");
+        assert_eq!(error.to_string(), "faults: injected fault: read failed");
+        assert!(
+            matches!(&error, ReadError::Store(StoreError::Backend(b)) if b.backend() == "faults")
+        );
+        let not_injected = ReadError::Store(StoreError::Closed);
+        assert!(InjectedFault::find(&not_injected).is_none());
 
         store.heal();
         for _ in 0..100 {

@@ -104,15 +104,15 @@ pub use crate::codec::{
     DomainEvent, Upcasters,
 };
 pub use crate::error::{
-    AppendError, CodecError, CommandError, Error, InvalidInput, ProjectionControlError,
-    ProjectionError, QueryError, ReadError, StoreError, SubscriptionError,
+    AppendError, BackendError, CodecError, CommandError, Error, InvalidInput,
+    ProjectionControlError, ProjectionError, QueryError, ReadError, StoreError, SubscriptionError,
 };
 pub use crate::event::{
     AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position, ReadDirection,
     RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_EVENTS_PER_APPEND,
     MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
-pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore};
+pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore, InjectedFault};
 pub use crate::projection::{
     subscribe, FailurePolicy, Projection, ProjectionConfig, ProjectionContext, ProjectionFailure,
     ProjectionHandle, ProjectionState, ProjectionStatus, ReadModelBatch, SkippedEvent,
@@ -123,6 +123,13 @@ pub use crate::store::memory::MemoryStore;
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{
     Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
+};
+// The backend SPI: what a store written outside the crate needs to keep
+// the contract of `EventStore` (the lead moves these under `annals::store`).
+pub use crate::event::validate_append;
+pub use crate::store::{
+    check_idempotency, validate_checkpoint_name, validate_limit, IdempotencyCheck, LivePublisher,
+    StoredId,
 };
 pub use crate::testing::{
     AggregateTest, AggregateTestResult, ProjectionTest, ProjectionTestResult,

@@ -1,5 +1,7 @@
 //! The log: the [`EventStore`] trait every backend implements, the live feed
-//! of commits, and the rules the backends share (idempotent retries).
+//! of commits ([`LivePublisher`] publishes it), and the rules the backends
+//! share (input checks, idempotent retries), public so that a backend
+//! written outside the crate implements the same contract.
 //! Backends: [`SledStore`](crate::SledStore) on disk and
 //! [`MemoryStore`](crate::MemoryStore) for tests.
 
@@ -123,8 +125,11 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, ReadError>;
 
     /// Stops accepting writes, finishes the queued ones and flushes. Later
-    /// appends and snapshot writes fail with [`StoreError::Closed`]; reads
-    /// still work. Calling it twice is fine.
+    /// appends and snapshot writes fail with [`StoreError::Closed`]; later
+    /// reads either still work or fail with
+    /// [`StoreError::Closed`], depending on the backend (the sled store
+    /// releases its files, so its reads fail). The live feed ends after the
+    /// last commit. Calling it twice is fine.
     ///
     /// # Errors
     /// [`StoreError::Poisoned`] (sled store) when a write had failed, or the
@@ -133,13 +138,22 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     async fn shutdown(&self) -> Result<(), StoreError>;
 }
 
-/// Checks a checkpoint name.
-pub(crate) fn validate_checkpoint_name(name: &str) -> Result<(), InvalidInput> {
+/// Checks a checkpoint name as every backend must before saving or loading
+/// it: not empty, at most [`MAX_CHECKPOINT_NAME_LEN`] bytes, no control
+/// character.
+///
+/// # Errors
+/// The [`InvalidInput`] naming what is wrong.
+pub fn validate_checkpoint_name(name: &str) -> Result<(), InvalidInput> {
     validate_name("checkpoint name", name, MAX_CHECKPOINT_NAME_LEN)
 }
 
-/// Refuses a read limit of zero, which would make paging loops spin.
-pub(crate) fn validate_limit(limit: usize) -> Result<(), InvalidInput> {
+/// Refuses a read limit of zero, which would make paging loops spin; every
+/// backend checks its read limits with it.
+///
+/// # Errors
+/// [`InvalidInput::ZeroLimit`] for 0.
+pub fn validate_limit(limit: usize) -> Result<(), InvalidInput> {
     if limit == 0 {
         return Err(InvalidInput::ZeroLimit);
     }
@@ -187,21 +201,38 @@ impl LiveFeed {
     }
 }
 
-/// The publishing side shared by the backends: the head position and the
-/// broadcast of commits. The head moves before the commit is sent, so that
-/// a subscriber that reads the head after subscribing gets every later event
-/// from the feed (see `projection::Subscription`).
+/// The publishing side of the live feed, for backends: it keeps the head
+/// position and broadcasts commits to every [`LiveFeed`]. A backend (in
+/// this crate or outside it) holds one, answers
+/// [`EventStore::head_position`] with [`LivePublisher::head`] and
+/// [`EventStore::subscribe_live`] with [`LivePublisher::subscribe`].
+///
+/// Guarantees, given that the backend calls [`LivePublisher::publish`]
+/// only with commits whose events are readable, in position order, each
+/// starting right after the previous one's last position:
+/// - the head moves to a commit's last position before the commit is sent,
+///   so a subscriber that reads the head after subscribing gets every later
+///   event from its feed (what `Subscription` relies on to switch from
+///   reading to the feed without a gap);
+/// - a publish never waits for a subscriber: one that falls more than the
+///   capacity behind gets [`FeedError::Lagged`];
+/// - after [`LivePublisher::close`], each subscriber gets the commits it
+///   still holds, then [`FeedError::Closed`]; later subscribers get
+///   [`FeedError::Closed`] at once.
 #[derive(Debug)]
-pub(crate) struct CommitFeed {
-    /// `None` once the store shut down: dropping the sender ends every
-    /// subscription with [`FeedError::Closed`] after the commits it holds.
+pub struct LivePublisher {
+    /// `None` once closed: dropping the sender ends every subscription with
+    /// [`FeedError::Closed`] after the commits it holds.
     /// A std Mutex, not a tokio one: no await happens while it is held.
     sender: Mutex<Option<broadcast::Sender<Commit>>>,
     head: AtomicU64,
 }
 
-impl CommitFeed {
-    pub(crate) fn new(capacity: usize, head: Position) -> Self {
+impl LivePublisher {
+    /// A publisher whose subscribers each keep up to `capacity` commits
+    /// (at least one: a capacity of 0 keeps one), with the head at `head`
+    /// (the last committed position, [`Position::START`] for an empty log).
+    pub fn new(capacity: usize, head: Position) -> Self {
         let (sender, _) = broadcast::channel(capacity.max(1));
         Self {
             sender: Mutex::new(Some(sender)),
@@ -214,12 +245,16 @@ impl CommitFeed {
         self.sender.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn head(&self) -> Position {
+    /// The last position published (or given to [`LivePublisher::new`]).
+    pub fn head(&self) -> Position {
         Position(self.head.load(Ordering::Acquire))
     }
 
-    /// Publishes a commit whose events are already readable.
-    pub(crate) fn publish(&self, commit: Commit) {
+    /// Moves the head to the commit's last position, then sends the commit
+    /// to every subscriber. Call it only once the commit's events are
+    /// readable, in position order; an empty commit is ignored. After
+    /// [`LivePublisher::close`] the head still moves but nothing is sent.
+    pub fn publish(&self, commit: Commit) {
         if let Some(last) = commit.last() {
             self.head.store(last.position.0, Ordering::Release);
             if let Some(sender) = &*self.sender() {
@@ -229,7 +264,9 @@ impl CommitFeed {
         }
     }
 
-    pub(crate) fn subscribe(&self) -> LiveFeed {
+    /// A feed of the commits published from now on; closed from the start
+    /// after [`LivePublisher::close`].
+    pub fn subscribe(&self) -> LiveFeed {
         let receiver = match &*self.sender() {
             Some(sender) => sender.subscribe(),
             // Shut down: a feed that is closed from the start.
@@ -238,37 +275,71 @@ impl CommitFeed {
         LiveFeed { receiver }
     }
 
-    /// Called when the store shuts down, after its last commit was published:
-    /// subscribers get what is left, then [`FeedError::Closed`].
-    pub(crate) fn close(&self) {
+    /// Ends every feed: subscribers get the commits they hold, then
+    /// [`FeedError::Closed`]. Call it when the store shuts down, after its
+    /// last commit was published. Calling it twice is fine.
+    pub fn close(&self) {
         self.sender().take();
     }
 }
 
-/// Where an event id is already stored.
-#[derive(Debug, Clone)]
-pub(crate) struct StoredId {
-    pub(crate) stream: StreamId,
-    pub(crate) version: Version,
-    pub(crate) position: Position,
+/// Where an event id is already stored, as a backend's lookup for
+/// [`check_idempotency`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoredId {
+    /// The stream the event is stored on.
+    pub stream: StreamId,
+    /// Its version in that stream.
+    pub version: Version,
+    /// Its global position.
+    pub position: Position,
 }
 
-/// What the idempotency check decided.
-#[derive(Debug)]
-pub(crate) enum IdCheck {
+impl StoredId {
+    /// An event id stored on `stream` at `version` and `position`.
+    pub fn new(stream: StreamId, version: Version, position: Position) -> Self {
+        Self {
+            stream,
+            version,
+            position,
+        }
+    }
+}
+
+/// What [`check_idempotency`] decided for an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyCheck {
     /// No event id is stored: append normally.
     New,
-    /// Every id is stored on this stream at consecutive versions: the append
-    /// is a retry, answer with the original result.
+    /// Every id is stored on this stream at consecutive versions and
+    /// positions, in the append's order: the append is a retry; answer with
+    /// this, the original result, and write nothing.
     Retry(AppendResult),
 }
 
-/// The idempotency rule shared by every backend.
-pub(crate) fn check_idempotency<E>(
+/// The idempotency rule every backend applies before an append, so that a
+/// retried request is never duplicated (see [`EventStore`]).
+///
+/// `lookup` tells where an event id is already stored (`Ok(None)`: not
+/// stored); the backend must answer from the same state it then appends
+/// to (under its lock, in its transaction, or in its single writer),
+/// counting appends earlier in the same group commit if it has any. The
+/// result is:
+/// - `Err(e)` when a lookup failed;
+/// - `Ok(Ok(IdempotencyCheck::New))` when no id is stored;
+/// - `Ok(Ok(IdempotencyCheck::Retry(result)))` when every id is stored on
+///   `stream` at consecutive versions and positions, in order;
+/// - `Ok(Err(AppendError::DuplicateEventId { .. }))` otherwise (a partial
+///   overlap, another stream, another order): the backend writes nothing.
+///
+/// # Errors
+/// The first error of `lookup`.
+pub fn check_idempotency<E>(
     stream: &StreamId,
     events: &[NewEvent],
     mut lookup: impl FnMut(Uuid) -> Result<Option<StoredId>, E>,
-) -> Result<Result<IdCheck, AppendError>, E> {
+) -> Result<Result<IdempotencyCheck, AppendError>, E> {
     let mut found: Vec<StoredId> = Vec::new();
     for (index, event) in events.iter().enumerate() {
         match lookup(event.event_id)? {
@@ -299,13 +370,13 @@ pub(crate) fn check_idempotency<E>(
         }
     }
     Ok(Ok(match (found.first(), found.last()) {
-        (Some(first), Some(last)) => IdCheck::Retry(AppendResult {
+        (Some(first), Some(last)) => IdempotencyCheck::Retry(AppendResult {
             first_version: first.version,
             last_version: last.version,
             first_position: first.position,
             last_position: last.position,
         }),
-        _ => IdCheck::New,
+        _ => IdempotencyCheck::New,
     }))
 }
 

@@ -209,7 +209,7 @@ fn open_store(dir: &str) -> SledStore {
     for _ in 0..500 {
         match SledStore::open(dir) {
             Ok(store) => return store,
-            Err(error) if error.to_string().contains("lock") => {
+            Err(annals::StoreError::InUse { .. }) => {
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(error) => panic!("{error}"),

@@ -165,7 +165,7 @@ fn full_disk_child() {
         }
         let kind = match error {
             AppendError::Store(
-                StoreError::Sled(_) | StoreError::Io(_) | StoreError::Poisoned(_),
+                StoreError::Backend(_) | StoreError::Io(_) | StoreError::Poisoned(_),
             ) => "typed",
             _ => "other",
         };

@@ -222,8 +222,8 @@ async fn events_too_large_or_too_many_through_the_runtime() {
         )
         .await,
         |e| {
-            matches!(e, CommandError::InvalidInput(InvalidInput::EventTooLarge { size, max: m })
-                if *size == max + 1 && *m == max)
+            matches!(e, CommandError::InvalidInput(InvalidInput::EventTooLarge { size, max: m, setting })
+                if *size == max + 1 && *m == max && *setting == "SledStoreConfig::max_event_size")
         },
     );
     expect_invalid(
@@ -349,7 +349,7 @@ async fn refusals_write_nothing_to_disk() {
     let store = loop {
         match SledStore::open(&path) {
             Ok(store) => break store,
-            Err(e) if e.to_string().contains("lock") => {
+            Err(annals::StoreError::InUse { .. }) => {
                 tokio::time::sleep(Duration::from_millis(5)).await
             }
             Err(e) => panic!("reopen: {e}"),

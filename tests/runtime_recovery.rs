@@ -181,6 +181,10 @@ async fn sled_recovery_across_restarts_with_and_without_snapshots() {
     fill(&runtime, "d", 54).await; // 55 events, snapshot at 50
     let before = runtime.aggregates::<Ledger>().state("d").await.unwrap();
     runtime.shutdown().await.unwrap(); // waits for the snapshot in flight
+    drop(runtime);
+
+    let runtime = open(10).await;
+    // Read on the reopened store: a shut-down sled store refuses reads.
     let stream = StreamId::new("ledger-d").unwrap();
     let snapshot = runtime
         .store()
@@ -189,9 +193,6 @@ async fn sled_recovery_across_restarts_with_and_without_snapshots() {
         .unwrap()
         .unwrap();
     assert_eq!(snapshot.version, Version(50));
-    drop(runtime);
-
-    let runtime = open(10).await;
     let handle = runtime.aggregates::<Ledger>();
     assert_eq!(handle.state("d").await.unwrap(), before);
     handle.execute("d", C::Deposit(1000)).await.unwrap();

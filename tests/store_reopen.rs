@@ -392,12 +392,134 @@ async fn another_format_version_is_refused() {
     }
 }
 
+/// A second open of a directory in use is a typed error naming the path,
+/// not a panic, and leaves the first store working.
 #[tokio::test]
-async fn a_store_open_twice_is_an_error_not_a_panic() {
+async fn a_store_open_twice_is_in_use() {
     let dir = tempfile::tempdir().unwrap();
-    let first = SledStore::open(dir.path()).unwrap();
-    assert!(SledStore::open(dir.path()).is_err());
+    let path = dir.path().join("store");
+    let first = SledStore::open(&path).unwrap();
+    match SledStore::open(&path) {
+        Err(error @ StoreError::InUse { .. }) => {
+            let message = error.to_string();
+            let StoreError::InUse { path: reported } = error else {
+                unreachable!()
+            };
+            assert_eq!(reported, path);
+            assert!(
+                message.contains(&path.display().to_string()) && message.contains("in use"),
+                "the message does not name the path: {message}"
+            );
+        }
+        other => panic!("expected InUse, got {other:?}"),
+    }
+    first
+        .append(
+            &stream("order-1"),
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("OrderPlaced", Vec::new())],
+        )
+        .await
+        .expect("the first store still works");
     first.shutdown().await.unwrap();
+}
+
+/// Set in the child process of `a_store_open_in_another_process_is_in_use`.
+const CHILD_HOLDER: &str = "ANNALS_TEST_CHILD_HOLDER";
+
+/// Another process holding the store makes an open fail with `InUse`; once
+/// it exits, the open works.
+#[tokio::test]
+async fn a_store_open_in_another_process_is_in_use() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+
+    if let Ok(path) = std::env::var(CHILD_HOLDER) {
+        let store = SledStore::open(&path).unwrap();
+        // Tell the parent, then hold the store until stdin closes.
+        println!("holding");
+        std::io::stdout().flush().unwrap();
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        store.shutdown().await.unwrap();
+        std::process::exit(0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_store_open_in_another_process_is_in_use",
+            "--nocapture",
+        ])
+        .env(CHILD_HOLDER, &path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let held = lines.any(|line| line.is_ok_and(|line| line == "holding"));
+    assert!(held, "the child never opened the store");
+    match SledStore::open(&path) {
+        Err(StoreError::InUse { path: reported }) => assert_eq!(reported, path),
+        other => panic!("expected InUse while the child holds the store, got {other:?}"),
+    }
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    let store = SledStore::open(&path).expect("free once the child exited");
+    store.shutdown().await.unwrap();
+}
+
+/// `shutdown()` returning means the directory is free: it reopens at once
+/// in the same process while the first handle is still alive, in every
+/// durability mode, and the reopened store has the event. The first handle
+/// then refuses reads with `Closed` instead of reading a store it no
+/// longer holds.
+#[tokio::test]
+async fn shutdown_frees_the_directory_while_the_handle_lives() {
+    let modes = [
+        Durability::Fsync,
+        Durability::Flush,
+        Durability::Buffered { flush_every_ms: 50 },
+    ];
+    for durability in modes {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let config = SledStoreConfig::new(&path).durability(durability);
+        let first = SledStore::open_with(config.clone()).unwrap();
+        let id = stream("order-1");
+        first
+            .append(
+                &id,
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("OrderPlaced", b"first".to_vec())],
+            )
+            .await
+            .unwrap();
+        first.save_checkpoint("view", Position(1)).await.unwrap();
+        first.shutdown().await.unwrap();
+
+        // No retry: the directory must be free now.
+        let second = SledStore::open_with(config)
+            .unwrap_or_else(|e| panic!("{durability:?}: reopen after shutdown: {e}"));
+        let events = whole_stream(&second, &id).await;
+        assert_eq!(events.len(), 1, "{durability:?}");
+        assert_eq!(events[0].payload, b"first", "{durability:?}");
+        assert_eq!(
+            second.load_checkpoint("view").await.unwrap(),
+            Some(Position(1))
+        );
+        match first.stream_version(&id).await {
+            Err(annals::ReadError::Store(StoreError::Closed)) => {}
+            other => panic!("{durability:?}: expected Closed from the old handle, got {other:?}"),
+        }
+        match first.load_checkpoint("view").await {
+            Err(annals::ReadError::Store(StoreError::Closed)) => {}
+            other => panic!("{durability:?}: expected Closed from the old handle, got {other:?}"),
+        }
+        second.shutdown().await.unwrap();
+        drop(first);
+        drop(second);
+    }
 }
 
 /// Set in the child process of `drop_then_exit_loses_nothing`.

@@ -17,10 +17,13 @@ use crate::error::{InvalidInput, ProjectionControlError, ProjectionError, StoreE
 use crate::event::{Position, RecordedEvent};
 use crate::projection::actor::{panic_message, Applied, Runner, SaveCheckpoint};
 use crate::projection::ProjectionContext;
-use crate::store::sled::SledStore;
+use crate::store::sled::{sled_error, SledStore};
 
 /// Names the store keeps for its own trees; read-model trees may not start
 /// with them.
+/// The store's tree of checkpoints (name -> big-endian u64 position).
+const CHECKPOINTS: &str = "checkpoints";
+
 const RESERVED_TREE_PREFIXES: [&str; 4] = ["log", "snapshots", "checkpoints", "__sled"];
 
 /// A projection whose read model lives in trees of the
@@ -113,7 +116,7 @@ impl ReadModelBatch<'_> {
         if let Some(staged) = self.batch[index].get(key) {
             return Ok(staged.clone());
         }
-        Ok(self.trees[index].1.get(key)?)
+        Ok(self.trees[index].1.get(key).map_err(sled_error)?)
     }
 
     /// Whether `key` is in `tree`, including staged writes.
@@ -186,16 +189,13 @@ impl<P: SledProjection> SledRunner<P> {
                 }
                 .into());
             }
-            let opened = store
-                .database()
-                .open_tree(tree.as_bytes())
-                .map_err(StoreError::from)?;
+            let opened = store.tree(&tree)?;
             trees.push((tree, opened));
         }
         let stored = match store
-            .checkpoint_tree()
+            .tree(CHECKPOINTS)?
             .get(name.as_bytes())
-            .map_err(StoreError::from)?
+            .map_err(sled_error)?
         {
             Some(bytes) => Position(u64::from_be_bytes(bytes.as_ref().try_into().map_err(
                 |_| StoreError::Corrupt(format!("checkpoint {name:?} is not 8 bytes")),
@@ -214,8 +214,9 @@ impl<P: SledProjection> SledRunner<P> {
 
     /// Commits the staged writes and the checkpoint in one transaction.
     fn commit(&mut self, staged: &Staged, position: Position) -> Result<(), StoreError> {
+        let checkpoints = self.store.tree(CHECKPOINTS)?;
         let mut trees: Vec<&sled::Tree> = self.trees.iter().map(|(_, tree)| tree).collect();
-        trees.push(self.store.checkpoint_tree());
+        trees.push(&checkpoints);
         let name = self.name.as_bytes();
         let checkpoint = position.0.to_be_bytes();
         // The closure may run again on a conflict, so it only copies.
@@ -236,7 +237,7 @@ impl<P: SledProjection> SledRunner<P> {
                 self.stored = position;
                 Ok(())
             }
-            Err(TransactionError::Storage(error)) => Err(error.into()),
+            Err(TransactionError::Storage(error)) => Err(sled_error(error)),
             Err(TransactionError::Abort(())) => Err(StoreError::Corrupt(
                 "read-model transaction aborted without a reason".to_owned(),
             )),
@@ -301,8 +302,9 @@ impl<P: SledProjection> Runner for SledRunner<P> {
             // Only progress through events that changed nothing: one key,
             // atomic on its own.
             self.store
-                .checkpoint_tree()
-                .insert(self.name.as_bytes(), &position.0.to_be_bytes())?;
+                .tree(CHECKPOINTS)?
+                .insert(self.name.as_bytes(), &position.0.to_be_bytes())
+                .map_err(sled_error)?;
             self.stored = position;
         }
         let store = Arc::clone(&self.store);
@@ -329,7 +331,7 @@ impl<P: SledProjection> Runner for SledRunner<P> {
             for key in tree.iter().keys() {
                 match key {
                     Ok(key) => removals.insert(key.to_vec(), None),
-                    Err(error) => return (false, Err(StoreError::from(error).into())),
+                    Err(error) => return (false, Err(sled_error(error).into())),
                 };
             }
             staged.push(removals);

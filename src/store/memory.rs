@@ -13,8 +13,8 @@ use crate::event::{
     ReadDirection, RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE,
 };
 use crate::store::{
-    check_idempotency, validate_checkpoint_name, validate_limit, CommitFeed, EventStore, IdCheck,
-    LiveFeed, StoredId, DEFAULT_LIVE_FEED_CAPACITY,
+    check_idempotency, validate_checkpoint_name, validate_limit, EventStore, IdempotencyCheck,
+    LiveFeed, LivePublisher, StoredId, DEFAULT_LIVE_FEED_CAPACITY,
 };
 
 /// An event store held in memory. Everything is lost when it is dropped.
@@ -24,7 +24,7 @@ use crate::store::{
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
-    feed: CommitFeed,
+    feed: LivePublisher,
     max_event_size: usize,
 }
 
@@ -56,7 +56,7 @@ impl MemoryStore {
     pub fn with_limits(max_event_size: usize, live_feed_capacity: usize) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
-            feed: CommitFeed::new(live_feed_capacity, Position::START),
+            feed: LivePublisher::new(live_feed_capacity, Position::START),
             max_event_size,
         }
     }
@@ -78,7 +78,7 @@ impl EventStore for MemoryStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, AppendError> {
-        validate_append(&events, self.max_event_size)?;
+        validate_append(&events, self.max_event_size, "MemoryStore::with_limits")?;
         let mut inner = self.lock();
         if inner.closed {
             return Err(StoreError::Closed.into());
@@ -94,7 +94,7 @@ impl EventStore for MemoryStore {
             }))
         })
         .unwrap_or_else(|never| match never {})?;
-        if let IdCheck::Retry(result) = check {
+        if let IdempotencyCheck::Retry(result) = check {
             return Ok(result);
         }
         let actual = Version(inner.streams.get(stream).map_or(0, |v| v.len() as u64));

@@ -148,7 +148,7 @@ pub async fn reopen_sled(path: &std::path::Path) -> annals::SledStore {
     loop {
         match annals::SledStore::open(path) {
             Ok(store) => return store,
-            Err(error) if attempts < 200 && error.to_string().contains("lock") => {
+            Err(annals::StoreError::InUse { .. }) if attempts < 200 => {
                 attempts += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
@@ -321,8 +321,10 @@ pub async fn whole_stream(store: &dyn EventStore, id: &StreamId) -> Vec<Recorded
 
 /// Retries `attempt` for up to a second while the previous session still
 /// holds sled's file lock. sled 0.34 releases it a few milliseconds after
-/// its last handle is dropped (its I/O thread pool still holds the file),
-/// even after `shutdown()`; measured 3 to 10 ms with raw sled alone.
+/// its last handle is dropped (its I/O thread pool still holds the file);
+/// measured 3 to 10 ms with raw sled alone. `SledStore::shutdown` waits for
+/// that itself; a plain drop, a raw sled database or a child process that
+/// just exited do not.
 pub fn until_unlocked<T, E: std::fmt::Display>(
     mut attempt: impl FnMut() -> Result<T, E>,
 ) -> Result<T, E> {
@@ -330,7 +332,8 @@ pub fn until_unlocked<T, E: std::fmt::Display>(
     loop {
         match attempt() {
             Err(e)
-                if e.to_string().contains("could not acquire lock")
+                if (e.to_string().contains("could not acquire lock")
+                    || e.to_string().contains("is in use"))
                     && Instant::now() < deadline =>
             {
                 std::thread::sleep(Duration::from_millis(2));

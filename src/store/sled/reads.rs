@@ -1,0 +1,329 @@
+//! The read paths of the sled store: a stream through its index, the whole
+//! log by position, stream versions, and the `snapshots` and `checkpoints`
+//! trees (whose writes skip the writer: a snapshot is a cache, and a
+//! checkpoint is synced through the writer by the caller). Every read of
+//! the log stops at the acknowledged head it is given, never returning an
+//! event of a group commit still on its way to the disk.
+
+use tracing::warn;
+
+use super::format::{
+    corrupt, decode_u64, event_key, stream_head, stream_key, stream_prefix, RecordDecoder,
+    StoredSnapshot,
+};
+use super::{sled_error, Handles};
+use crate::error::{ReadError, StoreError};
+use crate::event::{
+    EventFilter, Position, ReadDirection, RecordedEvent, Snapshot, StreamId, Version,
+};
+use crate::store::validate_limit;
+
+/// Up to `limit` events of `stream` from version `from` in `direction`,
+/// none past `head`.
+pub(super) fn read_stream(
+    handles: &Handles,
+    head: Position,
+    stream: &StreamId,
+    from: Version,
+    direction: ReadDirection,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, ReadError> {
+    validate_limit(limit)?;
+    let log = &handles.log;
+    let head = head.0;
+    let prefix = stream_prefix(stream.as_str());
+    let range = match direction {
+        ReadDirection::Forward => log.range(stream_key(stream.as_str(), from.0)..),
+        ReadDirection::Backward => log.range(prefix.clone()..=stream_key(stream.as_str(), from.0)),
+    };
+    let mut events = Vec::new();
+    let mut decoder = RecordDecoder::default();
+    let mut push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
+        let (key, value) = entry.map_err(sled_error)?;
+        if !key.starts_with(&prefix) {
+            return Ok(false);
+        }
+        let position = decode_u64(&value)?;
+        if position > head {
+            // Versions and positions grow together: past the head going
+            // forward, nothing more; going backward, older ones follow.
+            return Ok(direction == ReadDirection::Backward);
+        }
+        let event = read_event(log, position, &mut decoder)?
+            .ok_or_else(|| corrupt(format_args!("{stream} index points at missing {position}")))?;
+        events.push(event);
+        Ok(events.len() < limit)
+    };
+    match direction {
+        ReadDirection::Forward => {
+            for entry in range {
+                if !push(entry)? {
+                    break;
+                }
+            }
+        }
+        ReadDirection::Backward => {
+            for entry in range.rev() {
+                if !push(entry)? {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(events)
+}
+
+/// The last version of `stream` at or below `head`: the index may hold a
+/// group the writer applied and has not yet made durable.
+pub(super) fn stream_version(
+    handles: &Handles,
+    head: Position,
+    stream: &StreamId,
+) -> Result<Version, ReadError> {
+    let prefix = stream_prefix(stream.as_str());
+    for entry in handles.log.scan_prefix(prefix).rev() {
+        let (key, value) = entry.map_err(sled_error)?;
+        if decode_u64(&value)? <= head.0 {
+            let version = key.get(key.len().saturating_sub(8)..).unwrap_or_default();
+            return Ok(Version(decode_u64(version)?));
+        }
+    }
+    Ok(Version::NONE)
+}
+
+/// Up to `limit` events of the log that pass `filter`, from position
+/// `from` in `direction`, none past `head`.
+pub(super) fn read_all(
+    handles: &Handles,
+    head: Position,
+    from: Position,
+    direction: ReadDirection,
+    limit: usize,
+    filter: &EventFilter,
+) -> Result<Vec<RecordedEvent>, ReadError> {
+    validate_limit(limit)?;
+    if let EventFilter::Stream(stream) = filter {
+        // Through the stream's index: the cost follows the stream, not
+        // the log. `read_stream` stops at the head as this does.
+        return match version_at_position(&handles.log, stream, from, direction)? {
+            Some(version) => read_stream(handles, head, stream, version, direction, limit),
+            None => Ok(Vec::new()),
+        };
+    }
+    let log = &handles.log;
+    let head = head.0;
+    let range = match direction {
+        ReadDirection::Forward if from.0.max(1) > head => return Ok(Vec::new()),
+        ReadDirection::Forward => log.range(event_key(from.0.max(1))..=event_key(head)),
+        ReadDirection::Backward => log.range(event_key(0)..=event_key(from.0.min(head))),
+    };
+    let mut events = Vec::with_capacity(limit.min(4096));
+    let mut decoder = RecordDecoder::default();
+    let mut push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
+        let (key, value) = entry.map_err(sled_error)?;
+        let position = decode_u64(&key[1..])?;
+        if let Some(event) = decoder.decode(position, &value, filter)? {
+            events.push(event);
+        }
+        Ok(events.len() < limit)
+    };
+    match direction {
+        ReadDirection::Forward => {
+            for entry in range {
+                if !push(entry)? {
+                    break;
+                }
+            }
+        }
+        ReadDirection::Backward => {
+            for entry in range.rev() {
+                if !push(entry)? {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(events)
+}
+
+/// The version of `stream`'s first event at or after `from` (going
+/// forward), or its last one at or before it (going backward): positions
+/// grow with versions, so a binary search over the index, O(log n) gets.
+/// `None` when there is none.
+fn version_at_position(
+    log: &sled::Tree,
+    stream: &StreamId,
+    from: Position,
+    direction: ReadDirection,
+) -> Result<Option<Version>, StoreError> {
+    let position_of = |version: u64| -> Result<u64, StoreError> {
+        let value = log
+            .get(stream_key(stream.as_str(), version))
+            .map_err(sled_error)?
+            .ok_or_else(|| corrupt(format_args!("{stream} index misses version {version}")))?;
+        decode_u64(&value)
+    };
+    // The first version whose position is at or after `from`, in 1..=last+1.
+    let last = stream_head(log, stream.as_str())?;
+    let (mut low, mut high) = (1, last + 1);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        if position_of(middle)? < from.0 {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    Ok(match direction {
+        ReadDirection::Forward => (low <= last).then_some(Version(low)),
+        // At `from` itself, or the one before the first past it.
+        ReadDirection::Backward if low <= last && position_of(low)? == from.0 => Some(Version(low)),
+        ReadDirection::Backward => (low > 1).then(|| Version(low - 1)),
+    })
+}
+
+fn read_event(
+    log: &sled::Tree,
+    position: u64,
+    decoder: &mut RecordDecoder,
+) -> Result<Option<RecordedEvent>, StoreError> {
+    match log.get(event_key(position)).map_err(sled_error)? {
+        Some(bytes) => decoder.decode(position, &bytes, &EventFilter::All),
+        None => Ok(None),
+    }
+}
+
+/// Saves `snapshot` unless one at the same or a higher version is stored.
+pub(super) fn save_snapshot(
+    handles: &Handles,
+    stream: &StreamId,
+    snapshot: &Snapshot,
+) -> Result<(), StoreError> {
+    let bytes = postcard::to_stdvec(&StoredSnapshot {
+        version: snapshot.version.0,
+        payload: &snapshot.payload,
+    })
+    .map_err(corrupt)?;
+    // Not synced on its own: a snapshot is a cache, and the next group
+    // commit flushes it. Losing it in a crash costs a longer replay.
+    // Compare-and-swap, so that of two racing saves the newer stays; a
+    // stored snapshot at the same or a higher version is left as it is,
+    // not rewritten.
+    let key = stream.as_str();
+    loop {
+        let stored = handles.snapshots.get(key).map_err(sled_error)?;
+        let newer_stored = stored.as_ref().is_some_and(|stored| {
+            postcard::from_bytes::<StoredSnapshot<'_>>(stored)
+                .is_ok_and(|stored| stored.version >= snapshot.version.0)
+        });
+        if newer_stored {
+            return Ok(());
+        }
+        if handles
+            .snapshots
+            .compare_and_swap(key, stored, Some(bytes.as_slice()))
+            .map_err(sled_error)?
+            .is_ok()
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// The snapshot of `stream`; a record that does not decode counts as none.
+pub(super) fn load_snapshot(
+    handles: &Handles,
+    stream: &StreamId,
+) -> Result<Option<Snapshot>, ReadError> {
+    let Some(bytes) = handles.snapshots.get(stream.as_str()).map_err(sled_error)? else {
+        return Ok(None);
+    };
+    match postcard::from_bytes::<StoredSnapshot<'_>>(&bytes) {
+        Ok(stored) => Ok(Some(Snapshot {
+            version: Version(stored.version),
+            payload: stored.payload.to_vec(),
+        })),
+        Err(e) => {
+            warn!(%stream, error = %e, "snapshot record does not decode; ignoring it");
+            Ok(None)
+        }
+    }
+}
+
+/// The checkpoint saved under `name` (a big-endian u64), if any.
+pub(super) fn load_checkpoint(
+    handles: &Handles,
+    name: &str,
+) -> Result<Option<Position>, ReadError> {
+    Ok(handles
+        .checkpoints
+        .get(name)
+        .map_err(sled_error)?
+        .map(|v| decode_u64(&v).map(Position))
+        .transpose()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::format::tests::encode;
+    use super::*;
+    use crate::event::{ExpectedVersion, NewEvent};
+    use crate::store::EventStore;
+    use crate::SledStore;
+
+    /// The writer applies a group to sled before it is durable; until the
+    /// head moves, no read may return it (it could still be lost). Staged
+    /// here by writing a record and its index entry past the head.
+    #[tokio::test]
+    async fn reads_stop_at_the_acknowledged_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path().join("store")).unwrap();
+        let id = StreamId::new("order-1").unwrap();
+        let event = || NewEvent::new("Placed", vec![1]);
+        store
+            .append(&id, ExpectedVersion::Any, vec![event(), event()])
+            .await
+            .unwrap();
+        let mut record = encode("order-1", "Placed");
+        // `encode` writes version 3, the next one: position 3, unacknowledged.
+        let log = store.tree("log").unwrap();
+        log.insert(event_key(3), record.as_slice()).unwrap();
+        log.insert(stream_key("order-1", 3), &3u64.to_be_bytes())
+            .unwrap();
+        drop(log);
+        record.clear();
+
+        let positions = |events: Vec<RecordedEvent>| -> Vec<u64> {
+            events.iter().map(|event| event.position.0).collect()
+        };
+        let stream_filter = EventFilter::Stream(id.clone());
+        for filter in [EventFilter::All, stream_filter] {
+            let forward = store
+                .read_all(Position::START, ReadDirection::Forward, 10, &filter)
+                .await
+                .unwrap();
+            assert_eq!(positions(forward), [1, 2], "{filter:?}");
+            let backward = store
+                .read_all(Position::END, ReadDirection::Backward, 10, &filter)
+                .await
+                .unwrap();
+            assert_eq!(positions(backward), [2, 1], "{filter:?}");
+            let beyond = store
+                .read_all(Position(3), ReadDirection::Forward, 10, &filter)
+                .await
+                .unwrap();
+            assert!(beyond.is_empty(), "{filter:?}");
+        }
+        let forward = store
+            .read_stream(&id, Version::FIRST, ReadDirection::Forward, 10)
+            .await
+            .unwrap();
+        assert_eq!(positions(forward), [1, 2]);
+        let backward = store
+            .read_stream(&id, Version::MAX, ReadDirection::Backward, 10)
+            .await
+            .unwrap();
+        assert_eq!(positions(backward), [2, 1]);
+        assert_eq!(store.stream_version(&id).await.unwrap(), Version(2));
+    }
+}
