@@ -502,7 +502,7 @@ fn damaged_snapshots_never_panic_and_recovery_still_works() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SledStore::open(dir.path()).unwrap());
-    let runtime_config = RuntimeConfig::default().snapshot_every(0);
+    let runtime_config = RuntimeConfig::builder().snapshot_every(0).build().unwrap();
     let aggregates = Runtime::new(store.clone(), runtime_config);
     let shops = aggregates.aggregates::<Shop>();
     let expected = rt.block_on(async {
