@@ -30,18 +30,15 @@ const REPLAY_PAGE: usize = 1024;
 /// What callers and timers send to an [`AggregateActor`].
 pub(crate) enum AggregateMessage<A: Aggregate> {
     /// Run a command.
-    Execute(
-        ExecuteRequest<A>,
-        RpcReplyPort<Reply<Result<Executed<A>, CommandError<A::Error>>, ExecuteRequest<A>>>,
-    ),
+    Execute(ExecuteRequest<A>, ReplyPort<A, ExecuteRequest<A>>),
     /// A copy of the current state and its version.
-    State(
-        StateRequest,
-        RpcReplyPort<Reply<Result<(A, Version), QueryError>, StateRequest>>,
-    ),
+    State(StateRequest, ReplyPort<A, StateRequest>),
     /// The idle timer fired.
     IdleCheck,
 }
+
+/// Where the actor answers request `R`.
+pub(crate) type ReplyPort<A, R> = RpcReplyPort<Reply<<R as Request<A>>::Answer, R>>;
 
 /// A command and what travels with it. `deadline` is the caller's: past it
 /// nobody waits for the answer, so a command that has not started by then
@@ -72,7 +69,7 @@ pub(crate) trait Request<A: Aggregate>: Sized + Send + 'static {
     /// What the actor answers.
     type Answer: Send + 'static;
 
-    fn into_message(self, reply: RpcReplyPort<Reply<Self::Answer, Self>>) -> AggregateMessage<A>;
+    fn into_message(self, reply: ReplyPort<A, Self>) -> AggregateMessage<A>;
 
     /// The request back from a message the actor never received.
     fn from_message(message: AggregateMessage<A>) -> Option<Self>;
@@ -81,7 +78,7 @@ pub(crate) trait Request<A: Aggregate>: Sized + Send + 'static {
 impl<A: Aggregate> Request<A> for ExecuteRequest<A> {
     type Answer = Result<Executed<A>, CommandError<A::Error>>;
 
-    fn into_message(self, reply: RpcReplyPort<Reply<Self::Answer, Self>>) -> AggregateMessage<A> {
+    fn into_message(self, reply: ReplyPort<A, Self>) -> AggregateMessage<A> {
         AggregateMessage::Execute(self, reply)
     }
 
@@ -96,7 +93,7 @@ impl<A: Aggregate> Request<A> for ExecuteRequest<A> {
 impl<A: Aggregate> Request<A> for StateRequest {
     type Answer = Result<(A, Version), QueryError>;
 
-    fn into_message(self, reply: RpcReplyPort<Reply<Self::Answer, Self>>) -> AggregateMessage<A> {
+    fn into_message(self, reply: ReplyPort<A, Self>) -> AggregateMessage<A> {
         AggregateMessage::State(self, reply)
     }
 
