@@ -296,8 +296,12 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
         }
         let handle =
             ProjectionHandle::spawn(Arc::clone(&self.core.store), config, projection).await?;
-        self.adopt(handle.clone())
-            .map_err(|_| ProjectionControlError::Store(StoreError::Closed))?;
+        if let Err(refused) = self.adopt(handle.clone()) {
+            // The runtime's shutdown began while it started: it will not
+            // stop this one, so stop it here, before the store closes.
+            let _ = refused.shutdown().await;
+            return Err(ProjectionControlError::Store(StoreError::Closed));
+        }
         Ok(handle)
     }
 
@@ -807,6 +811,9 @@ impl<A: Aggregate> Aggregates<A> {
     pub async fn try_state(&self, id: &str) -> Result<Option<A>, QueryError> {
         let key = Self::key(id)?;
         self.settings.clone()?;
+        if self.core.registry.is_shut_down() {
+            return Err(QueryError::ShutDown);
+        }
         if !self.is_live(id) {
             let current = self
                 .core

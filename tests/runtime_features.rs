@@ -480,6 +480,10 @@ async fn try_state_is_none_for_a_stream_without_events_and_starts_no_actor() {
         Err(QueryError::InvalidInput(_))
     ));
     runtime.shutdown().await.unwrap();
+    assert!(matches!(
+        ledgers.try_state("new").await,
+        Err(QueryError::ShutDown)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
