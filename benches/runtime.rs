@@ -67,9 +67,11 @@ fn recover(c: &mut Criterion) {
     // actor, so that every `state` call below spawns a fresh actor and runs
     // its recovery (`pre_start`: snapshot, then the events after it).
     // Snapshots off, so that a recovery never leaves a new one behind.
-    let config = RuntimeConfig::default()
+    let config = RuntimeConfig::builder()
         .snapshot_every(0)
-        .max_live_aggregates(1);
+        .max_live_aggregates(1)
+        .build()
+        .unwrap();
     let runtime = Runtime::new(store.clone(), config);
     let counters = runtime.aggregates::<Counter>();
     tokio.block_on(async {

@@ -130,16 +130,21 @@ struct CommandRun {
     per_second: f64,
     /// Appends per group commit while measuring.
     appends_per_commit: f64,
-    runtime: Runtime,
+    runtime: Runtime<SledStore>,
     _dir: tempfile::TempDir,
 }
 
 /// A runtime on a fresh durable store with `aggregates` live aggregates,
 /// each with one command done.
-async fn warm_runtime(aggregates: usize) -> Result<(Runtime, Arc<SledStore>, tempfile::TempDir)> {
+async fn warm_runtime(
+    aggregates: usize,
+) -> Result<(Runtime<SledStore>, Arc<SledStore>, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let store = open_store(&dir.path().join("store"), Durability::Fsync)?;
-    let config = RuntimeConfig::default().max_live_aggregates(aggregates.max(100_000) * 2);
+    let config = RuntimeConfig::builder()
+        .max_live_aggregates(aggregates.max(100_000) * 2)
+        .build()
+        .unwrap();
     let runtime = Runtime::new(store.clone(), config);
     let counters = runtime.aggregates::<Counter>();
     let warm_up: Vec<_> = (0..aggregates)
@@ -248,7 +253,7 @@ impl OpenLoop {
 /// counted rather than hidden by sending less during it (coordinated
 /// omission). The commands of the first `warm_up` are not measured.
 async fn open_loop(
-    runtime: &Runtime,
+    runtime: &Runtime<SledStore>,
     aggregates: usize,
     rate: f64,
     warm_up: Duration,
@@ -479,7 +484,10 @@ async fn time_recovery(
     snapshot_every: u64,
 ) -> Result<Duration> {
     let store = open_store(path, Durability::Fsync)?;
-    let config = RuntimeConfig::default().snapshot_every(snapshot_every);
+    let config = RuntimeConfig::builder()
+        .snapshot_every(snapshot_every)
+        .build()
+        .unwrap();
     let runtime = Runtime::new(store, config);
     let counters = runtime.aggregates::<Counter>();
     counters.state("empty").await?;
@@ -531,7 +539,10 @@ async fn loads(rounds: usize) -> Result<Vec<Load>> {
         // The state at the snapshot's version, as the actor would have
         // encoded it there.
         let version = Version(events - SNAPSHOT_TAIL);
-        let runtime = Runtime::new(store.clone(), RuntimeConfig::default().snapshot_every(0));
+        let runtime = Runtime::new(
+            store.clone(),
+            RuntimeConfig::builder().snapshot_every(0).build().unwrap(),
+        );
         let state = runtime
             .aggregates::<Counter>()
             .state_at(&id, version)
@@ -623,9 +634,11 @@ async fn big_store(events: u64) -> Result<BigStore> {
 async fn rss_per_aggregate(count: usize) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let store = open_store(&dir.path().join("store"), Durability::Fsync)?;
-    let config = RuntimeConfig::default()
+    let config = RuntimeConfig::builder()
         .max_live_aggregates(count * 2)
-        .idle_timeout(Duration::from_secs(3600));
+        .idle_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap();
     let runtime = Runtime::new(store, config);
     let counters = runtime.aggregates::<Counter>();
     // The supervisor and the first actor's one-off allocations come first.

@@ -405,9 +405,64 @@ pub enum CommandError<E: std::error::Error + 'static> {
     /// The aggregate id or an event was refused (too long, too large, ...).
     #[error(transparent)]
     InvalidInput(#[from] InvalidInput),
+    /// The caller gave the version it expected the stream at
+    /// ([`crate::CommandContext::expected_version`]) and the stream is at
+    /// another: it moved since the caller looked. Not retried; nothing was
+    /// stored.
+    #[error("stream {stream}: expected version {expected}, but it is at {actual}")]
+    WrongExpectedVersion {
+        /// The stream.
+        stream: StreamId,
+        /// The version the caller expected.
+        expected: Version,
+        /// The version the stream was found at.
+        actual: Version,
+    },
+    /// The aggregate type cannot be used on this runtime (see
+    /// [`CategoryError`]). Nothing was stored.
+    #[error(transparent)]
+    Category(#[from] CategoryError),
     /// The runtime was shut down.
     #[error("the runtime is shut down")]
     ShutDown,
+}
+
+/// Why an aggregate type was refused by a runtime, when it was first used
+/// ([`crate::Runtime::try_aggregates`]): its streams would not be its own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CategoryError {
+    /// The category contains `-`, the separator of category and id: its
+    /// streams (`a-b-42`) would belong to category `a`.
+    #[error("aggregate {aggregate}: category {category:?} contains '-', the category separator")]
+    ContainsSeparator {
+        /// The aggregate type's name.
+        aggregate: &'static str,
+        /// Its category.
+        category: &'static str,
+    },
+    /// The category is not a valid stream id prefix (empty, starting with
+    /// `$`, a control character, too long).
+    #[error("aggregate {aggregate}: category {category:?} is not a valid stream prefix: {source}")]
+    Invalid {
+        /// The aggregate type's name.
+        aggregate: &'static str,
+        /// Its category.
+        category: &'static str,
+        /// Why.
+        source: InvalidInput,
+    },
+    /// Another aggregate type already uses this category on this runtime:
+    /// both would write the same streams.
+    #[error("aggregate {refused}: category {category:?} is already used by {registered}")]
+    Shared {
+        /// The category.
+        category: &'static str,
+        /// The type that used it first.
+        registered: &'static str,
+        /// The type refused.
+        refused: &'static str,
+    },
 }
 
 /// Why [`Aggregates::state`](crate::Aggregates::state) or
@@ -458,6 +513,10 @@ pub enum QueryError {
     /// The aggregate id was refused.
     #[error(transparent)]
     InvalidInput(#[from] InvalidInput),
+    /// The aggregate type cannot be used on this runtime (see
+    /// [`CategoryError`]).
+    #[error(transparent)]
+    Category(#[from] CategoryError),
     /// The runtime was shut down.
     #[error("the runtime is shut down")]
     ShutDown,

@@ -104,7 +104,7 @@ pub use crate::codec::{
     DomainEvent, Upcasters,
 };
 pub use crate::error::{
-    AppendError, BackendError, CodecError, CommandError, Error, InvalidInput,
+    AppendError, BackendError, CategoryError, CodecError, CommandError, Error, InvalidInput,
     ProjectionControlError, ProjectionError, QueryError, ReadError, StoreError, SubscriptionError,
 };
 pub use crate::event::{
@@ -118,7 +118,10 @@ pub use crate::projection::{
     ProjectionHandle, ProjectionState, ProjectionStatus, ReadModelBatch, SkippedEvent,
     SledProjection, Subscription, Typed, TypedProjection, DEFAULT_PAGE_SIZE,
 };
-pub use crate::runtime::{Aggregates, CommandContext, Executed, Runtime, RuntimeConfig};
+pub use crate::runtime::{
+    AggregateSettings, Aggregates, CommandContext, Executed, Runtime, RuntimeConfig,
+    RuntimeConfigBuilder, RuntimeStore,
+};
 pub use crate::store::memory::MemoryStore;
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{

@@ -2,127 +2,69 @@
 //! [`EventStore`], and per aggregate type an [`Aggregates`] handle whose
 //! `execute` routes each command to the one actor of its stream (spawned on
 //! first use, recovered from snapshot plus tail, passivated when idle). The
-//! actors and their messages stay private; callers only hold handles.
+//! runtime also owns the projections it started, and stops everything in
+//! order at [`Runtime::shutdown`]. The actors and their messages stay
+//! private; callers only hold handles.
 
 mod actor;
+mod config;
 mod registry;
 
-use std::any::TypeId;
+use std::any::{type_name, TypeId};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::marker::PhantomData;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ractor::{
     Actor, ActorCell, ActorProcessingErr, ActorRef, MessagingErr, SpawnErr, SupervisionEvent,
 };
-use tokio::sync::{oneshot, OnceCell};
+use tokio::sync::{mpsc, OnceCell};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, field, instrument, warn, Span};
 use uuid::Uuid;
 
 use crate::aggregate::Aggregate;
-use crate::error::{CommandError, QueryError, StoreError};
+use crate::error::{CategoryError, CommandError, ProjectionControlError, QueryError, StoreError};
 use crate::event::{Position, StreamId, Version};
+use crate::projection::{Projection, ProjectionConfig, ProjectionHandle, ProjectionState};
 use crate::store::sled::SledStore;
 use crate::store::EventStore;
 
-use self::actor::{rebuild, AggregateActor, AggregateMessage, ExecuteReply, LoadError, StateReply};
+pub use self::config::{AggregateSettings, RuntimeConfig, RuntimeConfigBuilder};
+
+use self::actor::{
+    rebuild, AggregateActor, ExecuteRequest, LoadError, Reply, Request, StateRequest,
+};
+use self::config::TypeSettings;
 use self::registry::{Refused, Registry, Slot, SlotKey};
 
-/// How a [`Runtime`] hosts aggregates. Build it with `RuntimeConfig::default()`
-/// and the builder methods.
-#[derive(Clone, Debug)]
+/// What a command carries besides itself: the ids and tags stored on every
+/// event it produces, the version the caller expects the stream at, and
+/// whether the answer includes the new state. Build it with
+/// `CommandContext::default()` and the methods below.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct RuntimeConfig {
-    /// A snapshot is taken every this many events of a stream (0: never).
-    /// Default 100.
-    pub snapshot_every: u64,
-    /// An aggregate's actor stops after this long without a command; the
-    /// next command reloads it. Default 5 minutes.
-    pub idle_timeout: Duration,
-    /// Past this many live actors, the least recently used idle ones stop
-    /// (down to 90% of it). Default 100,000.
-    pub max_live_aggregates: usize,
-    /// Commands (and `state` queries, which queue behind them) one
-    /// aggregate may have waiting or running; past it, `execute` fails at
-    /// once with [`CommandError::Overloaded`] and `state` with
-    /// [`QueryError::Overloaded`].
-    /// Default 1,024.
-    pub max_pending_commands: usize,
-    /// How long `execute` waits for an answer, including the aggregate's
-    /// recovery. Default 10 seconds.
-    pub command_timeout: Duration,
-    /// How many times a command is decided again on a caught-up state:
-    /// after its append conflicted with another writer, or when it stored
-    /// nothing (a domain refusal, or no events) and the stream had moved
-    /// past the state it was decided on. Both share this budget. Past it,
-    /// a conflict is [`CommandError::Conflict`], and a command that stored
-    /// nothing is answered as decided on the last state caught up to.
-    /// Default 3.
-    pub max_conflict_retries: u32,
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        Self {
-            snapshot_every: 100,
-            idle_timeout: Duration::from_secs(300),
-            max_live_aggregates: 100_000,
-            max_pending_commands: 1024,
-            command_timeout: Duration::from_secs(10),
-            max_conflict_retries: 3,
-        }
-    }
-}
-
-impl RuntimeConfig {
-    /// Sets how many events pass between snapshots (0: never).
-    pub fn snapshot_every(mut self, events: u64) -> Self {
-        self.snapshot_every = events;
-        self
-    }
-
-    /// Sets the idle time after which an actor stops.
-    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.idle_timeout = timeout;
-        self
-    }
-
-    /// Sets the maximum of live actors (at least 1).
-    pub fn max_live_aggregates(mut self, max: usize) -> Self {
-        self.max_live_aggregates = max.max(1);
-        self
-    }
-
-    /// Sets the maximum of pending commands per aggregate (at least 1).
-    pub fn max_pending_commands(mut self, max: usize) -> Self {
-        self.max_pending_commands = max.max(1);
-        self
-    }
-
-    /// Sets the command timeout.
-    pub fn command_timeout(mut self, timeout: Duration) -> Self {
-        self.command_timeout = timeout;
-        self
-    }
-
-    /// Sets how many times a command is decided again on a caught-up state
-    /// (see [`RuntimeConfig::max_conflict_retries`]).
-    pub fn max_conflict_retries(mut self, retries: u32) -> Self {
-        self.max_conflict_retries = retries;
-        self
-    }
-}
-
-/// Correlation and causation ids stored on every event of a command.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommandContext {
     /// The id of the conversation the command belongs to.
     pub correlation_id: Option<Uuid>,
     /// The id of the message that caused the command.
     pub causation_id: Option<Uuid>,
+    /// Small string tags (user id, tenant, ...) stored in the metadata of
+    /// every event of the command ([`crate::Metadata::extra`]). Keys follow
+    /// the store's rules for metadata keys, and the tags count toward each
+    /// event's size limit: a bad key is [`CommandError::InvalidInput`].
+    pub metadata: BTreeMap<String, String>,
+    /// The version the caller saw (EventStoreDB's expected revision): when
+    /// the stream is at another version, the command fails with
+    /// [`CommandError::WrongExpectedVersion`] and is not retried.
+    /// `Version(0)`: the aggregate must have no event yet.
+    pub expected_version: Option<Version>,
+    /// Whether [`Executed::state`] carries the state after the command
+    /// (Commanded's `returning: :aggregate_state`).
+    pub return_state: bool,
 }
 
 impl CommandContext {
@@ -131,7 +73,28 @@ impl CommandContext {
         Self {
             correlation_id: Some(correlation_id),
             causation_id: Some(causation_id),
+            ..Self::default()
         }
+    }
+
+    /// Adds the tag `key = value` to the metadata of every event of the
+    /// command (replacing an earlier value of `key`).
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Runs the command only if the stream is at `version` (see
+    /// [`CommandContext::expected_version`]).
+    pub fn expecting(mut self, version: Version) -> Self {
+        self.expected_version = Some(version);
+        self
+    }
+
+    /// Asks for the state after the command in [`Executed::state`].
+    pub fn returning_state(mut self) -> Self {
+        self.return_state = true;
+        self
     }
 }
 
@@ -150,57 +113,100 @@ pub struct Executed<A: Aggregate> {
     pub version: Version,
     /// The global position of the last event; `None` when there was none.
     pub position: Option<Position>,
+    /// The aggregate's state after the command, at `version`, when the
+    /// context asked for it ([`CommandContext::returning_state`]); `None`
+    /// otherwise.
+    pub state: Option<A>,
 }
 
-/// Hosts aggregates over one store.
+/// Hosts aggregates over one store of type `S` (any [`EventStore`]; by
+/// default `dyn EventStore`), and owns the projections it started.
 ///
 /// Guarantees, per stream: one actor at a time however many tasks race on
 /// it; its commands run one at a time in arrival order; state recovered from
 /// a snapshot equals state from a full replay. Different streams run in
 /// parallel and share the store's group commits.
 ///
+/// The runtime keeps the store's own type, so that `Runtime::open(path)`
+/// gives a `Runtime<SledStore>` whose [`Runtime::store`] is the
+/// `Arc<SledStore>` a sled read model needs: one setup serves everything.
+///
 /// Cloning is cheap and every clone is the same runtime. Call
 /// [`Runtime::shutdown`] to stop it: nothing relies on `Drop` (dropping every
 /// handle without it loses nothing acknowledged, but live actors keep the
 /// store open until they passivate).
-#[derive(Clone)]
-pub struct Runtime {
-    inner: Arc<Inner>,
+pub struct Runtime<S: ?Sized = dyn EventStore> {
+    core: Arc<Core>,
+    store: Arc<S>,
 }
 
-struct Inner {
+impl<S: ?Sized> Clone for Runtime<S> {
+    fn clone(&self) -> Self {
+        Self {
+            core: Arc::clone(&self.core),
+            store: Arc::clone(&self.store),
+        }
+    }
+}
+
+/// A store the runtime can hold both as its own type and as
+/// `dyn EventStore` (which its actors use). Implemented for every sized
+/// [`EventStore`] and for `dyn EventStore`; there is nothing to implement.
+pub trait RuntimeStore: EventStore {
+    /// The same store, as a `dyn EventStore`.
+    fn into_dyn(self: Arc<Self>) -> Arc<dyn EventStore>;
+}
+
+impl<S: EventStore> RuntimeStore for S {
+    fn into_dyn(self: Arc<Self>) -> Arc<dyn EventStore> {
+        self
+    }
+}
+
+impl RuntimeStore for dyn EventStore {
+    fn into_dyn(self: Arc<Self>) -> Arc<dyn EventStore> {
+        self
+    }
+}
+
+/// What every handle of one runtime shares. Not generic over the store, so
+/// that [`Aggregates`] handles are the same whatever the store's type.
+struct Core {
     store: Arc<dyn EventStore>,
     config: Arc<RuntimeConfig>,
     registry: Arc<Registry>,
     supervisor: OnceCell<ActorRef<()>>,
+    /// Category to (aggregate type, its name), for the checks done when a
+    /// type is first used. A std mutex: no await while it is held.
+    categories: Mutex<HashMap<&'static str, (TypeId, &'static str)>>,
+    /// Every actor holds a clone (see [`actor::Unregister`]); shutdown takes
+    /// this one, and `None` means no new actor may start.
+    actors_alive: Mutex<Option<mpsc::Sender<()>>>,
+    /// Ends (`recv` gives `None`) once every actor's clone is dropped.
+    actors_gone: tokio::sync::Mutex<mpsc::Receiver<()>>,
+    /// The projections started through the runtime (or adopted), stopped by
+    /// its shutdown before the store.
+    services: Mutex<Vec<ProjectionHandle>>,
+    /// The first shutdown's result, returned again to later calls. A tokio
+    /// mutex: concurrent calls wait for the first, across its awaits.
+    shutdown: tokio::sync::Mutex<Option<Result<(), StoreError>>>,
 }
 
-impl fmt::Debug for Runtime {
+impl<S: ?Sized + fmt::Debug> fmt::Debug for Runtime<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Runtime")
-            .field("store", &self.inner.store)
-            .field("config", &self.inner.config)
-            .field("live_aggregates", &self.inner.registry.live())
+            .field("store", &self.store)
+            .field("config", &self.core.config)
+            .field("live_aggregates", &self.core.registry.live())
             .finish()
     }
 }
 
-impl Runtime {
-    /// A runtime over `store`. No actor runs until the first command.
-    pub fn new(store: Arc<dyn EventStore>, config: RuntimeConfig) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                store,
-                config: Arc::new(config),
-                registry: Arc::new(Registry::default()),
-                supervisor: OnceCell::new(),
-            }),
-        }
-    }
-
+impl Runtime<SledStore> {
     /// A runtime with the default configuration over the sled store at
     /// `path` (created if missing), with its default durability: an
-    /// acknowledged command is on disk.
+    /// acknowledged command is on disk. [`Runtime::store`] is the
+    /// `Arc<SledStore>`, for sled read models.
     ///
     /// # Errors
     /// As [`SledStore::open`].
@@ -208,69 +214,261 @@ impl Runtime {
         let store = SledStore::open(path)?;
         Ok(Self::new(Arc::new(store), RuntimeConfig::default()))
     }
+}
 
-    /// The store, for reads (and, in tests, for writing as another writer).
-    pub fn store(&self) -> &Arc<dyn EventStore> {
-        &self.inner.store
+impl<S: ?Sized + RuntimeStore> Runtime<S> {
+    /// A runtime over `store`. No actor runs until the first command.
+    pub fn new(store: Arc<S>, config: RuntimeConfig) -> Self {
+        let (alive, gone) = mpsc::channel(1);
+        Self {
+            core: Arc::new(Core {
+                store: Arc::clone(&store).into_dyn(),
+                config: Arc::new(config),
+                registry: Arc::new(Registry::default()),
+                supervisor: OnceCell::new(),
+                categories: Mutex::new(HashMap::new()),
+                actors_alive: Mutex::new(Some(alive)),
+                actors_gone: tokio::sync::Mutex::new(gone),
+                services: Mutex::new(Vec::new()),
+                shutdown: tokio::sync::Mutex::new(None),
+            }),
+            store,
+        }
+    }
+
+    /// The store, with its own type (for reads, sled read models, and in
+    /// tests for writing as another writer).
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
     }
 
     /// The configuration.
     pub fn config(&self) -> &RuntimeConfig {
-        &self.inner.config
+        &self.core.config
     }
 
-    /// The handle for aggregates of type `A`.
+    /// The handle for aggregates of type `A`. A type that
+    /// [`Runtime::try_aggregates`] refuses gives a handle whose every call
+    /// fails with that error ([`CommandError::Category`],
+    /// [`QueryError::Category`]).
     pub fn aggregates<A: Aggregate>(&self) -> Aggregates<A> {
+        let settings = self.core.register::<A>();
         Aggregates {
-            runtime: self.clone(),
+            core: Arc::clone(&self.core),
+            settings,
             aggregate: PhantomData,
         }
     }
 
-    /// How many aggregate actors are live (taking commands) now.
-    pub fn live_aggregates(&self) -> usize {
-        self.inner.registry.live()
-    }
-
-    /// Stops the runtime: new commands fail with [`CommandError::ShutDown`],
-    /// commands already accepted run to the end, every actor stops (finishing
-    /// its snapshot in flight), then the store shuts down (which drains its
-    /// writer and flushes). Calling it twice is fine.
+    /// The handle for aggregates of type `A`, once the type is checked: its
+    /// category has no `-` (its streams `CATEGORY-id` would belong to
+    /// another category), makes valid stream ids, and is not used by
+    /// another aggregate type on this runtime.
     ///
     /// # Errors
-    /// The store's, from its final flush.
+    /// [`CategoryError`] saying which rule the type breaks.
+    pub fn try_aggregates<A: Aggregate>(&self) -> Result<Aggregates<A>, CategoryError> {
+        let handle = self.aggregates::<A>();
+        handle.settings.as_ref().map_err(Clone::clone)?;
+        Ok(handle)
+    }
+
+    /// How many aggregate actors are live (taking commands) now.
+    pub fn live_aggregates(&self) -> usize {
+        self.core.registry.live()
+    }
+
+    /// Starts `projection` on the runtime's store (as
+    /// [`ProjectionHandle::spawn`]) and keeps it, so that
+    /// [`Runtime::shutdown`] catches it up and saves its checkpoint before
+    /// it shuts the store down.
+    ///
+    /// # Errors
+    /// As [`ProjectionHandle::spawn`]; after shutdown has begun,
+    /// [`ProjectionControlError::Store`] with [`StoreError::Closed`].
+    pub async fn start_projection<P: Projection>(
+        &self,
+        config: ProjectionConfig,
+        projection: P,
+    ) -> Result<ProjectionHandle, ProjectionControlError> {
+        if self.core.registry.is_shut_down() {
+            return Err(ProjectionControlError::Store(StoreError::Closed));
+        }
+        let handle =
+            ProjectionHandle::spawn(Arc::clone(&self.core.store), config, projection).await?;
+        if let Err(refused) = self.adopt(handle.clone()) {
+            // The runtime's shutdown began while it started: it will not
+            // stop this one, so stop it here, before the store closes.
+            let _ = refused.shutdown().await;
+            return Err(ProjectionControlError::Store(StoreError::Closed));
+        }
+        Ok(handle)
+    }
+
+    /// Makes the runtime own a projection started by hand (for example a
+    /// [`ProjectionHandle::spawn_sled`] read model on [`Runtime::store`]):
+    /// its shutdown then catches it up and saves its checkpoint before the
+    /// store shuts down. A projection the runtime does not own must be shut
+    /// down before the runtime: afterwards its final checkpoint save meets a
+    /// closed store and fails, leaving the checkpoint at its last save.
+    ///
+    /// # Errors
+    /// The handle back, when the runtime's shutdown has already begun (shut
+    /// it down yourself).
+    pub fn adopt(&self, handle: ProjectionHandle) -> Result<(), ProjectionHandle> {
+        let mut services = lock(&self.core.services);
+        // Checked under the lock that shutdown takes to collect them: a
+        // handle is either collected or refused.
+        if self.core.registry.is_shut_down() {
+            return Err(handle);
+        }
+        services.push(handle);
+        Ok(())
+    }
+
+    /// Stops the runtime, in order:
+    /// 1. new commands fail with [`CommandError::ShutDown`];
+    /// 2. commands already accepted run to the end and every actor stops
+    ///    (finishing its snapshot in flight);
+    /// 3. each projection the runtime owns ([`Runtime::start_projection`],
+    ///    [`Runtime::adopt`]) handles every event up to the store's last
+    ///    commit and saves its checkpoint;
+    /// 4. the store shuts down (drains its writer and flushes).
+    ///
+    /// Each wait is bounded by [`RuntimeConfig::command_timeout`] (a paused
+    /// or failed projection is shut down where it is). It waits on
+    /// channels, never by polling. Calling it again, or concurrently,
+    /// returns the first call's result once it is done.
+    ///
+    /// # Errors
+    /// The store's, from its final flush, or from a projection's final
+    /// checkpoint save (the shutdown goes on to the store).
     pub async fn shutdown(&self) -> Result<(), StoreError> {
-        let asked = self.inner.registry.shut_down();
+        let mut first = self.core.shutdown.lock().await;
+        if let Some(result) = &*first {
+            return result.clone();
+        }
+        let result = self.core.shut_down().await;
+        *first = Some(result.clone());
+        result
+    }
+}
+
+/// Locks a std mutex, taking over a poisoned one: the data it guards (lists
+/// and maps changed in one step) is never left half-changed.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Core {
+    /// Checks `A`'s category the first time the type is used (see
+    /// [`Runtime::try_aggregates`]) and resolves its settings.
+    fn register<A: Aggregate>(&self) -> Result<TypeSettings, CategoryError> {
+        let aggregate = type_name::<A>();
+        let category = A::CATEGORY;
+        if category.contains('-') {
+            return Err(CategoryError::ContainsSeparator {
+                aggregate,
+                category,
+            });
+        }
+        StreamId::new(category).map_err(|source| CategoryError::Invalid {
+            aggregate,
+            category,
+            source,
+        })?;
+        let mut categories = lock(&self.categories);
+        let (registered, name) = *categories
+            .entry(category)
+            .or_insert((TypeId::of::<A>(), aggregate));
+        if registered != TypeId::of::<A>() {
+            return Err(CategoryError::Shared {
+                category,
+                registered: name,
+                refused: aggregate,
+            });
+        }
+        Ok(self.config.settings_of(TypeId::of::<A>()))
+    }
+
+    async fn shut_down(&self) -> Result<(), StoreError> {
+        let asked = self.registry.shut_down();
         debug!(asked, "runtime shutting down");
-        // Actors with pending commands stop by themselves after the last;
-        // wait for all, but not forever for one stuck in the user's code.
+        // Actors with pending commands stop by themselves after the last.
+        // Each holds a clone of the sender: once ours is dropped, `recv`
+        // ends when the last actor's handler (and its store handle) is gone.
+        drop(lock(&self.actors_alive).take());
         let deadline = deadline_after(
-            self.inner
-                .config
-                .command_timeout
+            self.config
+                .command_timeout()
                 .saturating_add(Duration::from_secs(1)),
         );
-        while self.inner.registry.running() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        if self.inner.registry.running() > 0 {
+        let drained = timeout_at(deadline, async {
+            self.actors_gone.lock().await.recv().await;
+        })
+        .await;
+        if drained.is_err() {
             warn!(
-                running = self.inner.registry.running(),
+                running = self.registry.running(),
                 "actors still running at shutdown"
             );
         }
-        if let Some(supervisor) = self.inner.supervisor.get() {
+        if let Some(supervisor) = self.supervisor.get() {
             supervisor.stop(None);
         }
-        self.inner.store.shutdown().await
+        let mut result = Ok(());
+        // No command runs any more: the head is the last commit the
+        // projections must reach.
+        let head = self.store.head_position();
+        let services = std::mem::take(&mut *lock(&self.services));
+        for service in services {
+            if let Err(error) = self.stop_service(&service, head).await {
+                result = result.and(Err(error));
+            }
+        }
+        let stored = self.store.shutdown().await;
+        result.and(stored)
+    }
+
+    /// Catches `service` up to `head` (unless it is paused or stopped) and
+    /// shuts it down, which saves its checkpoint.
+    async fn stop_service(
+        &self,
+        service: &ProjectionHandle,
+        head: Position,
+    ) -> Result<(), StoreError> {
+        let state = service.status().state;
+        if !matches!(
+            state,
+            ProjectionState::Paused
+                | ProjectionState::Stopped
+                | ProjectionState::Failed
+                | ProjectionState::Ended
+        ) {
+            if let Err(error) = service.wait_for(head, self.config.command_timeout()).await {
+                warn!(projection = service.name(), %error, "projection not caught up at shutdown");
+            }
+        }
+        match service.shutdown().await {
+            Ok(checkpoint) => {
+                debug!(projection = service.name(), %checkpoint, "projection stopped");
+                Ok(())
+            }
+            Err(ProjectionControlError::Store(error)) => Err(error),
+            Err(error) => {
+                warn!(projection = service.name(), %error, "projection had stopped before shutdown");
+                Ok(())
+            }
+        }
     }
 
     async fn supervisor(&self) -> Result<ActorCell, String> {
-        self.inner
-            .supervisor
+        self.supervisor
             .get_or_try_init(|| async {
                 let supervisor = Supervisor {
-                    registry: Arc::clone(&self.inner.registry),
+                    registry: Arc::clone(&self.registry),
                 };
                 Actor::spawn(None, supervisor, ())
                     .await
@@ -285,14 +483,15 @@ impl Runtime {
     /// The spawn runs in its own task, so that a caller that gives up
     /// (timeout, cancellation) never leaves a half-started actor.
     async fn actor_for<A: Aggregate>(
-        &self,
+        self: &Arc<Self>,
         key: &SlotKey,
         slot: &Arc<Slot>,
+        settings: TypeSettings,
     ) -> Result<ActorCell, NoActor> {
         if let Some(cell) = slot.actor.get() {
             return Ok(cell.clone());
         }
-        let runtime = self.clone();
+        let core = Arc::clone(self);
         let key = key.clone();
         let slot = Arc::clone(slot);
         tokio::spawn(async move {
@@ -304,7 +503,7 @@ impl Runtime {
                     // Set only when this task's init runs; it returns early
                     // below if that init fails.
                     *publishing = true;
-                    runtime.spawn_actor::<A>(&key, slot_ref).await
+                    core.spawn_actor::<A>(&key, slot_ref, settings).await
                 })
                 .await?
                 .clone();
@@ -324,6 +523,7 @@ impl Runtime {
         &self,
         key: &SlotKey,
         slot: &Arc<Slot>,
+        settings: TypeSettings,
     ) -> Result<ActorCell, NoActor> {
         if slot.is_closed() {
             // The spawn this caller waited for failed: its error, not
@@ -332,6 +532,9 @@ impl Runtime {
                 NoActor::Failed((**failure).clone())
             }));
         }
+        let Some(alive) = lock(&self.actors_alive).clone() else {
+            return Err(NoActor::ShutDown);
+        };
         // Not cached: the slot stays open, and the next caller tries the
         // supervisor's spawn again.
         let supervisor = self
@@ -339,22 +542,23 @@ impl Runtime {
             .await
             .map_err(|e| NoActor::Failed(SpawnFailure::Other(e)))?;
         let actor = AggregateActor::<A> {
-            store: Arc::clone(&self.inner.store),
-            config: Arc::clone(&self.inner.config),
-            registry: Arc::clone(&self.inner.registry),
+            store: Arc::clone(&self.store),
+            config: Arc::clone(&self.config),
+            settings,
+            registry: Arc::clone(&self.registry),
             key: key.clone(),
             slot: Arc::clone(slot),
             aggregate: PhantomData,
             unregister: actor::Unregister {
-                registry: Arc::clone(&self.inner.registry),
+                registry: Arc::clone(&self.registry),
                 id: std::sync::OnceLock::new(),
+                _alive: alive,
             },
         };
         match Actor::spawn_linked(None, actor, (), supervisor).await {
             Ok((actor, _)) => {
-                self.inner
-                    .registry
-                    .evict_if_over(self.inner.config.max_live_aggregates);
+                self.registry
+                    .evict_if_over(self.config.max_live_aggregates());
                 Ok(actor.get_cell())
             }
             Err(error) => {
@@ -371,7 +575,7 @@ impl Runtime {
                 let _ = slot.failure.set(Box::new(failure.clone()));
                 // Nobody may queue behind an actor that will never run.
                 slot.close();
-                self.inner.registry.remove(key, slot);
+                self.registry.remove(key, slot);
                 Err(NoActor::Failed(failure))
             }
         }
@@ -383,6 +587,8 @@ impl Runtime {
 enum NoActor {
     /// The slot closed meanwhile: look the stream up again.
     Retry,
+    /// The runtime is shutting down: no new actor starts.
+    ShutDown,
     /// The spawn failed.
     Failed(SpawnFailure),
 }
@@ -437,14 +643,17 @@ impl Actor for Supervisor {
 /// The handle for the aggregates of type `A`: routes each command to the one
 /// actor of its stream (`A::CATEGORY-id`). Cloning is cheap.
 pub struct Aggregates<A> {
-    runtime: Runtime,
+    core: Arc<Core>,
+    /// The type's settings, or why the runtime refused the type.
+    settings: Result<TypeSettings, CategoryError>,
     aggregate: PhantomData<fn() -> A>,
 }
 
 impl<A> Clone for Aggregates<A> {
     fn clone(&self) -> Self {
         Self {
-            runtime: self.runtime.clone(),
+            core: Arc::clone(&self.core),
+            settings: self.settings.clone(),
             aggregate: PhantomData,
         }
     }
@@ -453,9 +662,22 @@ impl<A> Clone for Aggregates<A> {
 impl<A> fmt::Debug for Aggregates<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Aggregates")
-            .field("aggregate", &std::any::type_name::<A>())
+            .field("aggregate", &type_name::<A>())
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
+}
+
+/// Why a request found no actor to answer it; each caller turns it into its
+/// own error type.
+#[derive(Debug)]
+enum Unreachable {
+    ShutDown,
+    Overloaded,
+    Timeout,
+    Load(LoadError),
+    /// A panic in recovery, or the actor stopped before answering.
+    Panicked(String),
 }
 
 impl<A: Aggregate> Aggregates<A> {
@@ -493,21 +715,40 @@ impl<A: Aggregate> Aggregates<A> {
             .await
     }
 
-    /// Runs `command` on aggregate `id`, storing `context`'s ids on its
-    /// events.
+    /// Runs `command` on aggregate `id` and answers with the state after it
+    /// too ([`Executed::state`] is `Some`), from the actor that ran it: no
+    /// second round trip, and no other command in between.
+    ///
+    /// # Errors
+    /// As [`Aggregates::execute_with`].
+    pub async fn execute_returning_state(
+        &self,
+        id: &str,
+        command: A::Command,
+    ) -> Result<Executed<A>, CommandError<A::Error>> {
+        self.execute_with(id, command, CommandContext::default().returning_state())
+            .await
+    }
+
+    /// Runs `command` on aggregate `id` with `context`: its ids and
+    /// metadata are stored on every event, its expected version (if any) is
+    /// checked, and its `return_state` fills [`Executed::state`].
     ///
     /// Returns once the events are committed (durable as the store defines).
     /// Commands to one aggregate run one at a time, in the order they
     /// arrive; on a conflict with another writer, or when it stores nothing
     /// but was decided on a state the stream has moved past, the command is
-    /// decided again on the caught-up state, up to the configured retries.
+    /// decided again on the caught-up state, up to the configured retries —
+    /// unless the context gives an expected version, which is never retried.
     ///
     /// # Errors
-    /// [`CommandError::Domain`] when the aggregate refused it; the other
-    /// variants for the infrastructure: conflict after retries, overload
-    /// (answered at once), timeout, a panic in the aggregate, the store, the
-    /// codec, an invalid id, a shut-down runtime. See [`CommandError`] for
-    /// which of them may have stored something.
+    /// [`CommandError::Domain`] when the aggregate refused it;
+    /// [`CommandError::WrongExpectedVersion`] when the stream is not at the
+    /// context's expected version; the other variants for the
+    /// infrastructure: conflict after retries, overload (answered at once),
+    /// timeout, a panic in the aggregate, the store, the codec, an invalid
+    /// id, a refused aggregate type, a shut-down runtime. See
+    /// [`CommandError`] for which of them may have stored something.
     #[instrument(name = "command", skip_all,
         fields(stream = %format_args!("{}-{id}", A::CATEGORY), version = field::Empty))]
     pub async fn execute_with(
@@ -516,132 +757,102 @@ impl<A: Aggregate> Aggregates<A> {
         command: A::Command,
         context: CommandContext,
     ) -> Result<Executed<A>, CommandError<A::Error>> {
+        let settings = self.settings.clone()?;
         let key = Self::key(id)?;
-        let stream = key.stream.clone();
-        let config = &self.runtime.inner.config;
-        let deadline = deadline_after(config.command_timeout);
-        let timeout = || CommandError::Timeout {
-            stream: stream.clone(),
-            after: config.command_timeout,
+        let deadline = deadline_after(self.core.config.command_timeout());
+        let request = ExecuteRequest {
+            command,
+            context,
+            deadline,
+            span: Span::current(),
         };
-        let mut command = command;
-        loop {
-            let (slot, permit, cell) = match self.reach(&key, deadline).await {
-                Ok(reached) => reached,
-                Err(Unreachable::ShutDown) => return Err(CommandError::ShutDown),
-                Err(Unreachable::Overloaded) => {
-                    return Err(CommandError::Overloaded {
-                        stream,
-                        pending: config.max_pending_commands,
-                    })
-                }
-                Err(Unreachable::Timeout) => return Err(timeout()),
-                Err(Unreachable::Load(error)) => return Err(error.into_command_error(&stream)),
-                Err(Unreachable::Other(message)) => {
-                    return Err(CommandError::AggregatePanicked { stream, message })
-                }
-            };
-            let (sender, answer) = oneshot::channel();
-            let message = AggregateMessage::<A>::Execute {
-                command,
-                context,
-                deadline,
-                span: Span::current(),
-                reply: sender.into(),
-            };
-            match cell.send_message(message) {
-                Ok(()) => permit.hand_over(),
-                Err(MessagingErr::SendErr(AggregateMessage::Execute { command: back, .. })) => {
-                    // The actor stopped without closing its slot (it failed):
-                    // the command never reached it, so send it to a new one.
-                    slot.close();
-                    self.runtime.inner.registry.remove(&key, &slot);
-                    command = back;
-                    continue;
-                }
-                Err(error) => {
-                    return Err(CommandError::AggregatePanicked {
-                        stream,
-                        message: format!("cannot reach the aggregate's actor: {error:?}"),
-                    })
-                }
-            }
-            match timeout_at(deadline, answer).await {
-                Err(_) => return Err(timeout()),
-                Ok(Ok(ExecuteReply::Done(result))) => return result,
-                Ok(Ok(ExecuteReply::Bounced(back))) => command = back,
-                Ok(Err(_)) => {
-                    return Err(if self.runtime.inner.registry.is_shut_down() {
-                        CommandError::ShutDown
-                    } else {
-                        CommandError::AggregatePanicked {
-                            stream,
-                            message: "the aggregate's actor stopped before answering".to_owned(),
-                        }
-                    })
-                }
-            }
+        let stream = &key.stream;
+        match self.request(&key, settings, deadline, request).await {
+            Ok(answer) => answer,
+            Err(Unreachable::ShutDown) => Err(CommandError::ShutDown),
+            Err(Unreachable::Overloaded) => Err(CommandError::Overloaded {
+                stream: stream.clone(),
+                pending: self.core.config.max_pending_commands(),
+            }),
+            Err(Unreachable::Timeout) => Err(CommandError::Timeout {
+                stream: stream.clone(),
+                after: self.core.config.command_timeout(),
+            }),
+            Err(Unreachable::Load(error)) => Err(error.into_command_error(stream)),
+            Err(Unreachable::Panicked(message)) => Err(CommandError::AggregatePanicked {
+                stream: stream.clone(),
+                message,
+            }),
         }
     }
 
     /// The current state of aggregate `id` (the default state if it has no
     /// events): after every command that arrived before this call, and
     /// after every event in the store when it is read (the actor catches up
-    /// with other writers first).
+    /// with other writers first). Starts the aggregate's actor if it is not
+    /// live; see [`Aggregates::try_state`] for one that does not for a
+    /// stream without events.
     ///
     /// # Errors
     /// As for a command: overload, timeout, a panic while recovering, the
-    /// store, the codec, an invalid id, a shut-down runtime.
+    /// store, the codec, an invalid id, a refused aggregate type, a
+    /// shut-down runtime.
     pub async fn state(&self, id: &str) -> Result<A, QueryError> {
         let key = Self::key(id)?;
-        let stream = key.stream.clone();
-        let config = &self.runtime.inner.config;
-        let deadline = deadline_after(config.command_timeout);
-        let timeout = || QueryError::Timeout {
-            stream: stream.clone(),
-            after: config.command_timeout,
-        };
-        loop {
-            let (slot, permit, cell) = match self.reach(&key, deadline).await {
-                Ok(reached) => reached,
-                Err(Unreachable::ShutDown) => return Err(QueryError::ShutDown),
-                Err(Unreachable::Overloaded) => {
-                    return Err(QueryError::Overloaded {
-                        stream,
-                        pending: config.max_pending_commands,
-                    })
-                }
-                Err(Unreachable::Timeout) => return Err(timeout()),
-                Err(Unreachable::Load(error)) => return Err(error.into_query_error(&stream)),
-                Err(Unreachable::Other(message)) => {
-                    return Err(QueryError::AggregatePanicked { stream, message })
-                }
-            };
-            let (sender, answer) = oneshot::channel();
-            let message = AggregateMessage::<A>::State {
-                deadline,
-                reply: sender.into(),
-            };
-            if cell.send_message(message).is_err() {
-                slot.close();
-                self.runtime.inner.registry.remove(&key, &slot);
-                continue;
+        Ok(self.live_state(&key).await?.0)
+    }
+
+    /// The current state of aggregate `id` as [`Aggregates::state`] gives
+    /// it, or `None` when its stream has no event: then no actor is started
+    /// (a live actor, if there is one, answers as for `state`).
+    ///
+    /// # Errors
+    /// As [`Aggregates::state`].
+    pub async fn try_state(&self, id: &str) -> Result<Option<A>, QueryError> {
+        let key = Self::key(id)?;
+        self.settings.clone()?;
+        if self.core.registry.is_shut_down() {
+            return Err(QueryError::ShutDown);
+        }
+        if !self.is_live(id) {
+            let current = self
+                .core
+                .store
+                .stream_version(&key.stream)
+                .await
+                .map_err(|e| LoadError::Read(e).into_query_error(&key.stream))?;
+            if current == Version::NONE {
+                return Ok(None);
             }
-            permit.hand_over();
-            match timeout_at(deadline, answer).await {
-                Err(_) => return Err(timeout()),
-                Ok(Ok(StateReply::Done(result))) => return result,
-                Ok(Ok(StateReply::Bounced)) => {}
-                Ok(Err(_)) if self.runtime.inner.registry.is_shut_down() => {
-                    return Err(QueryError::ShutDown)
-                }
-                Ok(Err(_)) => {
-                    return Err(QueryError::AggregatePanicked {
-                        stream,
-                        message: "the aggregate's actor stopped before answering".to_owned(),
-                    })
-                }
-            }
+        }
+        let (state, version) = self.live_state(&key).await?;
+        Ok((version > Version::NONE).then_some(state))
+    }
+
+    /// The state and version from the stream's actor.
+    async fn live_state(&self, key: &SlotKey) -> Result<(A, Version), QueryError> {
+        let settings = self.settings.clone()?;
+        let deadline = deadline_after(self.core.config.command_timeout());
+        let stream = &key.stream;
+        match self
+            .request(key, settings, deadline, StateRequest { deadline })
+            .await
+        {
+            Ok(answer) => answer,
+            Err(Unreachable::ShutDown) => Err(QueryError::ShutDown),
+            Err(Unreachable::Overloaded) => Err(QueryError::Overloaded {
+                stream: stream.clone(),
+                pending: self.core.config.max_pending_commands(),
+            }),
+            Err(Unreachable::Timeout) => Err(QueryError::Timeout {
+                stream: stream.clone(),
+                after: self.core.config.command_timeout(),
+            }),
+            Err(Unreachable::Load(error)) => Err(error.into_query_error(stream)),
+            Err(Unreachable::Panicked(message)) => Err(QueryError::AggregatePanicked {
+                stream: stream.clone(),
+                message,
+            }),
         }
     }
 
@@ -652,10 +863,12 @@ impl<A: Aggregate> Aggregates<A> {
     ///
     /// # Errors
     /// [`QueryError::VersionNotFound`] when the stream has not reached
-    /// `version`; the store's and codec's errors; a panic in `apply`.
+    /// `version`; the store's and codec's errors; a panic in `apply`; a
+    /// refused aggregate type.
     pub async fn state_at(&self, id: &str, version: Version) -> Result<A, QueryError> {
+        self.settings.clone()?;
         let stream = Self::stream_id(id)?;
-        let store = &self.runtime.inner.store;
+        let store = &self.core.store;
         let current = store
             .stream_version(&stream)
             .await
@@ -676,42 +889,96 @@ impl<A: Aggregate> Aggregates<A> {
     /// Whether aggregate `id` has a live actor now (it is in memory).
     pub fn is_live(&self, id: &str) -> bool {
         Self::key(id).is_ok_and(|key| {
-            self.runtime
-                .inner
+            self.core
                 .registry
                 .get_open(&key)
                 .is_some_and(|slot| slot.actor.initialized())
         })
     }
 
+    /// Sends `request` to the stream's actor and waits for its answer
+    /// before `deadline`: the one loop shared by commands and queries. A
+    /// request the actor could not take (it stopped, or was retired after
+    /// a panic) comes back and goes to the actor that replaces it.
+    async fn request<R: Request<A>>(
+        &self,
+        key: &SlotKey,
+        settings: TypeSettings,
+        deadline: Instant,
+        mut request: R,
+    ) -> Result<R::Answer, Unreachable> {
+        let registry = &self.core.registry;
+        loop {
+            let (slot, permit, cell) = self.reach(key, settings, deadline).await?;
+            let (sender, answer) = tokio::sync::oneshot::channel();
+            match cell.send_message(request.into_message(sender.into())) {
+                Ok(()) => permit.hand_over(),
+                Err(MessagingErr::SendErr(message)) => {
+                    // The actor stopped without closing its slot (it failed):
+                    // the request never reached it, so send it to a new one.
+                    slot.close();
+                    registry.remove(key, &slot);
+                    match R::from_message(message) {
+                        Some(back) => {
+                            request = back;
+                            continue;
+                        }
+                        None => {
+                            return Err(Unreachable::Panicked(
+                                "cannot reach the aggregate's actor".to_owned(),
+                            ))
+                        }
+                    }
+                }
+                Err(error) => {
+                    return Err(Unreachable::Panicked(format!(
+                        "cannot reach the aggregate's actor: {error:?}"
+                    )))
+                }
+            }
+            match timeout_at(deadline, answer).await {
+                Err(_) => return Err(Unreachable::Timeout),
+                Ok(Ok(Reply::Done(answer))) => return Ok(answer),
+                Ok(Ok(Reply::Bounced(back))) => request = back,
+                Ok(Err(_)) if registry.is_shut_down() => return Err(Unreachable::ShutDown),
+                Ok(Err(_)) => {
+                    return Err(Unreachable::Panicked(
+                        "the aggregate's actor stopped before answering".to_owned(),
+                    ))
+                }
+            }
+        }
+    }
+
     /// Takes a pending place on the stream's actor, spawning (and
-    /// recovering) it if needed, before `deadline`. Shared by commands and
-    /// state queries, which differ only in what they send.
+    /// recovering) it if needed, before `deadline`.
     async fn reach(
         &self,
         key: &SlotKey,
+        settings: TypeSettings,
         deadline: Instant,
     ) -> Result<(Arc<Slot>, registry::Permit, ActorCell), Unreachable> {
-        let registry = &self.runtime.inner.registry;
+        let registry = &self.core.registry;
         loop {
             let slot = registry.slot(key).ok_or(Unreachable::ShutDown)?;
-            let permit = match slot.try_acquire(self.runtime.inner.config.max_pending_commands) {
+            let permit = match slot.try_acquire(self.core.config.max_pending_commands()) {
                 Ok(permit) => permit,
                 // The actor is stopping; the next lookup finds or makes a
                 // new slot.
                 Err(Refused::Closed) => continue,
                 Err(Refused::Overloaded) => return Err(Unreachable::Overloaded),
             };
-            match timeout_at(deadline, self.runtime.actor_for::<A>(key, &slot)).await {
+            match timeout_at(deadline, self.core.actor_for::<A>(key, &slot, settings)).await {
                 Err(_) => return Err(Unreachable::Timeout),
                 Ok(Ok(cell)) => return Ok((slot, permit, cell)),
                 // The slot closed meanwhile; the place is given back on drop.
                 Ok(Err(NoActor::Retry)) => continue,
+                Ok(Err(NoActor::ShutDown)) => return Err(Unreachable::ShutDown),
                 Ok(Err(NoActor::Failed(SpawnFailure::Load(error)))) => {
                     return Err(Unreachable::Load(error))
                 }
                 Ok(Err(NoActor::Failed(SpawnFailure::Other(message)))) => {
-                    return Err(Unreachable::Other(message))
+                    return Err(Unreachable::Panicked(message))
                 }
             }
         }
@@ -724,14 +991,4 @@ fn deadline_after(timeout: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(timeout)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
-}
-
-/// Why [`Aggregates::reach`] found no actor to take a request.
-#[derive(Debug)]
-enum Unreachable {
-    ShutDown,
-    Overloaded,
-    Timeout,
-    Load(LoadError),
-    Other(String),
 }

@@ -278,10 +278,12 @@ fn crash_child() {
 
         // Aggregates: fewer live actors than ledgers and a short idle
         // timeout, so actors are evicted and reloaded from snapshots.
-        let config = RuntimeConfig::default()
+        let config = RuntimeConfig::builder()
             .snapshot_every(SNAPSHOT_EVERY)
             .max_live_aggregates(24)
-            .idle_timeout(Duration::from_millis(30));
+            .idle_timeout(Duration::from_millis(30))
+            .build()
+            .unwrap();
         let aggregates = Runtime::new(store.clone(), config).aggregates::<Ledger>();
         for task in 0..16u64 {
             let aggregates = aggregates.clone();
@@ -600,7 +602,10 @@ async fn check_store(
 
     // State from snapshot plus tail (a fresh runtime that takes no snapshot
     // of its own) equals state from a full replay, for every ledger.
-    let runtime = Runtime::new(store.clone(), RuntimeConfig::default().snapshot_every(0));
+    let runtime = Runtime::new(
+        store.clone(),
+        RuntimeConfig::builder().snapshot_every(0).build().unwrap(),
+    );
     let ledgers = runtime.aggregates::<Ledger>();
     for (stream, events) in &streams {
         let Some(id) = stream.strip_prefix("ledger-") else {

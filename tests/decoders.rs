@@ -505,7 +505,7 @@ fn damaged_snapshots_never_panic_and_recovery_still_works() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SledStore::open(dir.path()).unwrap());
-    let runtime_config = RuntimeConfig::default().snapshot_every(0);
+    let runtime_config = RuntimeConfig::builder().snapshot_every(0).build().unwrap();
     let aggregates = Runtime::new(store.clone(), runtime_config);
     let shops = aggregates.aggregates::<Shop>();
     let expected = rt.block_on(async {
@@ -697,7 +697,7 @@ async fn an_aggregate_recovers_events_stored_under_renamed_types() {
 
     // A second runtime (its shutdown would close the shared store) replays
     // the mixed stream to the same state.
-    let replayed = Runtime::new(store, RuntimeConfig::default().snapshot_every(0));
+    let replayed = Runtime::new(store, RuntimeConfig::builder().snapshot_every(0).build().unwrap());
     let state = replayed.aggregates::<Book>().state("1").await.unwrap();
     assert_eq!(
         state,

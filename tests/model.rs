@@ -244,13 +244,13 @@ impl System {
     }
 
     fn runtime(&self) -> Runtime {
-        let mut config = RuntimeConfig::default()
+        let mut config = RuntimeConfig::builder()
             .snapshot_every(self.setup.snapshot_every)
             .max_live_aggregates(self.setup.max_live_aggregates);
         if self.setup.tiny_idle_timeout {
             config = config.idle_timeout(Duration::from_millis(1));
         }
-        Runtime::new(Arc::clone(&self.store), config)
+        Runtime::new(Arc::clone(&self.store), config.build().unwrap())
     }
 
     fn current(&self) -> &Runtime {

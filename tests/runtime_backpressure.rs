@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use annals::{CommandError, QueryError, Runtime, RuntimeConfig, StreamId, Version};
+use annals::{CommandError, EventStore, QueryError, Runtime, RuntimeConfig, StreamId, Version};
 use common::{Ledger, LedgerCommand as C, TestStore};
 use tokio::sync::Semaphore;
 
@@ -22,7 +22,10 @@ async fn settle() {
 async fn past_the_pending_bound_execute_answers_overloaded_at_once() {
     let gate = Arc::new(Semaphore::new(1)); // lets the Open through
     let store = Arc::new(TestStore::gated(gate.clone()));
-    let config = RuntimeConfig::default().max_pending_commands(3);
+    let config = RuntimeConfig::builder()
+        .max_pending_commands(3)
+        .build()
+        .unwrap();
     let runtime = Runtime::new(store.clone(), config);
     let handle = runtime.aggregates::<Ledger>();
     handle.execute("o", C::Open).await.unwrap();
@@ -84,7 +87,10 @@ async fn past_the_pending_bound_execute_answers_overloaded_at_once() {
 async fn a_command_past_its_timeout_gets_timeout_and_an_unstarted_one_never_runs() {
     let gate = Arc::new(Semaphore::new(1));
     let store = Arc::new(TestStore::gated(gate.clone()));
-    let config = RuntimeConfig::default().command_timeout(Duration::from_secs(1));
+    let config = RuntimeConfig::builder()
+        .command_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
     let runtime = Runtime::new(store.clone(), config);
     let handle = runtime.aggregates::<Ledger>();
     handle.execute("t", C::Open).await.unwrap();

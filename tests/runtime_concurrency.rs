@@ -8,8 +8,8 @@ mod common;
 use std::sync::Arc;
 
 use annals::{
-    CommandContext, CommandError, MemoryStore, ReadDirection, Runtime, RuntimeConfig, SledStore,
-    StreamId, Version,
+    CommandContext, CommandError, EventStore, MemoryStore, ReadDirection, Runtime, RuntimeConfig,
+    RuntimeStore, SledStore, StreamId, Version,
 };
 use common::{model, Ledger, LedgerCommand as C, LedgerError, TestStore};
 use uuid::Uuid;
@@ -33,7 +33,12 @@ fn script(ledger: usize, length: usize) -> Vec<C> {
     commands
 }
 
-async fn run_scripts(runtime: &Runtime, ledgers: usize, length: usize, tasks: usize) {
+async fn run_scripts(
+    runtime: &Runtime<impl RuntimeStore + ?Sized>,
+    ledgers: usize,
+    length: usize,
+    tasks: usize,
+) {
     let handle = runtime.aggregates::<Ledger>();
     let mut joins = Vec::new();
     for task in 0..tasks {
@@ -60,7 +65,11 @@ async fn run_scripts(runtime: &Runtime, ledgers: usize, length: usize, tasks: us
     }
 }
 
-async fn check_against_model(runtime: &Runtime, ledgers: usize, length: usize) {
+async fn check_against_model(
+    runtime: &Runtime<impl RuntimeStore + ?Sized>,
+    ledgers: usize,
+    length: usize,
+) {
     let handle = runtime.aggregates::<Ledger>();
     let mut events = 0;
     for ledger in 0..ledgers {
@@ -88,7 +97,7 @@ async fn check_against_model(runtime: &Runtime, ledgers: usize, length: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_tasks_on_many_aggregates_match_a_sequential_model() {
-    let config = RuntimeConfig::default().snapshot_every(10);
+    let config = RuntimeConfig::builder().snapshot_every(10).build().unwrap();
     let runtime = Runtime::new(Arc::new(MemoryStore::new()), config);
     run_scripts(&runtime, 300, 30, 16).await;
     check_against_model(&runtime, 300, 30).await;
@@ -98,7 +107,7 @@ async fn many_tasks_on_many_aggregates_match_a_sequential_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_tasks_on_sled_match_the_model_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let config = RuntimeConfig::default().snapshot_every(7);
+    let config = RuntimeConfig::builder().snapshot_every(7).build().unwrap();
     let runtime = Runtime::new(
         Arc::new(SledStore::open(dir.path()).unwrap()),
         config.clone(),
@@ -106,8 +115,9 @@ async fn many_tasks_on_sled_match_the_model_and_survive_a_restart() {
     run_scripts(&runtime, 64, 12, 32).await;
     check_against_model(&runtime, 64, 12).await;
     runtime.shutdown().await.unwrap();
-    // Once shutdown returns, no actor holds the store any more...
-    assert_eq!(Arc::strong_count(runtime.store()), 1);
+    // Once shutdown returns, no actor holds the store any more: only the
+    // runtime's own two handles (its typed one and the actors' `dyn` one)...
+    assert_eq!(Arc::strong_count(runtime.store()), 2);
     drop(runtime); // ...so this releases sled's lock on the directory
 
     let reopened = Runtime::new(Arc::new(common::reopen_sled(dir.path()).await), config);
@@ -262,7 +272,10 @@ async fn domain_refusals_store_nothing_and_context_reaches_the_events() {
     );
 
     let context = CommandContext::new(Uuid::now_v7(), Uuid::now_v7());
-    let executed = handle.execute_with("a", C::Open, context).await.unwrap();
+    let executed = handle
+        .execute_with("a", C::Open, context.clone())
+        .await
+        .unwrap();
     assert_eq!(executed.version, Version(1));
     assert_eq!(executed.position.map(|p| p.0), Some(1));
     let twice = handle.execute("a", C::DepositTwice(3)).await.unwrap();
@@ -307,7 +320,10 @@ async fn domain_refusals_store_nothing_and_context_reaches_the_events() {
 #[tokio::test]
 async fn state_at_travels_in_time_without_touching_the_live_actor() {
     let store = Arc::new(TestStore::new());
-    let runtime = Runtime::new(store.clone(), RuntimeConfig::default().snapshot_every(4));
+    let runtime = Runtime::new(
+        store.clone(),
+        RuntimeConfig::builder().snapshot_every(4).build().unwrap(),
+    );
     let handle = runtime.aggregates::<Ledger>();
     handle.execute("t", C::Open).await.unwrap();
     for amount in 1..=9 {

@@ -8,7 +8,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use annals::{CommandError, Runtime, RuntimeConfig, StreamId, Version};
+use annals::{CommandError, EventStore, Runtime, RuntimeConfig, StreamId, Version};
 use common::{outside_append, Ledger, LedgerCommand as C, LedgerError, LedgerEvent, TestStore};
 
 #[tokio::test]
@@ -105,7 +105,10 @@ async fn a_conflict_that_persists_past_the_retries_is_reported_and_stores_nothin
     let store = Arc::new(TestStore::new());
     let runtime = Runtime::new(
         store.clone(),
-        RuntimeConfig::default().max_conflict_retries(2),
+        RuntimeConfig::builder()
+            .max_conflict_retries(2)
+            .build()
+            .unwrap(),
     );
     let handle = runtime.aggregates::<Ledger>();
     handle.execute("k", C::Open).await.unwrap();
@@ -131,7 +134,10 @@ async fn a_conflict_that_persists_past_the_retries_is_reported_and_stores_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_runtimes_writing_one_aggregate_lose_nothing() {
     let store = Arc::new(TestStore::new());
-    let config = RuntimeConfig::default().max_conflict_retries(1000);
+    let config = RuntimeConfig::builder()
+        .max_conflict_retries(1000)
+        .build()
+        .unwrap();
     let first = Runtime::new(store.clone(), config.clone());
     let second = Runtime::new(store.clone(), config);
     first

@@ -34,7 +34,10 @@ async fn acknowledged_commands_are_stored_once_and_refusals_never() {
     plan.max_delay = Duration::from_micros(200);
     plan.seed = 42;
     let faulty = Arc::new(FaultyStore::new(memory.clone(), plan));
-    let runtime = Runtime::new(faulty.clone(), RuntimeConfig::default().snapshot_every(5));
+    let runtime = Runtime::new(
+        faulty.clone(),
+        RuntimeConfig::builder().snapshot_every(5).build().unwrap(),
+    );
     let handle = runtime.aggregates::<Ledger>();
 
     let mut joins = Vec::new();
@@ -82,7 +85,10 @@ async fn acknowledged_commands_are_stored_once_and_refusals_never() {
     );
     faulty.heal();
 
-    let fresh = Runtime::new(memory.clone(), RuntimeConfig::default().snapshot_every(0));
+    let fresh = Runtime::new(
+        memory.clone(),
+        RuntimeConfig::builder().snapshot_every(0).build().unwrap(),
+    );
     for (ledger, outcome) in &outcomes {
         let stream = StreamId::new(format!("ledger-{ledger}")).unwrap();
         let stored = memory

@@ -198,7 +198,7 @@ impl annals::Aggregate for Tally {
 async fn a_panicking_snapshot_never_reports_a_committed_command_as_failed() {
     quiet_panics();
     let store: Arc<dyn EventStore> = Arc::new(annals::MemoryStore::new());
-    let config = RuntimeConfig::default().snapshot_every(1);
+    let config = RuntimeConfig::builder().snapshot_every(1).build().unwrap();
     let runtime = Runtime::new(Arc::clone(&store), config);
     let tallies = runtime.aggregates::<Tally>();
     for expected in 1..=4u64 {

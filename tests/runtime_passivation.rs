@@ -21,7 +21,10 @@ async fn settle() {
 #[tokio::test(start_paused = true)]
 async fn idle_actors_stop_after_the_timeout_and_come_back_the_same() {
     let store = Arc::new(TestStore::new());
-    let config = RuntimeConfig::default().idle_timeout(Duration::from_secs(60));
+    let config = RuntimeConfig::builder()
+        .idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
     let runtime = Runtime::new(store.clone(), config);
     let handle = runtime.aggregates::<Ledger>();
     handle.execute("idle", C::Open).await.unwrap();
@@ -54,7 +57,10 @@ async fn past_the_live_maximum_the_least_recently_used_stop_first() {
     let store = Arc::new(TestStore::new());
     let runtime = Runtime::new(
         store.clone(),
-        RuntimeConfig::default().max_live_aggregates(3),
+        RuntimeConfig::builder()
+            .max_live_aggregates(3)
+            .build()
+            .unwrap(),
     );
     let handle = runtime.aggregates::<Ledger>();
     for id in ["a", "b", "c"] {
@@ -82,9 +88,11 @@ async fn past_the_live_maximum_the_least_recently_used_stop_first() {
 
 #[tokio::test(start_paused = true)]
 async fn memory_follows_the_live_actors() {
-    let config = RuntimeConfig::default()
+    let config = RuntimeConfig::builder()
         .max_live_aggregates(100)
-        .idle_timeout(Duration::from_secs(30));
+        .idle_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let runtime = Runtime::new(Arc::new(TestStore::new()), config);
     let handle = runtime.aggregates::<Ledger>();
     for id in 0..3000 {
@@ -116,9 +124,11 @@ async fn memory_follows_the_live_actors() {
 async fn evicted_actors_leave_no_timer_behind() {
     const TOUCHED: usize = 400;
     let store = Arc::new(TestStore::new());
-    let config = RuntimeConfig::default()
+    let config = RuntimeConfig::builder()
         .idle_timeout(Duration::from_secs(600))
-        .max_live_aggregates(20);
+        .max_live_aggregates(20)
+        .build()
+        .unwrap();
     let runtime = Runtime::new(store.clone(), config);
     let handle = runtime.aggregates::<Ledger>();
     for n in 0..TOUCHED {

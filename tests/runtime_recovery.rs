@@ -7,11 +7,11 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use annals::{EventStore, Runtime, RuntimeConfig, Snapshot, StreamId, Version};
+use annals::{EventStore, Runtime, RuntimeConfig, RuntimeStore, Snapshot, StreamId, Version};
 use common::{Ledger, LedgerCommand as C, TestStore};
 use tracing_subscriber::layer::SubscriberExt;
 
-async fn fill(runtime: &Runtime, id: &str, deposits: u64) {
+async fn fill(runtime: &Runtime<impl RuntimeStore + ?Sized>, id: &str, deposits: u64) {
     let handle = runtime.aggregates::<Ledger>();
     handle.execute(id, C::Open).await.unwrap();
     for amount in 1..=deposits {
@@ -36,7 +36,7 @@ async fn snapshot_reaches(store: &dyn EventStore, stream: &str, version: u64) ->
 #[tokio::test]
 async fn recovery_replays_only_the_events_after_the_snapshot() {
     let store = Arc::new(TestStore::new());
-    let config = RuntimeConfig::default().snapshot_every(50);
+    let config = RuntimeConfig::builder().snapshot_every(50).build().unwrap();
     let runtime = Runtime::new(store.clone(), config.clone());
     fill(&runtime, "s", 129).await; // 130 events: snapshots at 50 and 100
     let snapshot = snapshot_reaches(&*store, "ledger-s", 100).await;
@@ -59,7 +59,10 @@ async fn recovery_replays_only_the_events_after_the_snapshot() {
 #[tokio::test]
 async fn state_from_snapshots_equals_state_from_full_replay() {
     let store = Arc::new(TestStore::new());
-    let runtime = Runtime::new(store.clone(), RuntimeConfig::default().snapshot_every(7));
+    let runtime = Runtime::new(
+        store.clone(),
+        RuntimeConfig::builder().snapshot_every(7).build().unwrap(),
+    );
     let handle = runtime.aggregates::<Ledger>();
     handle.execute("r", C::Open).await.unwrap();
     for i in 0..120u64 {
@@ -93,7 +96,10 @@ async fn state_from_snapshots_equals_state_from_full_replay() {
     );
     // Without it: I5, deleting every snapshot changes no state.
     store.delete_snapshot(&stream).await.unwrap();
-    let without = Runtime::new(store.clone(), RuntimeConfig::default().snapshot_every(0));
+    let without = Runtime::new(
+        store.clone(),
+        RuntimeConfig::builder().snapshot_every(0).build().unwrap(),
+    );
     assert_eq!(
         without.aggregates::<Ledger>().state("r").await.unwrap(),
         live
@@ -127,7 +133,10 @@ async fn an_undecodable_snapshot_is_ignored_with_a_warning() {
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
     let store = Arc::new(TestStore::new());
-    let runtime = Runtime::new(store.clone(), RuntimeConfig::default().snapshot_every(0));
+    let runtime = Runtime::new(
+        store.clone(),
+        RuntimeConfig::builder().snapshot_every(0).build().unwrap(),
+    );
     fill(&runtime, "u", 9).await;
     let expected = runtime.aggregates::<Ledger>().state("u").await.unwrap();
     // Dropped, not shut down: shutting down would close the store, which
@@ -174,7 +183,13 @@ async fn sled_recovery_across_restarts_with_and_without_snapshots() {
         let path = path.clone();
         async move {
             let store = Arc::new(common::reopen_sled(&path).await);
-            Runtime::new(store, RuntimeConfig::default().snapshot_every(every))
+            Runtime::new(
+                store,
+                RuntimeConfig::builder()
+                    .snapshot_every(every)
+                    .build()
+                    .unwrap(),
+            )
         }
     };
     let runtime = open(10).await;
@@ -203,8 +218,8 @@ async fn sled_recovery_across_restarts_with_and_without_snapshots() {
     runtime.shutdown().await.unwrap();
     assert_eq!(
         Arc::strong_count(runtime.store()),
-        1,
-        "no actor holds the store"
+        2,
+        "no actor holds the store, only the runtime's typed and dyn handles"
     );
     drop(runtime);
 

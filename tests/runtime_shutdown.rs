@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 async fn open_runs_on_sled_and_shutdown_keeps_what_was_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = Runtime::open(dir.path()).unwrap();
-    assert_eq!(runtime.config().snapshot_every, 100);
+    assert_eq!(runtime.config().snapshot_every(), 100);
     let handle = runtime.aggregates::<Ledger>();
     handle.execute("1", C::Open).await.unwrap();
     handle.execute("1", C::Deposit(5)).await.unwrap();

@@ -126,10 +126,12 @@ async fn memory_stays_flat_under_a_mixed_load() {
     );
     let runtime = Runtime::new(
         store.clone(),
-        RuntimeConfig::default()
+        RuntimeConfig::builder()
             .snapshot_every(10)
             .idle_timeout(Duration::from_millis(50))
-            .max_live_aggregates(MAX_LIVE),
+            .max_live_aggregates(MAX_LIVE)
+            .build()
+            .unwrap(),
     );
     let projected = Arc::new(AtomicU64::new(0));
     let projection = ProjectionHandle::spawn(

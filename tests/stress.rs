@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use annals::{
     decode_event, Aggregate, CommandContext, CommandError, EventFilter, Executed, MemoryStore,
-    Position, ReadDirection, Runtime, RuntimeConfig, SledStore, Version,
+    Position, ReadDirection, Runtime, RuntimeConfig, RuntimeStore, SledStore, Version,
 };
 use common::{Ledger, LedgerCommand as C, LedgerError, LedgerEvent};
 use uuid::Uuid;
@@ -52,7 +52,7 @@ struct Reply {
 
 /// Runs the load and returns every reply; panics if it does not finish in
 /// time (a deadlock or a lost reply).
-async fn hammer(runtime: &Runtime, commands: u64) -> Vec<Reply> {
+async fn hammer(runtime: &Runtime<impl RuntimeStore + ?Sized>, commands: u64) -> Vec<Reply> {
     let ledgers = runtime.aggregates::<Ledger>();
     let mut tasks = Vec::new();
     for task in 0..TASKS {
@@ -131,7 +131,10 @@ async fn hammer(runtime: &Runtime, commands: u64) -> Vec<Reply> {
 }
 
 /// Every reply against the store; returns (acknowledged commands, events).
-async fn check_replies(runtime: &Runtime, replies: &[Reply]) -> (u64, u64) {
+async fn check_replies(
+    runtime: &Runtime<impl RuntimeStore + ?Sized>,
+    replies: &[Reply],
+) -> (u64, u64) {
     let store = runtime.store();
     let all = store
         .read_all(
@@ -213,11 +216,13 @@ async fn check_replies(runtime: &Runtime, replies: &[Reply]) -> (u64, u64) {
 }
 
 fn config() -> RuntimeConfig {
-    RuntimeConfig::default()
+    RuntimeConfig::builder()
         .snapshot_every(5)
         .max_live_aggregates(128)
         .idle_timeout(Duration::from_millis(20))
         .command_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -254,7 +259,11 @@ async fn hot_and_cold_aggregates_in_memory_every_reply_matches_the_store() {
 async fn an_overloaded_hot_aggregate_answers_every_command() {
     let runtime = Runtime::new(
         Arc::new(MemoryStore::new()),
-        config().max_pending_commands(4),
+        config()
+            .to_builder()
+            .max_pending_commands(4)
+            .build()
+            .unwrap(),
     );
     let ledgers = runtime.aggregates::<Ledger>();
     ledgers.execute("hot", C::Open).await.unwrap();

@@ -19,6 +19,7 @@ use crate::aggregate::Aggregate;
 use crate::codec::{decode_event, decode_value, encode_event, encode_value};
 use crate::error::{AppendError, CodecError, CommandError, QueryError, ReadError};
 use crate::event::{ExpectedVersion, Metadata, ReadDirection, Snapshot, StreamId, Version};
+use crate::runtime::config::TypeSettings;
 use crate::runtime::registry::{Registry, Slot, SlotKey};
 use crate::runtime::{CommandContext, Executed, RuntimeConfig};
 use crate::store::EventStore;
@@ -28,36 +29,80 @@ const REPLAY_PAGE: usize = 1024;
 
 /// What callers and timers send to an [`AggregateActor`].
 pub(crate) enum AggregateMessage<A: Aggregate> {
-    /// Run a command. `deadline` is the caller's: past it nobody waits for
-    /// the answer, so a command that has not started by then is dropped.
-    Execute {
-        command: A::Command,
-        context: CommandContext,
-        deadline: Instant,
-        span: Span,
-        reply: RpcReplyPort<ExecuteReply<A>>,
-    },
-    /// A copy of the current state.
-    State {
-        deadline: Instant,
-        reply: RpcReplyPort<StateReply<A>>,
-    },
+    /// Run a command.
+    Execute(ExecuteRequest<A>, ReplyPort<A, ExecuteRequest<A>>),
+    /// A copy of the current state and its version.
+    State(StateRequest, ReplyPort<A, StateRequest>),
     /// The idle timer fired.
     IdleCheck,
 }
 
-/// The answer to [`AggregateMessage::Execute`].
-pub(crate) enum ExecuteReply<A: Aggregate> {
-    Done(Result<Executed<A>, CommandError<A::Error>>),
-    /// The actor was retired before running the command: send it again (to
-    /// the actor that replaces it).
-    Bounced(A::Command),
+/// Where the actor answers request `R`.
+pub(crate) type ReplyPort<A, R> = RpcReplyPort<Reply<<R as Request<A>>::Answer, R>>;
+
+/// A command and what travels with it. `deadline` is the caller's: past it
+/// nobody waits for the answer, so a command that has not started by then
+/// is dropped.
+pub(crate) struct ExecuteRequest<A: Aggregate> {
+    pub(crate) command: A::Command,
+    pub(crate) context: CommandContext,
+    pub(crate) deadline: Instant,
+    pub(crate) span: Span,
 }
 
-/// The answer to [`AggregateMessage::State`].
-pub(crate) enum StateReply<A> {
-    Done(Result<A, QueryError>),
-    Bounced,
+/// A state query.
+pub(crate) struct StateRequest {
+    pub(crate) deadline: Instant,
+}
+
+/// An actor's answer to a request.
+pub(crate) enum Reply<T, R> {
+    Done(T),
+    /// The actor was retired before running the request: send it again (to
+    /// the actor that replaces it).
+    Bounced(R),
+}
+
+/// A request that callers send to an actor and that comes back to them
+/// when the actor could not take it, so that one loop serves them all.
+pub(crate) trait Request<A: Aggregate>: Sized + Send + 'static {
+    /// What the actor answers.
+    type Answer: Send + 'static;
+
+    fn into_message(self, reply: ReplyPort<A, Self>) -> AggregateMessage<A>;
+
+    /// The request back from a message the actor never received.
+    fn from_message(message: AggregateMessage<A>) -> Option<Self>;
+}
+
+impl<A: Aggregate> Request<A> for ExecuteRequest<A> {
+    type Answer = Result<Executed<A>, CommandError<A::Error>>;
+
+    fn into_message(self, reply: ReplyPort<A, Self>) -> AggregateMessage<A> {
+        AggregateMessage::Execute(self, reply)
+    }
+
+    fn from_message(message: AggregateMessage<A>) -> Option<Self> {
+        match message {
+            AggregateMessage::Execute(request, _) => Some(request),
+            _ => None,
+        }
+    }
+}
+
+impl<A: Aggregate> Request<A> for StateRequest {
+    type Answer = Result<(A, Version), QueryError>;
+
+    fn into_message(self, reply: ReplyPort<A, Self>) -> AggregateMessage<A> {
+        AggregateMessage::State(self, reply)
+    }
+
+    fn from_message(message: AggregateMessage<A>) -> Option<Self> {
+        match message {
+            AggregateMessage::State(request, _) => Some(request),
+            _ => None,
+        }
+    }
 }
 
 /// The actor of one stream. Holds configuration only; the aggregate lives in
@@ -65,6 +110,8 @@ pub(crate) enum StateReply<A> {
 pub(crate) struct AggregateActor<A> {
     pub(crate) store: Arc<dyn EventStore>,
     pub(crate) config: Arc<RuntimeConfig>,
+    /// This aggregate type's snapshot interval and idle timeout.
+    pub(crate) settings: TypeSettings,
     pub(crate) registry: Arc<Registry>,
     pub(crate) key: SlotKey,
     pub(crate) slot: Arc<Slot>,
@@ -80,6 +127,10 @@ pub(crate) struct AggregateActor<A> {
 pub(crate) struct Unregister {
     pub(crate) registry: Arc<Registry>,
     pub(crate) id: std::sync::OnceLock<ractor::ActorId>,
+    /// Dropped after the registry hears of it: the runtime's shutdown
+    /// waits for every clone to go (mini-redis's `shutdown_complete`), so
+    /// it waits without polling.
+    pub(crate) _alive: tokio::sync::mpsc::Sender<()>,
 }
 
 impl Drop for Unregister {
@@ -274,7 +325,7 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
     ) -> Result<(), ActorProcessingErr> {
         // A long replay is worth a snapshot even before the next command.
         self.maybe_snapshot(state);
-        self.schedule_idle_check(&myself, state, self.config.idle_timeout);
+        self.schedule_idle_check(&myself, state, self.settings.idle_timeout);
         self.stop_if_done(&myself);
         Ok(())
     }
@@ -301,25 +352,25 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            AggregateMessage::Execute {
-                command,
-                context,
-                deadline,
-                span,
-                reply,
-            } => {
+            AggregateMessage::Execute(request, reply) => {
                 let answer = if state.retiring {
-                    ExecuteReply::Bounced(command)
-                } else if Instant::now() >= deadline {
+                    Reply::Bounced(request)
+                } else if Instant::now() >= request.deadline {
                     // The caller has given up; running it now would commit a
                     // command whose caller was told "timeout".
-                    debug!(parent: &span, stream = %self.key.stream, "command dropped unrun: past its deadline");
-                    ExecuteReply::Done(Err(CommandError::Timeout {
+                    debug!(parent: &request.span, stream = %self.key.stream, "command dropped unrun: past its deadline");
+                    Reply::Done(Err(CommandError::Timeout {
                         stream: self.key.stream.clone(),
-                        after: self.config.command_timeout,
+                        after: self.config.command_timeout(),
                     }))
                 } else {
                     state.last_activity = Instant::now();
+                    let ExecuteRequest {
+                        command,
+                        context,
+                        span,
+                        ..
+                    } = request;
                     // Boxed: ractor keeps the future of `handle` allocated
                     // while the actor waits for its next message, sized for
                     // the largest path through it. Inline, the command's
@@ -329,20 +380,20 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                             .instrument(span),
                     )
                     .await;
-                    ExecuteReply::Done(result)
+                    Reply::Done(result)
                 };
                 // Released before replying, so that a caller that got its
                 // answer never finds its own command still counted.
                 self.slot.release();
                 let _ = reply.send(answer);
             }
-            AggregateMessage::State { deadline, reply } => {
+            AggregateMessage::State(request, reply) => {
                 let answer = if state.retiring {
-                    StateReply::Bounced
-                } else if Instant::now() >= deadline {
-                    StateReply::Done(Err(QueryError::Timeout {
+                    Reply::Bounced(request)
+                } else if Instant::now() >= request.deadline {
+                    Reply::Done(Err(QueryError::Timeout {
                         stream: self.key.stream.clone(),
-                        after: self.config.command_timeout,
+                        after: self.config.command_timeout(),
                     }))
                 } else {
                     state.last_activity = Instant::now();
@@ -351,10 +402,8 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                     // stream's, not just this actor's view of it.
                     // Boxed for the same reason as `execute` above.
                     match Box::pin(self.catch_up(&myself, state)).await {
-                        Ok(()) => StateReply::Done(Ok(state.aggregate.clone())),
-                        Err(error) => {
-                            StateReply::Done(Err(error.into_query_error(&self.key.stream)))
-                        }
+                        Ok(()) => Reply::Done(Ok((state.aggregate.clone(), state.version))),
+                        Err(error) => Reply::Done(Err(error.into_query_error(&self.key.stream))),
                     }
                 };
                 self.slot.release();
@@ -362,7 +411,7 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
             }
             AggregateMessage::IdleCheck => {
                 let idle_for = state.last_activity.elapsed();
-                let timeout = self.config.idle_timeout;
+                let timeout = self.settings.idle_timeout;
                 if idle_for < timeout {
                     self.schedule_idle_check(&myself, state, timeout - idle_for);
                 } else if !state.retiring && self.slot.close_if_idle() {
@@ -381,7 +430,9 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
 
 impl<A: Aggregate> AggregateActor<A> {
     /// Runs one command: decide, check, append, and on a conflict catch up
-    /// and decide again.
+    /// and decide again (unless the caller gave the version it expects:
+    /// then a moved stream is [`CommandError::WrongExpectedVersion`], with
+    /// no retry).
     async fn execute(
         &self,
         myself: &ActorRef<AggregateMessage<A>>,
@@ -392,6 +443,23 @@ impl<A: Aggregate> AggregateActor<A> {
         // `command` is owned (not borrowed from the message) so that the
         // future holding it across the append needs `Command: Send` only.
         let stream = &self.key.stream;
+        let moved = |actual: Version| CommandError::WrongExpectedVersion {
+            stream: stream.clone(),
+            expected: context.expected_version.unwrap_or(Version::NONE),
+            actual,
+        };
+        if let Some(expected) = context.expected_version {
+            // The actor may be behind another writer: it only knows the
+            // stream has moved past `expected` once it has caught up.
+            if state.version < expected {
+                self.catch_up(myself, state)
+                    .await
+                    .map_err(|e| e.into_command_error(stream))?;
+            }
+            if state.version != expected {
+                return Err(moved(state.version));
+            }
+        }
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -408,7 +476,10 @@ impl<A: Aggregate> AggregateActor<A> {
                         .stream_version(stream)
                         .await
                         .map_err(|e| LoadError::Read(e).into_command_error(stream))?;
-                    if current > state.version && attempts <= self.config.max_conflict_retries {
+                    if current > state.version && context.expected_version.is_some() {
+                        return Err(moved(current));
+                    }
+                    if current > state.version && attempts <= self.config.max_conflict_retries() {
                         debug!(%stream, known = %state.version, %current,
                             "decided on a stale state: catching up and deciding again");
                         self.catch_up(myself, state)
@@ -421,6 +492,7 @@ impl<A: Aggregate> AggregateActor<A> {
                             events,
                             version: state.version,
                             position: None,
+                            state: context.return_state.then(|| state.aggregate.clone()),
                         }),
                         Err(refusal) => {
                             debug!(%stream, error = %refusal, "command refused by the domain");
@@ -439,7 +511,11 @@ impl<A: Aggregate> AggregateActor<A> {
                     return Err(self.retire(myself, state, "apply", Box::new(message)));
                 }
             }
-            let metadata = Metadata::new(context.correlation_id, context.causation_id);
+            let metadata = Metadata {
+                correlation_id: context.correlation_id,
+                causation_id: context.causation_id,
+                extra: context.metadata.clone(),
+            };
             let encoded = events
                 .iter()
                 .map(|event| encode_event(event).map(|e| e.with_metadata(metadata.clone())))
@@ -455,10 +531,19 @@ impl<A: Aggregate> AggregateActor<A> {
                         events,
                         version: appended.last_version,
                         position: Some(appended.last_position),
+                        state: context.return_state.then(|| state.aggregate.clone()),
                     });
                 }
                 Err(AppendError::WrongExpectedVersion { actual, .. }) => {
-                    if attempts > self.config.max_conflict_retries {
+                    if context.expected_version.is_some() {
+                        // The caller decided on what it saw; deciding again
+                        // on another state is not what it asked for.
+                        self.catch_up(myself, state)
+                            .await
+                            .map_err(|e| e.into_command_error(stream))?;
+                        return Err(moved(actual));
+                    }
+                    if attempts > self.config.max_conflict_retries() {
                         warn!(%stream, attempts, %actual, "conflict: retries exhausted");
                         return Err(CommandError::Conflict {
                             stream: stream.clone(),
@@ -563,7 +648,7 @@ impl<A: Aggregate> AggregateActor<A> {
     /// snapshots rather than piling saves up (and an older save can never
     /// land after a newer one).
     fn maybe_snapshot(&self, state: &mut ActorState<A>) {
-        let every = self.config.snapshot_every;
+        let every = self.settings.snapshot_every;
         if every == 0 || state.version.0 - state.snapshot_version.0 < every {
             return;
         }
