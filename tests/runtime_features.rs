@@ -145,11 +145,9 @@ async fn an_adopted_projection_is_stopped_before_the_store() {
     assert_eq!(projection.shutdown().await.unwrap(), Position(50));
 }
 
-/// Needs the store side of issue 10: `SledStore::shutdown` must release
-/// sled's handles, so that the directory is free while the shut-down
-/// runtime (and its store handle) is still alive.
+/// `SledStore::shutdown` releases sled's handles, so the directory is free
+/// while the shut-down runtime (and its store handle) is still alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs spi"]
 async fn the_directory_reopens_in_the_same_process_right_after_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = Runtime::open(dir.path()).unwrap();
