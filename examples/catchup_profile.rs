@@ -36,14 +36,12 @@ use annals::{
     Durability, EventStore, Projection, ProjectionConfig, ProjectionContext, ProjectionError,
     ProjectionHandle, RecordedEvent, SledStore, SledStoreConfig,
 };
-use async_trait::async_trait;
 
 type Result<T, E = Box<dyn Error + Send + Sync>> = std::result::Result<T, E>;
 
 /// Does nothing: what is measured is the machinery.
 struct Noop;
 
-#[async_trait]
 impl Projection for Noop {
     async fn handle(
         &mut self,

@@ -135,6 +135,18 @@ pub enum StoreError {
     /// Injected by the fault-injecting test wrapper.
     #[error("injected fault: {0}")]
     Injected(&'static str),
+    /// A read-model commit was fenced off: the stored checkpoint was no
+    /// longer the one the committer started from (another runner moved it),
+    /// so nothing was written.
+    #[error("checkpoint {name:?} is at {found:?}, not {expected:?}: another runner moved it; nothing was written")]
+    CheckpointMoved {
+        /// The checkpoint's name.
+        name: String,
+        /// The checkpoint the commit expected (`None`: none stored).
+        expected: Option<Position>,
+        /// The checkpoint found.
+        found: Option<Position>,
+    },
 }
 
 impl Clone for StoreError {
@@ -156,7 +168,27 @@ impl Clone for StoreError {
             StoreError::Poisoned(why) => StoreError::Poisoned(why.clone()),
             StoreError::InvalidInput(e) => StoreError::InvalidInput(e.clone()),
             StoreError::Injected(what) => StoreError::Injected(what),
+            StoreError::CheckpointMoved {
+                name,
+                expected,
+                found,
+            } => StoreError::CheckpointMoved {
+                name: name.clone(),
+                expected: *expected,
+                found: *found,
+            },
         }
+    }
+}
+
+/// The message of a caught panic (its `&str` or `String` payload).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "a panic without a message".to_owned()
     }
 }
 
@@ -432,6 +464,23 @@ pub enum ProjectionError {
     Panicked(String),
 }
 
+/// Why reading a committed read model failed (see
+/// [`SledStore::read_model`](crate::SledStore::read_model)).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadModelError {
+    /// The tree name is empty or belongs to the store (`log`, `snapshots`,
+    /// `checkpoints`, ...): readers get no access to the store's own trees.
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
+    /// A stored key or value did not decode as the requested type.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The store failed, or was shut down ([`StoreError::Closed`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 impl ProjectionError {
     /// Wraps any error (or message) of the handler's own.
     pub fn handler(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
@@ -529,4 +578,7 @@ pub enum Error {
     /// See [`ProjectionControlError`].
     #[error(transparent)]
     ProjectionControl(#[from] ProjectionControlError),
+    /// See [`ReadModelError`].
+    #[error(transparent)]
+    ReadModel(#[from] ReadModelError),
 }

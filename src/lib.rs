@@ -105,7 +105,7 @@ pub use crate::codec::{
 };
 pub use crate::error::{
     AppendError, CodecError, CommandError, Error, InvalidInput, ProjectionControlError,
-    ProjectionError, QueryError, ReadError, StoreError, SubscriptionError,
+    ProjectionError, QueryError, ReadError, ReadModelError, StoreError, SubscriptionError,
 };
 pub use crate::event::{
     AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position, ReadDirection,
@@ -115,13 +115,15 @@ pub use crate::event::{
 pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore};
 pub use crate::projection::{
     subscribe, FailurePolicy, Projection, ProjectionConfig, ProjectionContext, ProjectionFailure,
-    ProjectionHandle, ProjectionState, ProjectionStatus, ReadModelBatch, SkippedEvent,
-    SledProjection, Subscription, Typed, TypedProjection, DEFAULT_PAGE_SIZE,
+    ProjectionHandle, ProjectionState, ProjectionStatus, ReadModel, ReadModelBatch, ReadModelView,
+    SkippedEvent, SledProjection, Subscription, Typed, TypedProjection, TypedSledProjection,
+    DEFAULT_PAGE_SIZE,
 };
 pub use crate::runtime::{Aggregates, CommandContext, Executed, Runtime, RuntimeConfig};
 pub use crate::store::memory::MemoryStore;
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{
-    Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
+    Commit, EventStore, FeedError, FromKey, Key, LiveFeed, ReadModelStore, Unordered,
+    DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
 };
 pub use crate::testing::{AggregateTest, AggregateTestResult};

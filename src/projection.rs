@@ -9,20 +9,26 @@
 
 mod actor;
 mod handle;
+mod lease;
+mod read_model;
+mod runner;
 mod sled;
+mod state;
 mod subscription;
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
-
-use async_trait::async_trait;
 
 use crate::codec::{decode_event, DomainEvent};
 use crate::error::{InvalidInput, ProjectionError};
 use crate::event::{EventFilter, Position, RecordedEvent};
+use crate::store::ReadModelStore;
 
 pub use self::handle::ProjectionHandle;
-pub use self::sled::{ReadModelBatch, SledProjection};
+pub use self::sled::{SledProjection, TypedSledProjection};
 pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE};
+pub use crate::store::{ReadModelBatch, ReadModelView};
 
 /// A read model fed by the log, one raw event at a time.
 ///
@@ -31,57 +37,57 @@ pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE};
 /// one at a time. Delivery is at least once: after a crash, the events
 /// after the last saved checkpoint are handled again, so a read model kept
 /// outside the store should remember `context.position()` (or the event id)
-/// and ignore what it already applied. For exactly once, see
-/// [`SledProjection`].
-#[async_trait]
+/// and ignore what it already applied. For exactly once, see [`ReadModel`]
+/// and [`SledProjection`].
+///
+/// Implement the methods as `async fn`; the futures must be `Send`.
 pub trait Projection: Send + 'static {
     /// Applies one event. An error (or a panic) is a failure handled by the
     /// projection's [`FailurePolicy`]: retried, or skipped and recorded.
-    async fn handle(
+    fn handle(
         &mut self,
         event: &RecordedEvent,
         context: &ProjectionContext,
-    ) -> Result<(), ProjectionError>;
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
     /// Erases the read model, before a rebuild from the start of the log
     /// ([`ProjectionHandle::reset`]). The checkpoint is already back at the
     /// start when this runs, so a crash during a reset leads to a rebuild,
     /// never to a read model that misses events. Default: nothing to erase.
-    async fn reset(&mut self) -> Result<(), ProjectionError> {
-        Ok(())
+    fn reset(&mut self) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        async { Ok(()) }
     }
 }
 
 /// A projection of the typed events of one aggregate type, decoded with
 /// [`decode_event`]. Run it with [`Typed`]; give the projection a filter
 /// for the aggregate's category so that it sees only its own events.
-#[async_trait]
 pub trait TypedProjection: Send + 'static {
     /// The aggregate's event enum.
     type Event: DomainEvent;
 
     /// Applies one decoded event; `recorded` is the raw event (stream,
     /// version, position, metadata).
-    async fn handle(
+    fn handle(
         &mut self,
         event: Self::Event,
         recorded: &RecordedEvent,
         context: &ProjectionContext,
-    ) -> Result<(), ProjectionError>;
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
     /// As [`Projection::reset`].
-    async fn reset(&mut self) -> Result<(), ProjectionError> {
-        Ok(())
+    fn reset(&mut self) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        async { Ok(()) }
     }
 }
 
-/// Runs a [`TypedProjection`] as a [`Projection`]: each event is decoded
+/// Runs a [`TypedProjection`] as a [`Projection`] (or a
+/// [`TypedSledProjection`] as a [`SledProjection`]): each event is decoded
 /// first, and an event that does not decode is a failure
 /// ([`ProjectionError::Codec`]) under the failure policy, never a silent skip.
 #[derive(Debug, Clone, Default)]
 pub struct Typed<P>(pub P);
 
-#[async_trait]
 impl<P: TypedProjection> Projection for Typed<P> {
     async fn handle(
         &mut self,
@@ -97,16 +103,78 @@ impl<P: TypedProjection> Projection for Typed<P> {
     }
 }
 
+/// A read model applied exactly once by a store with the
+/// [`ReadModelStore`] capability: the handler writes into the store's open
+/// transaction (`S::Transaction`), which the runner commits together with
+/// the checkpoint, so after any crash the read model holds exactly the
+/// events up to its checkpoint. Run it with
+/// [`ProjectionHandle::spawn_read_model`]. For the sled store, implementing
+/// [`SledProjection`] is simpler.
+///
+/// Keep all of the read model's state in the store: the writes of a failed
+/// or crashed batch are thrown away, fields of `self` are not rolled back.
+pub trait ReadModel<S: ReadModelStore>: Send + 'static {
+    /// The tables (sled trees) the read model writes, passed to
+    /// [`ReadModelStore::begin`].
+    fn tables(&self) -> Vec<String>;
+
+    /// Writes one event's changes into `transaction`. An error (or a panic)
+    /// drops this event's writes and is handled by the failure policy.
+    fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        transaction: &mut S::Transaction,
+        context: &ProjectionContext,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Writes the changes of several events, in order, into one
+    /// transaction; `context` is the last event's. Override it where one
+    /// call for many events saves work. Default: [`ReadModel::handle`] per
+    /// event.
+    ///
+    /// An error (or a panic) drops the writes of the whole call; the runner
+    /// then handles the same events one at a time with
+    /// [`ReadModel::handle`], so that the events before the failing one
+    /// are applied and the failure policy sees the failing event itself.
+    fn handle_batch(
+        &mut self,
+        events: &[RecordedEvent],
+        transaction: &mut S::Transaction,
+        context: &ProjectionContext,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        async move {
+            for (index, event) in events.iter().enumerate() {
+                let attempt = if index == 0 { context.attempt } else { 1 };
+                let context = ProjectionContext::new(Arc::clone(&context.name), event.position, attempt);
+                self.handle(event, transaction, &context).await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Erases the read model through `transaction`, which is committed with
+    /// the checkpoint back at the start ([`ProjectionHandle::reset`]): a
+    /// crash leaves the old read model and checkpoint, or the empty ones.
+    ///
+    /// # Errors
+    /// An error (or a panic) fails the reset with nothing erased: the
+    /// projection goes on where it was.
+    fn reset(
+        &mut self,
+        transaction: &mut S::Transaction,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+}
+
 /// What a handler knows besides the event.
 #[derive(Debug, Clone)]
 pub struct ProjectionContext {
-    name: std::sync::Arc<str>,
+    name: Arc<str>,
     position: Position,
     attempt: u32,
 }
 
 impl ProjectionContext {
-    pub(crate) fn new(name: std::sync::Arc<str>, position: Position, attempt: u32) -> Self {
+    pub(crate) fn new(name: Arc<str>, position: Position, attempt: u32) -> Self {
         Self {
             name,
             position,

@@ -4,7 +4,9 @@
 //! [`MemoryStore`](crate::MemoryStore) for tests.
 
 pub(crate) mod memory;
+mod read_model;
 pub(crate) mod sled;
+mod sled_read_model;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +21,9 @@ use crate::event::{
     validate_name, AppendResult, EventFilter, ExpectedVersion, NewEvent, Position, ReadDirection,
     RecordedEvent, Snapshot, StreamId, Version,
 };
+
+pub use self::read_model::{FromKey, Key, ReadModelStore, Unordered};
+pub use self::sled_read_model::{ReadModelBatch, ReadModelView};
 
 /// The longest checkpoint name, in bytes.
 pub const MAX_CHECKPOINT_NAME_LEN: usize = 256;

@@ -16,7 +16,6 @@ use annals::{
     RuntimeConfig, SledStore, SledStoreConfig, StreamId, Version, DEFAULT_MAX_EVENT_SIZE,
     MAX_CHECKPOINT_NAME_LEN, MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
-use async_trait::async_trait;
 use common::whole_log;
 use serde::{Deserialize, Serialize};
 
@@ -373,7 +372,6 @@ async fn refusals_write_nothing_to_disk() {
 
 struct Ignore;
 
-#[async_trait]
 impl Projection for Ignore {
     async fn handle(
         &mut self,

@@ -27,7 +27,6 @@ struct Recorder {
     healed: Arc<AtomicBool>,
 }
 
-#[async_trait]
 impl Projection for Recorder {
     async fn handle(
         &mut self,
@@ -233,7 +232,6 @@ async fn a_retry_that_succeeds_goes_on() {
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
     /// Fails twice, then succeeds.
     struct Flaky(Arc<AtomicU32>, Arc<Mutex<Vec<Position>>>);
-    #[async_trait]
     impl Projection for Flaky {
         async fn handle(
             &mut self,
@@ -283,7 +281,6 @@ async fn attempts_are_counted_per_event_not_carried_to_the_next() {
     /// Fails once on each of positions 2 and 4, and records the attempt the
     /// context reports for each failure.
     struct FailsOnceEach(Arc<Mutex<Vec<(Position, u32)>>>);
-    #[async_trait]
     impl Projection for FailsOnceEach {
         async fn handle(
             &mut self,

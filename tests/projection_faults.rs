@@ -11,11 +11,9 @@ use annals::{
     Projection, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
     RecordedEvent, StreamId, DEFAULT_MAX_EVENT_SIZE,
 };
-use async_trait::async_trait;
 
 struct Recorder(Arc<Mutex<Vec<Position>>>);
 
-#[async_trait]
 impl Projection for Recorder {
     async fn handle(
         &mut self,

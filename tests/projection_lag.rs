@@ -11,7 +11,6 @@ use annals::{
     Position, Projection, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
     RecordedEvent, SledStore, SledStoreConfig, StreamId, DEFAULT_MAX_EVENT_SIZE,
 };
-use async_trait::async_trait;
 use tokio::sync::Notify;
 
 const WRITERS: usize = 4;
@@ -107,7 +106,6 @@ struct Recorder {
     gate: Option<Arc<Notify>>,
 }
 
-#[async_trait]
 impl Projection for Recorder {
     async fn handle(
         &mut self,

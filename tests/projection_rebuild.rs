@@ -10,7 +10,6 @@ use annals::{
     ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle, ReadModelBatch,
     RecordedEvent, SledProjection, SledStore, SledStoreConfig, StreamId, Typed, TypedProjection,
 };
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,10 +67,6 @@ struct RevenueModel;
 const REVENUE: &str = "rebuild-revenue";
 const ORDERS: &str = "rebuild-orders";
 
-fn read_u64(value: Option<sled::IVec>) -> u64 {
-    value.map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()))
-}
-
 impl SledProjection for RevenueModel {
     fn trees(&self) -> Vec<String> {
         vec![REVENUE.into(), ORDERS.into()]
@@ -80,25 +75,20 @@ impl SledProjection for RevenueModel {
     fn handle(
         &mut self,
         event: &RecordedEvent,
-        batch: &mut ReadModelBatch<'_>,
+        batch: &mut ReadModelBatch,
         _: &ProjectionContext,
     ) -> Result<(), ProjectionError> {
         let order = event.stream_id.as_str();
         match annals::decode_event::<OrderEvent>(event)? {
             OrderEvent::OrderPlaced { customer, amount } => {
-                let total = read_u64(batch.get(REVENUE, &customer)?);
-                batch.insert(REVENUE, &customer, &(total + amount).to_be_bytes()[..])?;
-                let mut record = amount.to_be_bytes().to_vec();
-                record.extend_from_slice(customer.as_bytes());
-                batch.insert(ORDERS, order, record)?;
+                batch.update::<u64>(REVENUE, &customer, |total| total + amount)?;
+                batch.put(ORDERS, order, &(amount, customer))?;
             }
             OrderEvent::OrderCancelled => {
                 // Cancelled orders earn nothing: take the amount back out.
-                let record = batch.get(ORDERS, order)?.expect("placed before cancelled");
-                let amount = u64::from_be_bytes(record[..8].try_into().unwrap());
-                let customer = &record[8..];
-                let total = read_u64(batch.get(REVENUE, customer)?);
-                batch.insert(REVENUE, customer, &(total - amount).to_be_bytes()[..])?;
+                let (amount, customer): (u64, String) =
+                    batch.get(ORDERS, order)?.expect("placed before cancelled");
+                batch.update::<u64>(REVENUE, &customer, |total| total - amount)?;
                 batch.remove(ORDERS, order)?;
             }
         }
@@ -108,14 +98,11 @@ impl SledProjection for RevenueModel {
 
 fn dump(store: &SledStore, tree: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
     store
-        .database()
-        .open_tree(tree)
+        .read_model::<[u8], ()>(tree)
         .unwrap()
-        .iter()
-        .map(|entry| {
-            let (key, value) = entry.unwrap();
-            (key.to_vec(), value.to_vec())
-        })
+        .iter_raw()
+        .unwrap()
+        .into_iter()
         .collect()
 }
 
@@ -155,7 +142,6 @@ struct TypedRevenue {
     orders: Arc<Mutex<BTreeMap<String, (String, u64)>>>,
 }
 
-#[async_trait]
 impl TypedProjection for TypedRevenue {
     type Event = OrderEvent;
 

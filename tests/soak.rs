@@ -23,7 +23,6 @@ use annals::{
     ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle, ReadDirection,
     RecordedEvent, Runtime, RuntimeConfig, SledStore, SledStoreConfig, StreamId, Version,
 };
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -68,7 +67,6 @@ struct Sum {
     events: Arc<AtomicU64>,
 }
 
-#[async_trait]
 impl Projection for Sum {
     async fn handle(
         &mut self,

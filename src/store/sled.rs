@@ -558,13 +558,6 @@ impl SledStore {
         &self.db
     }
 
-    /// The `checkpoints` tree (name -> big-endian u64 position), so that a
-    /// sled read model can commit its checkpoint in the same transaction as
-    /// its writes.
-    pub(crate) fn checkpoint_tree(&self) -> &sled::Tree {
-        &self.checkpoints
-    }
-
     /// Makes everything written to the database so far durable, under the
     /// store's durability; shares a group commit with concurrent appends.
     ///
@@ -626,6 +619,18 @@ impl SledStore {
             Some(bytes) => decoder.decode(position, &bytes, &EventFilter::All),
             None => Ok(None),
         }
+    }
+
+    /// Opens (creating it if missing) the tree `name` of the store's
+    /// database. Any tree, the store's own included: callers check names.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] after shutdown; sled's.
+    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        if self.sender.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        Ok(self.db.open_tree(name)?)
     }
 }
 
