@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annals::{
-    encode_event, Aggregate, CommandError, DomainEvent,
-    EventFilter, EventStore, ExpectedVersion, NewEvent, ProjectionConfig, ProjectionContext,
-    ProjectionError, ProjectionHandle, ProjectionStatus, ReadModelBatch, RecordedEvent, Runtime,
-    RuntimeConfig, SledStore, StreamId, Typed, TypedSledProjection,
+    encode_event, Aggregate, CommandError, DomainEvent, EventFilter, EventStore, ExpectedVersion,
+    NewEvent, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
+    ProjectionStatus, ReadModelBatch, RecordedEvent, Runtime, RuntimeConfig, SledStore, StreamId,
+    Typed, TypedSledProjection,
 };
 use serde::{Deserialize, Serialize};
 
@@ -313,9 +313,7 @@ impl TypedSledProjection for RevenuePerCustomer {
             }
             OrderEvent::OrderShipped => {
                 let order = unshipped(batch, id)?;
-                batch.update::<u64>(REVENUE, &order.customer, |cents| {
-                    cents + order.total_cents
-                })?;
+                batch.update::<u64>(REVENUE, &order.customer, |cents| cents + order.total_cents)?;
                 // Shipped orders are done: the tree holds only orders on
                 // their way, not every order ever placed.
                 batch.remove(UNSHIPPED, id)
@@ -345,8 +343,16 @@ struct ReadModels {
 impl ReadModels {
     fn read(store: &SledStore) -> Result<Self, annals::ReadModelError> {
         Ok(Self {
-            statuses: store.read_model(ORDER_STATUS)?.iter()?.into_iter().collect(),
-            status_counts: store.read_model(STATUS_COUNTS)?.iter()?.into_iter().collect(),
+            statuses: store
+                .read_model(ORDER_STATUS)?
+                .iter()?
+                .into_iter()
+                .collect(),
+            status_counts: store
+                .read_model(STATUS_COUNTS)?
+                .iter()?
+                .into_iter()
+                .collect(),
             revenue: store.read_model(REVENUE)?.iter()?.into_iter().collect(),
         })
     }
@@ -508,7 +514,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let orders_only = EventFilter::Category(Order::CATEGORY.to_owned());
     let by_status = ProjectionHandle::spawn_sled(
         store.clone(),
-        ProjectionConfig::new("orders-by-status").filter(orders_only.clone()),
+        ProjectionConfig::builder("orders-by-status")
+            .filter(orders_only.clone())
+            .build()?,
         Typed(OrdersByStatus),
     )
     .await?;
@@ -553,7 +561,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let catch_up_started = Instant::now();
     let revenue = ProjectionHandle::spawn_sled(
         store.clone(),
-        ProjectionConfig::new("revenue-per-customer").filter(orders_only),
+        ProjectionConfig::builder("revenue-per-customer")
+            .filter(orders_only)
+            .build()?,
         Typed(RevenuePerCustomer),
     )
     .await?;

@@ -120,7 +120,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let plain = ProjectionHandle::spawn(
         store.clone(),
-        ProjectionConfig::new("rates-plain"),
+        ProjectionConfig::builder("rates-plain").build()?,
         Counter(HashMap::new()),
     )
     .await?;
@@ -131,7 +131,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let sled = ProjectionHandle::spawn_sled(
         Arc::clone(&store),
-        ProjectionConfig::new("rates-sled"),
+        ProjectionConfig::builder("rates-sled").build()?,
         SledCounter,
     )
     .await?;
@@ -148,7 +148,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stamps = Arc::new(Mutex::new(Vec::with_capacity(LIVE_EVENTS)));
     let live = ProjectionHandle::spawn(
         store.clone(),
-        ProjectionConfig::new("rates-live"),
+        ProjectionConfig::builder("rates-live").build()?,
         Stamper(Arc::clone(&stamps)),
     )
     .await?;

@@ -114,10 +114,10 @@ pub use crate::event::{
 };
 pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore};
 pub use crate::projection::{
-    subscribe, FailurePolicy, Projection, ProjectionConfig, ProjectionContext, ProjectionFailure,
-    ProjectionHandle, ProjectionState, ProjectionStatus, ReadModel, ReadModelBatch, ReadModelView,
-    SkippedEvent, SledProjection, Subscription, Typed, TypedProjection, TypedSledProjection,
-    DEFAULT_PAGE_SIZE,
+    subscribe, FailurePolicy, Projection, ProjectionConfig, ProjectionConfigBuilder,
+    ProjectionContext, ProjectionFailure, ProjectionHandle, ProjectionState, ProjectionStatus,
+    ReadModel, ReadModelBatch, ReadModelView, SkippedEvent, SledProjection, Subscription, Typed,
+    TypedProjection, TypedSledProjection, DEFAULT_PAGE_SIZE,
 };
 pub use crate::runtime::{Aggregates, CommandContext, Executed, Runtime, RuntimeConfig};
 pub use crate::store::memory::MemoryStore;

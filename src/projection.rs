@@ -145,7 +145,8 @@ pub trait ReadModel<S: ReadModelStore>: Send + 'static {
         async move {
             for (index, event) in events.iter().enumerate() {
                 let attempt = if index == 0 { context.attempt } else { 1 };
-                let context = ProjectionContext::new(Arc::clone(&context.name), event.position, attempt);
+                let context =
+                    ProjectionContext::new(Arc::clone(&context.name), event.position, attempt);
                 self.handle(event, transaction, &context).await?;
             }
             Ok(())
@@ -229,10 +230,10 @@ impl Default for FailurePolicy {
     }
 }
 
-/// How to run a projection: built with [`ProjectionConfig::new`] and the
-/// builder methods, read with the accessors. The settings are checked when
-/// the projection is spawned ([`ProjectionConfig::validate`]), so a bad one is
-/// a typed error rather than a silent correction.
+/// How to run a projection, built with [`ProjectionConfig::builder`] and
+/// checked by [`ProjectionConfigBuilder::build`]: a setting out of range is
+/// a typed error there, never silently corrected. Read with the getters,
+/// named like the builder's setters.
 #[derive(Debug, Clone)]
 pub struct ProjectionConfig {
     pub(crate) name: String,
@@ -244,51 +245,28 @@ pub struct ProjectionConfig {
     pub(crate) max_recorded_skips: usize,
 }
 
+/// Builds a [`ProjectionConfig`]; every setting starts at its default.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct ProjectionConfigBuilder {
+    config: ProjectionConfig,
+}
+
 impl ProjectionConfig {
-    /// The defaults, for the projection (and checkpoint) named `name`.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            filter: EventFilter::All,
-            failure_policy: FailurePolicy::default(),
-            checkpoint_every_events: 1000,
-            checkpoint_interval: Duration::from_secs(1),
-            batch_size: 256,
-            max_recorded_skips: 100,
+    /// A builder with the defaults, for the projection (and checkpoint)
+    /// named `name`.
+    pub fn builder(name: impl Into<String>) -> ProjectionConfigBuilder {
+        ProjectionConfigBuilder {
+            config: Self {
+                name: name.into(),
+                filter: EventFilter::All,
+                failure_policy: FailurePolicy::default(),
+                checkpoint_every_events: 1000,
+                checkpoint_interval: Duration::from_secs(1),
+                batch_size: 256,
+                max_recorded_skips: 100,
+            },
         }
-    }
-
-    /// Sets the filter.
-    pub fn filter(mut self, filter: EventFilter) -> Self {
-        self.filter = filter;
-        self
-    }
-
-    /// Sets the failure policy.
-    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
-        self.failure_policy = policy;
-        self
-    }
-
-    /// Sets how often the checkpoint is saved: after `events` handled events
-    /// (at least 1) or `interval` with progress, whichever comes first.
-    pub fn checkpoint_every(mut self, events: u64, interval: Duration) -> Self {
-        self.checkpoint_every_events = events;
-        self.checkpoint_interval = interval;
-        self
-    }
-
-    /// Sets the most events handled in one go (at least 1).
-    pub fn batch_size(mut self, events: usize) -> Self {
-        self.batch_size = events;
-        self
-    }
-
-    /// Sets how many skipped events the status lists (0: none, only the
-    /// count).
-    pub fn max_recorded_skips(mut self, events: usize) -> Self {
-        self.max_recorded_skips = events;
-        self
     }
 
     /// The projection's name, also the name of its checkpoint. One running
@@ -298,47 +276,37 @@ impl ProjectionConfig {
     }
 
     /// Which events it handles. Default: all.
-    pub fn event_filter(&self) -> &EventFilter {
+    pub fn filter(&self) -> &EventFilter {
         &self.filter
     }
 
     /// What to do when the handler fails. Default: retry 5 times from 100 ms.
-    pub fn policy(&self) -> FailurePolicy {
+    pub fn failure_policy(&self) -> FailurePolicy {
         self.failure_policy
     }
 
-    /// Save the checkpoint after this many handled events. Default 1000. The
-    /// handling goes on while the store makes a save durable; a save that
-    /// comes due meanwhile starts after it.
-    pub fn checkpoint_every_events(&self) -> u64 {
-        self.checkpoint_every_events
+    /// When the checkpoint is saved: after this many handled events
+    /// (default 1000), or when this much time passed since the last save
+    /// with progress since (default 1 s). The handling goes on while the
+    /// store makes a save durable; a save that comes due meanwhile starts
+    /// after it.
+    pub fn checkpoint_every(&self) -> (u64, Duration) {
+        (self.checkpoint_every_events, self.checkpoint_interval)
     }
 
-    /// ... or when this much time passed since the last save with progress
-    /// since. Default 1 s.
-    pub fn checkpoint_interval(&self) -> Duration {
-        self.checkpoint_interval
-    }
-
-    /// The most events handled in one go (one sled transaction for a
-    /// [`SledProjection`]). Default 256.
-    pub fn events_per_batch(&self) -> usize {
+    /// The most events handled in one go (one read-model transaction for a
+    /// [`ReadModel`], one [`ReadModel::handle_batch`] call). Default 256.
+    pub fn batch_size(&self) -> usize {
         self.batch_size
     }
 
     /// How many skipped events the status lists (the newest). Default 100.
-    pub fn recorded_skips(&self) -> usize {
+    pub fn max_recorded_skips(&self) -> usize {
         self.max_recorded_skips
     }
 
-    /// Checks the settings; [`ProjectionHandle::spawn`] and
-    /// [`ProjectionHandle::spawn_sled`] call it first.
-    ///
-    /// # Errors
-    /// [`InvalidInput`] for a name the checkpoints cannot hold, or a setting
-    /// below its minimum: `checkpoint_every_events`, `batch_size` and a
-    /// retry's `max_attempts` must be at least 1.
-    pub fn validate(&self) -> Result<(), InvalidInput> {
+    /// Checks the settings.
+    fn validate(&self) -> Result<(), InvalidInput> {
         crate::store::validate_checkpoint_name(&self.name)?;
         use crate::error::at_least_one;
         at_least_one("checkpoint_every_events", self.checkpoint_every_events)?;
@@ -347,6 +315,52 @@ impl ProjectionConfig {
             at_least_one("max_attempts", u64::from(max_attempts))?;
         }
         Ok(())
+    }
+}
+
+impl ProjectionConfigBuilder {
+    /// Sets the filter.
+    pub fn filter(mut self, filter: EventFilter) -> Self {
+        self.config.filter = filter;
+        self
+    }
+
+    /// Sets the failure policy.
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.config.failure_policy = policy;
+        self
+    }
+
+    /// Sets how often the checkpoint is saved: after `events` handled events
+    /// (at least 1) or `interval` with progress, whichever comes first.
+    pub fn checkpoint_every(mut self, events: u64, interval: Duration) -> Self {
+        self.config.checkpoint_every_events = events;
+        self.config.checkpoint_interval = interval;
+        self
+    }
+
+    /// Sets the most events handled in one go (at least 1).
+    pub fn batch_size(mut self, events: usize) -> Self {
+        self.config.batch_size = events;
+        self
+    }
+
+    /// Sets how many skipped events the status lists (0: none, only the
+    /// count).
+    pub fn max_recorded_skips(mut self, events: usize) -> Self {
+        self.config.max_recorded_skips = events;
+        self
+    }
+
+    /// Checks the settings and returns the configuration.
+    ///
+    /// # Errors
+    /// [`InvalidInput`] for a name the checkpoints cannot hold, or a setting
+    /// below its minimum: the events of `checkpoint_every`, `batch_size` and
+    /// a retry's `max_attempts` must be at least 1.
+    pub fn build(self) -> Result<ProjectionConfig, InvalidInput> {
+        self.config.validate()?;
+        Ok(self.config)
     }
 }
 
@@ -430,7 +444,7 @@ pub struct ProjectionStatus {
     /// Events skipped under [`FailurePolicy::SkipAndRecord`] since start.
     pub skipped_total: u64,
     /// The newest skipped events, at most
-    /// [`ProjectionConfig::recorded_skips`], oldest first.
+    /// [`ProjectionConfig::max_recorded_skips`], oldest first.
     pub skipped: Vec<SkippedEvent>,
 }
 

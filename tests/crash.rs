@@ -339,9 +339,11 @@ fn crash_child() {
 
         let projection = ProjectionHandle::spawn_sled(
             Arc::clone(&store),
-            ProjectionConfig::new(PROJECTION)
+            ProjectionConfig::builder(PROJECTION)
                 .checkpoint_every(32, Duration::from_millis(5))
-                .batch_size(16),
+                .batch_size(16)
+                .build()
+                .unwrap(),
             LedgerProjection,
         )
         .await

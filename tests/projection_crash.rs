@@ -66,9 +66,11 @@ fn open(path: &Path) -> Arc<SledStore> {
 }
 
 fn config() -> ProjectionConfig {
-    ProjectionConfig::new(NAME)
+    ProjectionConfig::builder(NAME)
         .checkpoint_every(64, Duration::from_millis(20))
         .batch_size(32)
+        .build()
+        .unwrap()
 }
 
 /// The child: appends from a few tasks and runs the projection until killed.

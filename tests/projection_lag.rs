@@ -136,9 +136,9 @@ async fn slow_and_stuck_projections_never_hold_up_appends_or_each_other() {
             delay,
             gate,
         };
-        let config = ProjectionConfig::new(name).batch_size(16);
+        let config = ProjectionConfig::builder(name).batch_size(16);
         async move {
-            let handle = ProjectionHandle::spawn(store, config, projection)
+            let handle = ProjectionHandle::spawn(store, config.build().unwrap(), projection)
                 .await
                 .unwrap();
             (handle, seen)

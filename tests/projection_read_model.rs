@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use annals::{
     Durability, EventStore, ExpectedVersion, FailurePolicy, InvalidInput, NewEvent, Position,
-    ProjectionConfig, ProjectionContext, ProjectionControlError, ProjectionError,
-    ProjectionHandle, ProjectionState, ReadModelBatch, ReadModelError, ReadModelStore,
-    RecordedEvent, SledProjection, SledStore, SledStoreConfig, StoreError, StreamId,
+    ProjectionConfig, ProjectionContext, ProjectionControlError, ProjectionError, ProjectionHandle,
+    ProjectionState, ReadModelBatch, ReadModelError, ReadModelStore, RecordedEvent, SledProjection,
+    SledStore, SledStoreConfig, StoreError, StreamId,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -54,11 +54,28 @@ async fn typed_values_round_trip_through_a_batch_and_a_view() {
                 .unwrap();
         }
     }
-    assert_eq!(batch.update::<u64>("rm-customers", "count", |n| n + 1).unwrap(), 1);
-    assert_eq!(batch.update::<u64>("rm-customers", "count", |n| n + 5).unwrap(), 6);
-    batch.put("rm-by-day", &(99i64, "gone".to_owned()), &0i64).unwrap();
-    batch.remove("rm-by-day", &(99i64, "gone".to_owned())).unwrap();
-    store.commit(batch, "typed", None, Position(1)).await.unwrap();
+    assert_eq!(
+        batch
+            .update::<u64>("rm-customers", "count", |n| n + 1)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        batch
+            .update::<u64>("rm-customers", "count", |n| n + 5)
+            .unwrap(),
+        6
+    );
+    batch
+        .put("rm-by-day", &(99i64, "gone".to_owned()), &0i64)
+        .unwrap();
+    batch
+        .remove("rm-by-day", &(99i64, "gone".to_owned()))
+        .unwrap();
+    store
+        .commit(batch, "typed", None, Position(1))
+        .await
+        .unwrap();
 
     let customers = store.read_model::<Uuid, Customer>("rm-customers").unwrap();
     assert_eq!(customers.get(&id).unwrap(), Some(alice));
@@ -104,11 +121,19 @@ async fn typed_values_round_trip_through_a_batch_and_a_view() {
 #[tokio::test]
 async fn a_reader_cannot_open_the_stores_trees() {
     let (_dir, store) = open();
-    for tree in ["log", "checkpoints", "snapshots", "logbook", "__sled__default"] {
+    for tree in [
+        "log",
+        "checkpoints",
+        "snapshots",
+        "logbook",
+        "__sled__default",
+    ] {
         assert!(
             matches!(
                 store.read_model::<str, u64>(tree),
-                Err(ReadModelError::InvalidInput(InvalidInput::ReservedName { .. }))
+                Err(ReadModelError::InvalidInput(
+                    InvalidInput::ReservedName { .. }
+                ))
             ),
             "{tree} must be refused"
         );
@@ -144,7 +169,10 @@ async fn a_commit_from_a_stale_checkpoint_is_refused_and_writes_nothing() {
     let trees = vec!["rm-fenced".to_owned()];
     let mut first = store.begin("fenced", &trees).await.unwrap();
     first.put("rm-fenced", "a", &1u64).unwrap();
-    store.commit(first, "fenced", None, Position(5)).await.unwrap();
+    store
+        .commit(first, "fenced", None, Position(5))
+        .await
+        .unwrap();
 
     // A runner that still believes there is no checkpoint (it lost its
     // lease to the one above).
@@ -214,7 +242,11 @@ async fn append(store: &SledStore, stream: &str, count: usize) -> Position {
         .map(|_| NewEvent::new("Happened", Vec::new()))
         .collect();
     store
-        .append(&StreamId::new(stream).unwrap(), ExpectedVersion::Any, events)
+        .append(
+            &StreamId::new(stream).unwrap(),
+            ExpectedVersion::Any,
+            events,
+        )
         .await
         .unwrap()
         .last_position
@@ -224,8 +256,8 @@ async fn append(store: &SledStore, stream: &str, count: usize) -> Position {
 async fn a_projection_whose_checkpoint_was_moved_stops_and_writes_nothing() {
     let (_dir, store) = open();
     let first = append(&store, "order-1", 10).await;
-    let config = ProjectionConfig::new("counts").checkpoint_every(1, Duration::from_millis(1));
-    let handle = ProjectionHandle::spawn_sled(Arc::clone(&store), config, Counts)
+    let config = ProjectionConfig::builder("counts").checkpoint_every(1, Duration::from_millis(1));
+    let handle = ProjectionHandle::spawn_sled(Arc::clone(&store), config.build().unwrap(), Counts)
         .await
         .unwrap();
     handle.wait_for(first, WAIT).await.unwrap();
@@ -241,7 +273,10 @@ async fn a_projection_whose_checkpoint_was_moved_stops_and_writes_nothing() {
         })
     ));
     let status = handle.status();
-    let error = status.last_error.expect("the failure is in the status").error;
+    let error = status
+        .last_error
+        .expect("the failure is in the status")
+        .error;
     assert!(error.contains("another runner moved it"), "{error}");
     let counts = store.read_model::<str, u64>("rm-counts").unwrap();
     assert_eq!(counts.get("order-1").unwrap(), Some(10));
@@ -263,7 +298,11 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn record(&self, event: &RecordedEvent, batch: &mut ReadModelBatch) -> Result<(), ProjectionError> {
+    fn record(
+        &self,
+        event: &RecordedEvent,
+        batch: &mut ReadModelBatch,
+    ) -> Result<(), ProjectionError> {
         if event.event_type == "Bad" {
             return Err(ProjectionError::handler("bad event"));
         }
@@ -308,7 +347,9 @@ impl SledProjection for Recorder {
         calls.1.extend(events.iter().map(|event| event.position));
         drop(calls);
         assert_eq!(context.position(), events.last().unwrap().position);
-        events.iter().try_for_each(|event| self.record(event, batch))
+        events
+            .iter()
+            .try_for_each(|event| self.record(event, batch))
     }
 }
 
@@ -321,7 +362,11 @@ async fn a_batch_handler_sees_the_same_events_as_a_per_event_one() {
         if round % 9 == 4 {
             let bad = vec![NewEvent::new("Bad", Vec::new())];
             store
-                .append(&StreamId::new("order-bad").unwrap(), ExpectedVersion::Any, bad)
+                .append(
+                    &StreamId::new("order-bad").unwrap(),
+                    ExpectedVersion::Any,
+                    bad,
+                )
                 .await
                 .unwrap();
         }
@@ -334,13 +379,17 @@ async fn a_batch_handler_sees_the_same_events_as_a_per_event_one() {
             batched,
             calls: Arc::default(),
         };
-        let config = ProjectionConfig::new(name)
+        let config = ProjectionConfig::builder(name)
             .batch_size(16)
             .failure_policy(FailurePolicy::SkipAndRecord);
         handles.push(
-            ProjectionHandle::spawn_sled(Arc::clone(&store), config, recorder.clone())
-                .await
-                .unwrap(),
+            ProjectionHandle::spawn_sled(
+                Arc::clone(&store),
+                config.build().unwrap(),
+                recorder.clone(),
+            )
+            .await
+            .unwrap(),
         );
         recorders.push(recorder);
     }

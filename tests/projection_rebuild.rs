@@ -110,12 +110,13 @@ fn dump(store: &SledStore, tree: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
 async fn sled_read_model_rebuilt_from_zero_is_the_same() {
     let (_dir, store) = open().await;
     let head = write_history(&store).await;
-    let config = ProjectionConfig::new("revenue")
+    let config = ProjectionConfig::builder("revenue")
         .filter(EventFilter::Category("order".into()))
         .batch_size(37);
-    let handle = ProjectionHandle::spawn_sled(Arc::clone(&store), config, RevenueModel)
-        .await
-        .unwrap();
+    let handle =
+        ProjectionHandle::spawn_sled(Arc::clone(&store), config.build().unwrap(), RevenueModel)
+            .await
+            .unwrap();
     handle.wait_for(head, WAIT).await.unwrap();
     let first = (dump(&store, REVENUE), dump(&store, ORDERS));
     assert_eq!(first.0.len(), 17, "one revenue row per customer");
@@ -180,10 +181,11 @@ async fn typed_read_model_rebuilt_from_zero_is_the_same() {
     let head = write_history(&store).await;
     let model = TypedRevenue::default();
     let config =
-        ProjectionConfig::new("typed-revenue").filter(EventFilter::Category("order".into()));
-    let handle = ProjectionHandle::spawn(store.clone(), config, Typed(model.clone()))
-        .await
-        .unwrap();
+        ProjectionConfig::builder("typed-revenue").filter(EventFilter::Category("order".into()));
+    let handle =
+        ProjectionHandle::spawn(store.clone(), config.build().unwrap(), Typed(model.clone()))
+            .await
+            .unwrap();
     handle.wait_for(head, WAIT).await.unwrap();
     let first = model.revenue.lock().unwrap().clone();
     assert_eq!(first.len(), 17);
@@ -212,12 +214,13 @@ async fn an_undecodable_event_is_a_recorded_failure_not_a_silent_skip() {
         .unwrap()
         .last_position;
     let model = TypedRevenue::default();
-    let config = ProjectionConfig::new("typed")
+    let config = ProjectionConfig::builder("typed")
         .filter(EventFilter::Category("order".into()))
         .failure_policy(annals::FailurePolicy::SkipAndRecord);
-    let handle = ProjectionHandle::spawn(store.clone(), config, Typed(model.clone()))
-        .await
-        .unwrap();
+    let handle =
+        ProjectionHandle::spawn(store.clone(), config.build().unwrap(), Typed(model.clone()))
+            .await
+            .unwrap();
     handle.wait_for(last, WAIT).await.unwrap();
     let status = handle.status();
     assert_eq!(status.skipped.len(), 1);

@@ -132,7 +132,10 @@ async fn memory_stays_flat_under_a_mixed_load() {
     let projected = Arc::new(AtomicU64::new(0));
     let projection = ProjectionHandle::spawn(
         store.clone(),
-        ProjectionConfig::new("soak-sum").checkpoint_every(500, Duration::from_millis(200)),
+        ProjectionConfig::builder("soak-sum")
+            .checkpoint_every(500, Duration::from_millis(200))
+            .build()
+            .unwrap(),
         Sum {
             events: Arc::clone(&projected),
         },

@@ -173,7 +173,7 @@ mod tests {
             .await
             .unwrap()
             .last_position;
-        let config = ProjectionConfig::new("failing")
+        let config = ProjectionConfig::builder("failing")
             .checkpoint_every(10, Duration::from_secs(3600))
             .batch_size(5);
         let gate = Arc::new(Semaphore::new(0));
@@ -181,9 +181,14 @@ mod tests {
             fail_from: Position(16),
             gate: Arc::clone(&gate),
         };
-        let handle = ProjectionHandle::start(store, config, Box::new(runner), Position::START)
-            .await
-            .unwrap();
+        let handle = ProjectionHandle::start(
+            store,
+            config.build().unwrap(),
+            Box::new(runner),
+            Position::START,
+        )
+        .await
+        .unwrap();
         // The save of position 10 is under way when the batch 16..=20 fails.
         assert!(matches!(
             handle.wait_for(last, Duration::from_secs(5)).await,

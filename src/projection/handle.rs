@@ -49,7 +49,7 @@ use crate::store::{EventStore, ReadModelStore};
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
-/// let counter = ProjectionHandle::spawn(store.clone(), ProjectionConfig::new("count"), Count(0)).await?;
+/// let counter = ProjectionHandle::spawn(store.clone(), ProjectionConfig::builder("count"), Count(0)).await?;
 /// let appended = store
 ///     .append(&StreamId::new("order-1")?, ExpectedVersion::Any, vec![NewEvent::new("OrderPlaced", vec![])])
 ///     .await?;
@@ -109,8 +109,6 @@ impl ProjectionHandle {
     /// saved checkpoint are handled again after a crash).
     ///
     /// # Errors
-    /// [`ProjectionControlError::InvalidInput`] for a bad name or setting
-    /// (see [`ProjectionConfig::validate`]),
     /// [`ProjectionControlError::Read`] when the checkpoint cannot be loaded,
     /// [`ProjectionControlError::AlreadyRunning`] when one of that name runs
     /// on this store, [`ProjectionControlError::Spawn`] when the actor cannot
@@ -121,7 +119,6 @@ impl ProjectionHandle {
         config: ProjectionConfig,
         projection: P,
     ) -> Result<Self, ProjectionControlError> {
-        config.validate()?;
         let checkpoint = store
             .load_checkpoint(&config.name)
             .await?
@@ -162,8 +159,8 @@ impl ProjectionHandle {
     /// together, and the events are applied again.
     ///
     /// # Errors
-    /// [`ProjectionControlError::InvalidInput`] for a bad name or setting
-    /// (see [`ProjectionConfig::validate`]) or a table the store refuses;
+    /// [`ProjectionControlError::InvalidInput`] for a table the store
+    /// refuses;
     /// [`ProjectionControlError::Store`] when the store cannot open the
     /// tables, [`ProjectionControlError::Read`] when the checkpoint cannot
     /// be read; [`ProjectionControlError::AlreadyRunning`] and
@@ -174,7 +171,6 @@ impl ProjectionHandle {
         config: ProjectionConfig,
         projection: P,
     ) -> Result<Self, ProjectionControlError> {
-        config.validate()?;
         let (runner, checkpoint) =
             ReadModelRunner::open(Arc::clone(&store), config.name.as_str().into(), projection)
                 .await?;

@@ -101,9 +101,11 @@ impl<S: ReadModelStore, P: ReadModel<S>> ReadModelRunner<S, P> {
                     return store_failed(error);
                 }
             }
-            let handled = CatchUnwind(pin!(self
-                .projection
-                .handle(event, &mut transaction, &context)))
+            let handled = CatchUnwind(pin!(self.projection.handle(
+                event,
+                &mut transaction,
+                &context
+            )))
             .await;
             if let Err(failure) = handler_result(handled) {
                 if let Err(error) = self.store.rollback_to_savepoint(&mut transaction).await {

@@ -98,10 +98,7 @@ impl<P: Projection> Runner for PlainRunner<P> {
         }
     }
 
-    async fn start_checkpoint(
-        &mut self,
-        position: Position,
-    ) -> Result<SaveCheckpoint, StoreError> {
+    async fn start_checkpoint(&mut self, position: Position) -> Result<SaveCheckpoint, StoreError> {
         // The store's save is one call (write and sync), so all of it runs in
         // the future. The actor starts the next save only once this one
         // completed, so saves cannot overtake each other.

@@ -225,7 +225,8 @@ pub(crate) async fn rebuild<A: Aggregate>(
 
 /// Applies one event, turning a panic into its message.
 fn apply_guarded<A: Aggregate>(aggregate: &mut A, event: &A::Event) -> Result<(), String> {
-    catch_unwind(AssertUnwindSafe(|| aggregate.apply(event))).map_err(|panic| panic_message(&*panic))
+    catch_unwind(AssertUnwindSafe(|| aggregate.apply(event)))
+        .map_err(|panic| panic_message(&*panic))
 }
 
 impl<A: Aggregate> Actor for AggregateActor<A> {
