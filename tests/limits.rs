@@ -12,9 +12,9 @@ use std::time::Duration;
 use annals::{
     Aggregate, CommandError, DomainEvent, EventStore, ExpectedVersion, FailurePolicy, InvalidInput,
     MemoryStore, NewEvent, Position, Projection, ProjectionConfig, ProjectionContext,
-    ProjectionControlError, ProjectionError, ProjectionHandle, QueryError, RecordedEvent, Runtime,
-    RuntimeConfig, SledStore, SledStoreConfig, StreamId, Version, DEFAULT_MAX_EVENT_SIZE,
-    MAX_CHECKPOINT_NAME_LEN, MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
+    ProjectionError, ProjectionHandle, QueryError, RecordedEvent, Runtime, RuntimeConfig,
+    SledStore, SledStoreConfig, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_CHECKPOINT_NAME_LEN,
+    MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
 use common::whole_log;
 use serde::{Deserialize, Serialize};

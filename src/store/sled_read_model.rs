@@ -409,7 +409,7 @@ impl<K: Key + ?Sized, V: DeserializeOwned> ReadModelView<'_, K, V> {
     ///
     /// # Errors
     /// [`ReadModelError::Store`].
-    pub fn iter_raw(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ReadModelError> {
+    pub fn iter_raw(&self) -> Entries<Vec<u8>, Vec<u8>> {
         self.open()?
             .iter()
             .map(|entry| {
