@@ -551,9 +551,10 @@ impl SledStore {
         &self.config
     }
 
-    /// The sled database, for read models that commit atomically with their
-    /// checkpoint (see [`crate::SledProjection`]). Trees whose names start with
-    /// `log`, `snapshots` or `checkpoints` belong to the store.
+    /// The raw sled database, the event log included: for the crate's own
+    /// fault and benchmark tools only, not part of the API (it goes with the
+    /// store split). Read models are read with [`SledStore::read_model`].
+    #[doc(hidden)]
     pub fn database(&self) -> &sled::Db {
         &self.db
     }
