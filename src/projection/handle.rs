@@ -49,7 +49,7 @@ use crate::store::{EventStore, ReadModelStore};
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
-/// let counter = ProjectionHandle::spawn(store.clone(), ProjectionConfig::builder("count"), Count(0)).await?;
+/// let counter = ProjectionHandle::spawn(store.clone(), ProjectionConfig::builder("count").build()?, Count(0)).await?;
 /// let appended = store
 ///     .append(&StreamId::new("order-1")?, ExpectedVersion::Any, vec![NewEvent::new("OrderPlaced", vec![])])
 ///     .await?;
