@@ -36,14 +36,12 @@ use annals::{
     Durability, EventStore, Projection, ProjectionConfig, ProjectionContext, ProjectionError,
     ProjectionHandle, RecordedEvent, SledStore, SledStoreConfig,
 };
-use async_trait::async_trait;
 
 type Result<T, E = Box<dyn Error + Send + Sync>> = std::result::Result<T, E>;
 
 /// Does nothing: what is measured is the machinery.
 struct Noop;
 
-#[async_trait]
 impl Projection for Noop {
     async fn handle(
         &mut self,
@@ -88,14 +86,19 @@ async fn catch_up(
     let head = store.head_position();
     let syncs = store.stats().durable_syncs;
     let start = Instant::now();
-    let mut config = ProjectionConfig::new(name);
+    let mut config = ProjectionConfig::builder(name);
     if let Some(events) = checkpoint_every {
         config = config.checkpoint_every(events, Duration::from_secs(3600));
     }
     let projection = if noop {
-        ProjectionHandle::spawn(store.clone(), config, Noop).await?
+        ProjectionHandle::spawn(store.clone(), config.build()?, Noop).await?
     } else {
-        ProjectionHandle::spawn(store.clone(), config, common::StreamCounts(HashMap::new())).await?
+        ProjectionHandle::spawn(
+            store.clone(),
+            config.build()?,
+            common::StreamCounts(HashMap::new()),
+        )
+        .await?
     };
     projection.wait_for(head, Duration::from_secs(600)).await?;
     let rate = head.0 as f64 / start.elapsed().as_secs_f64();

@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annals::{
-    decode_event, decode_value, encode_event, encode_value, Aggregate, CommandError, DomainEvent,
-    EventFilter, EventStore, ExpectedVersion, NewEvent, ProjectionConfig, ProjectionContext,
-    ProjectionError, ProjectionHandle, ProjectionStatus, ReadModelBatch, RecordedEvent, Runtime,
-    RuntimeConfig, SledProjection, SledStore, StreamId,
+    encode_event, Aggregate, CommandError, DomainEvent, EventFilter, EventStore, ExpectedVersion,
+    NewEvent, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
+    ProjectionStatus, ReadModelBatch, RecordedEvent, Runtime, RuntimeConfig, SledStore, StreamId,
+    Typed, TypedSledProjection,
 };
 use serde::{Deserialize, Serialize};
 
@@ -203,13 +203,13 @@ impl Aggregate for Order {
 
 /// order id -> its status (postcard).
 const ORDER_STATUS: &str = "order-status";
-/// status name -> how many orders have it (u64 big-endian; absent when 0).
+/// status name -> how many orders have it (u64; absent when 0).
 const STATUS_COUNTS: &str = "status-counts";
 /// order id -> customer and confirmed total, until the order ships or is
 /// cancelled: `OrderShipped` carries no amount, so the projection remembers
 /// it from `OrderConfirmed`.
 const UNSHIPPED: &str = "revenue-unshipped";
-/// customer -> cents of their shipped orders (u64 big-endian).
+/// customer -> cents of their shipped orders (u64).
 const REVENUE: &str = "revenue-per-customer";
 
 /// The aggregate id of an order's stream (`17` in `order-17`).
@@ -221,59 +221,54 @@ fn order_id(event: &RecordedEvent) -> &str {
         .unwrap_or(stream)
 }
 
-fn read_count(batch: &ReadModelBatch<'_>, tree: &str, key: &str) -> Result<u64, ProjectionError> {
-    match batch.get(tree, key)? {
-        None => Ok(0),
-        Some(bytes) => Ok(u64::from_be_bytes(bytes.as_ref().try_into().map_err(
-            |_| ProjectionError::handler(format!("{tree}/{key} is not a u64")),
-        )?)),
-    }
-}
-
 /// Adds `delta` to a count, removing the key when it reaches 0.
 fn add_to_count(
-    batch: &mut ReadModelBatch<'_>,
+    batch: &mut ReadModelBatch,
     tree: &str,
     key: &str,
     delta: i64,
 ) -> Result<(), ProjectionError> {
-    let count = read_count(batch, tree, key)?
+    let count = batch
+        .get::<u64>(tree, key)?
+        .unwrap_or(0)
         .checked_add_signed(delta)
         .ok_or_else(|| ProjectionError::handler(format!("{tree}/{key} would go below 0")))?;
     if count == 0 {
         batch.remove(tree, key)
     } else {
-        batch.insert(tree, key, &count.to_be_bytes()[..])
+        batch.put(tree, key, &count)
     }
 }
 
 /// Orders by status: each order's status, and how many orders have each.
 struct OrdersByStatus;
 
-impl SledProjection for OrdersByStatus {
+impl TypedSledProjection for OrdersByStatus {
+    type Event = OrderEvent;
+
     fn trees(&self) -> Vec<String> {
         vec![ORDER_STATUS.into(), STATUS_COUNTS.into()]
     }
 
     fn handle(
         &mut self,
-        event: &RecordedEvent,
-        batch: &mut ReadModelBatch<'_>,
+        event: OrderEvent,
+        recorded: &RecordedEvent,
+        batch: &mut ReadModelBatch,
         _: &ProjectionContext,
     ) -> Result<(), ProjectionError> {
-        let status = match decode_event::<OrderEvent>(event)? {
+        let status = match event {
             OrderEvent::OrderCreated { .. } => Status::Open,
             OrderEvent::OrderConfirmed { .. } => Status::Confirmed,
             OrderEvent::OrderShipped => Status::Shipped,
             OrderEvent::OrderCancelled { .. } => Status::Cancelled,
             OrderEvent::ItemAdded { .. } => return Ok(()),
         };
-        let id = order_id(event);
-        if let Some(old) = batch.get(ORDER_STATUS, id)? {
-            let old: Status = decode_value(&old)?;
+        let id = order_id(recorded);
+        if let Some(old) = batch.get::<Status>(ORDER_STATUS, id)? {
             add_to_count(batch, STATUS_COUNTS, &old.to_string(), -1)?;
         }
-        batch.insert(ORDER_STATUS, id, encode_value(&status)?)?;
+        batch.put(ORDER_STATUS, id, &status)?;
         add_to_count(batch, STATUS_COUNTS, &status.to_string(), 1)
     }
 }
@@ -288,35 +283,37 @@ struct Unshipped {
 /// Revenue per customer: the totals of their shipped orders.
 struct RevenuePerCustomer;
 
-impl SledProjection for RevenuePerCustomer {
+impl TypedSledProjection for RevenuePerCustomer {
+    type Event = OrderEvent;
+
     fn trees(&self) -> Vec<String> {
         vec![UNSHIPPED.into(), REVENUE.into()]
     }
 
     fn handle(
         &mut self,
-        event: &RecordedEvent,
-        batch: &mut ReadModelBatch<'_>,
+        event: OrderEvent,
+        recorded: &RecordedEvent,
+        batch: &mut ReadModelBatch,
         _: &ProjectionContext,
     ) -> Result<(), ProjectionError> {
-        let id = order_id(event);
-        match decode_event::<OrderEvent>(event)? {
+        let id = order_id(recorded);
+        match event {
             OrderEvent::OrderCreated { customer } => {
                 let order = Unshipped {
                     customer,
                     total_cents: 0,
                 };
-                batch.insert(UNSHIPPED, id, encode_value(&order)?)
+                batch.put(UNSHIPPED, id, &order)
             }
             OrderEvent::OrderConfirmed { total_cents } => {
                 let mut order = unshipped(batch, id)?;
                 order.total_cents = total_cents;
-                batch.insert(UNSHIPPED, id, encode_value(&order)?)
+                batch.put(UNSHIPPED, id, &order)
             }
             OrderEvent::OrderShipped => {
                 let order = unshipped(batch, id)?;
-                let revenue = read_count(batch, REVENUE, &order.customer)? + order.total_cents;
-                batch.insert(REVENUE, &order.customer, &revenue.to_be_bytes()[..])?;
+                batch.update::<u64>(REVENUE, &order.customer, |cents| cents + order.total_cents)?;
                 // Shipped orders are done: the tree holds only orders on
                 // their way, not every order ever placed.
                 batch.remove(UNSHIPPED, id)
@@ -329,22 +326,10 @@ impl SledProjection for RevenuePerCustomer {
 
 /// An order the revenue projection saw created. Missing means an event out
 /// of place: a failure for the projection's policy, never a silent 0.
-fn unshipped(batch: &ReadModelBatch<'_>, id: &str) -> Result<Unshipped, ProjectionError> {
-    let bytes = batch
+fn unshipped(batch: &ReadModelBatch, id: &str) -> Result<Unshipped, ProjectionError> {
+    batch
         .get(UNSHIPPED, id)?
-        .ok_or_else(|| ProjectionError::handler(format!("order-{id} was never created")))?;
-    Ok(decode_value(&bytes)?)
-}
-
-/// Reads a tree of big-endian u64 counts into a map.
-fn counts(db: &sled::Db, tree: &str) -> Result<BTreeMap<String, u64>, Box<dyn std::error::Error>> {
-    let mut counts = BTreeMap::new();
-    for entry in db.open_tree(tree)?.iter() {
-        let (key, value) = entry?;
-        let value: [u8; 8] = value.as_ref().try_into()?;
-        counts.insert(String::from_utf8(key.to_vec())?, u64::from_be_bytes(value));
-    }
-    Ok(counts)
+        .ok_or_else(|| ProjectionError::handler(format!("order-{id} was never created")))
 }
 
 /// The read models as committed, next to what the aggregates say.
@@ -356,16 +341,19 @@ struct ReadModels {
 }
 
 impl ReadModels {
-    fn from_database(db: &sled::Db) -> Result<Self, Box<dyn std::error::Error>> {
-        let mut statuses = BTreeMap::new();
-        for entry in db.open_tree(ORDER_STATUS)?.iter() {
-            let (key, value) = entry?;
-            statuses.insert(String::from_utf8(key.to_vec())?, decode_value(&value)?);
-        }
+    fn read(store: &SledStore) -> Result<Self, annals::ReadModelError> {
         Ok(Self {
-            statuses,
-            status_counts: counts(db, STATUS_COUNTS)?,
-            revenue: counts(db, REVENUE)?,
+            statuses: store
+                .read_model(ORDER_STATUS)?
+                .iter()?
+                .into_iter()
+                .collect(),
+            status_counts: store
+                .read_model(STATUS_COUNTS)?
+                .iter()?
+                .into_iter()
+                .collect(),
+            revenue: store.read_model(REVENUE)?.iter()?.into_iter().collect(),
         })
     }
 
@@ -526,8 +514,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let orders_only = EventFilter::Category(Order::CATEGORY.to_owned());
     let by_status = ProjectionHandle::spawn_sled(
         store.clone(),
-        ProjectionConfig::new("orders-by-status").filter(orders_only.clone()),
-        OrdersByStatus,
+        ProjectionConfig::builder("orders-by-status")
+            .filter(orders_only.clone())
+            .build()?,
+        Typed(OrdersByStatus),
     )
     .await?;
 
@@ -571,8 +561,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let catch_up_started = Instant::now();
     let revenue = ProjectionHandle::spawn_sled(
         store.clone(),
-        ProjectionConfig::new("revenue-per-customer").filter(orders_only),
-        RevenuePerCustomer,
+        ProjectionConfig::builder("revenue-per-customer")
+            .filter(orders_only)
+            .build()?,
+        Typed(RevenuePerCustomer),
     )
     .await?;
     revenue.wait_for(head, WAIT).await?;
@@ -666,7 +658,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let order = handle.state(&id).await?;
         states.insert(id, order);
     }
-    let read_models = ReadModels::from_database(store.database())?;
+    let read_models = ReadModels::read(&store)?;
     let differences = read_models.differences(&ReadModels::expected(&states));
     let projections = [by_status.status(), revenue.status()];
     // Projections first: their final checkpoint save needs the store open.

@@ -18,7 +18,6 @@ use annals::{
     ProjectionContext, ProjectionError, ProjectionHandle, ReadModelBatch, RecordedEvent,
     SledProjection, SledStore, SledStoreConfig, StreamId,
 };
-use async_trait::async_trait;
 
 const CATCHUP_EVENTS: u64 = 200_000;
 const LIVE_EVENTS: usize = 3_000;
@@ -26,7 +25,6 @@ const LIVE_EVENTS: usize = 3_000;
 /// Counts events per stream in memory.
 struct Counter(HashMap<String, u64>);
 
-#[async_trait]
 impl Projection for Counter {
     async fn handle(
         &mut self,
@@ -49,21 +47,17 @@ impl SledProjection for SledCounter {
     fn handle(
         &mut self,
         event: &RecordedEvent,
-        batch: &mut ReadModelBatch<'_>,
+        batch: &mut ReadModelBatch,
         _: &ProjectionContext,
     ) -> Result<(), ProjectionError> {
-        let stream = event.stream_id.as_str();
-        let count = batch.get("rates-counts", stream)?.map_or(0, |v| {
-            u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))
-        });
-        batch.insert("rates-counts", stream, &(count + 1).to_be_bytes()[..])
+        batch.update::<u64>("rates-counts", event.stream_id.as_str(), |count| count + 1)?;
+        Ok(())
     }
 }
 
 /// Notes when each position reached the handler.
 struct Stamper(Arc<Mutex<Vec<(Position, Instant)>>>);
 
-#[async_trait]
 impl Projection for Stamper {
     async fn handle(
         &mut self,
@@ -126,7 +120,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let plain = ProjectionHandle::spawn(
         store.clone(),
-        ProjectionConfig::new("rates-plain"),
+        ProjectionConfig::builder("rates-plain").build()?,
         Counter(HashMap::new()),
     )
     .await?;
@@ -137,7 +131,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let sled = ProjectionHandle::spawn_sled(
         Arc::clone(&store),
-        ProjectionConfig::new("rates-sled"),
+        ProjectionConfig::builder("rates-sled").build()?,
         SledCounter,
     )
     .await?;
@@ -154,7 +148,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stamps = Arc::new(Mutex::new(Vec::with_capacity(LIVE_EVENTS)));
     let live = ProjectionHandle::spawn(
         store.clone(),
-        ProjectionConfig::new("rates-live"),
+        ProjectionConfig::builder("rates-live").build()?,
         Stamper(Arc::clone(&stamps)),
     )
     .await?;

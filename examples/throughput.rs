@@ -609,7 +609,7 @@ async fn big_store(events: u64) -> Result<BigStore> {
     let start = Instant::now();
     let projection = ProjectionHandle::spawn(
         store.clone(),
-        ProjectionConfig::new("throughput-catchup"),
+        ProjectionConfig::builder("throughput-catchup").build()?,
         common::StreamCounts(HashMap::new()),
     )
     .await?;

@@ -146,6 +146,18 @@ pub enum StoreError {
     /// A name or argument was refused.
     #[error(transparent)]
     InvalidInput(#[from] InvalidInput),
+    /// A read-model commit was fenced off: the stored checkpoint was no
+    /// longer the one the committer started from (another runner moved it),
+    /// so nothing was written.
+    #[error("checkpoint {name:?} is at {found:?}, not {expected:?}: another runner moved it; nothing was written")]
+    CheckpointMoved {
+        /// The checkpoint's name.
+        name: String,
+        /// The checkpoint the commit expected (`None`: none stored).
+        expected: Option<Position>,
+        /// The checkpoint found.
+        found: Option<Position>,
+    },
 }
 
 impl Clone for StoreError {
@@ -167,6 +179,15 @@ impl Clone for StoreError {
             StoreError::Closed => StoreError::Closed,
             StoreError::Poisoned(why) => StoreError::Poisoned(why.clone()),
             StoreError::InvalidInput(e) => StoreError::InvalidInput(e.clone()),
+            StoreError::CheckpointMoved {
+                name,
+                expected,
+                found,
+            } => StoreError::CheckpointMoved {
+                name: name.clone(),
+                expected: *expected,
+                found: *found,
+            },
         }
     }
 }
@@ -213,6 +234,17 @@ impl std::fmt::Display for BackendError {
 impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.error)
+    }
+}
+
+/// The message of a caught panic (its `&str` or `String` payload).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "a panic without a message".to_owned()
     }
 }
 
@@ -556,6 +588,23 @@ pub enum ProjectionError {
     Panicked(String),
 }
 
+/// Why reading a committed read model failed (see
+/// [`SledStore::read_model`](crate::SledStore::read_model)).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadModelError {
+    /// The tree name is empty or belongs to the store (`log`, `snapshots`,
+    /// `checkpoints`, ...): readers get no access to the store's own trees.
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
+    /// A stored key or value did not decode as the requested type.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The store failed, or was shut down ([`StoreError::Closed`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 impl ProjectionError {
     /// Wraps any error (or message) of the handler's own.
     pub fn handler(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
@@ -647,6 +696,9 @@ pub enum Error {
     /// See [`ProjectionControlError`].
     #[error(transparent)]
     ProjectionControl(#[from] ProjectionControlError),
+    /// See [`ReadModelError`].
+    #[error(transparent)]
+    ReadModel(#[from] ReadModelError),
 }
 
 #[cfg(test)]

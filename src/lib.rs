@@ -105,7 +105,8 @@ pub use crate::codec::{
 };
 pub use crate::error::{
     AppendError, BackendError, CategoryError, CodecError, CommandError, Error, InvalidInput,
-    ProjectionControlError, ProjectionError, QueryError, ReadError, StoreError, SubscriptionError,
+    ProjectionControlError, ProjectionError, QueryError, ReadError, ReadModelError, StoreError,
+    SubscriptionError,
 };
 pub use crate::event::{
     AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position, ReadDirection,
@@ -114,9 +115,10 @@ pub use crate::event::{
 };
 pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore, InjectedFault};
 pub use crate::projection::{
-    subscribe, FailurePolicy, Projection, ProjectionConfig, ProjectionContext, ProjectionFailure,
-    ProjectionHandle, ProjectionState, ProjectionStatus, ReadModelBatch, SkippedEvent,
-    SledProjection, Subscription, Typed, TypedProjection, DEFAULT_PAGE_SIZE,
+    subscribe, FailurePolicy, Projection, ProjectionConfig, ProjectionConfigBuilder,
+    ProjectionContext, ProjectionFailure, ProjectionHandle, ProjectionState, ProjectionStatus,
+    ReadModel, ReadModelBatch, ReadModelView, SkippedEvent, SledProjection, Subscription, Typed,
+    TypedProjection, TypedSledProjection, DEFAULT_PAGE_SIZE,
 };
 pub use crate::runtime::{
     AggregateSettings, Aggregates, CommandContext, Executed, Runtime, RuntimeConfig,
@@ -125,7 +127,8 @@ pub use crate::runtime::{
 pub use crate::store::memory::MemoryStore;
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{
-    Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
+    Commit, EventStore, FeedError, FromKey, Key, LiveFeed, ReadModelStore, Unordered,
+    DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
 };
 // The backend SPI: what a store written outside the crate needs to keep
 // the contract of `EventStore` (the lead moves these under `annals::store`).

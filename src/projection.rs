@@ -9,20 +9,26 @@
 
 mod actor;
 mod handle;
+mod lease;
+mod read_model;
+mod runner;
 mod sled;
+mod state;
 mod subscription;
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
-
-use async_trait::async_trait;
 
 use crate::codec::{decode_event, DomainEvent};
 use crate::error::{InvalidInput, ProjectionError};
 use crate::event::{EventFilter, Position, RecordedEvent};
+use crate::store::ReadModelStore;
 
 pub use self::handle::ProjectionHandle;
-pub use self::sled::{ReadModelBatch, SledProjection};
+pub use self::sled::{SledProjection, TypedSledProjection};
 pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE};
+pub use crate::store::{ReadModelBatch, ReadModelView};
 
 /// A read model fed by the log, one raw event at a time.
 ///
@@ -31,57 +37,57 @@ pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE};
 /// one at a time. Delivery is at least once: after a crash, the events
 /// after the last saved checkpoint are handled again, so a read model kept
 /// outside the store should remember `context.position()` (or the event id)
-/// and ignore what it already applied. For exactly once, see
-/// [`SledProjection`].
-#[async_trait]
+/// and ignore what it already applied. For exactly once, see [`ReadModel`]
+/// and [`SledProjection`].
+///
+/// Implement the methods as `async fn`; the futures must be `Send`.
 pub trait Projection: Send + 'static {
     /// Applies one event. An error (or a panic) is a failure handled by the
     /// projection's [`FailurePolicy`]: retried, or skipped and recorded.
-    async fn handle(
+    fn handle(
         &mut self,
         event: &RecordedEvent,
         context: &ProjectionContext,
-    ) -> Result<(), ProjectionError>;
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
     /// Erases the read model, before a rebuild from the start of the log
     /// ([`ProjectionHandle::reset`]). The checkpoint is already back at the
     /// start when this runs, so a crash during a reset leads to a rebuild,
     /// never to a read model that misses events. Default: nothing to erase.
-    async fn reset(&mut self) -> Result<(), ProjectionError> {
-        Ok(())
+    fn reset(&mut self) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        async { Ok(()) }
     }
 }
 
 /// A projection of the typed events of one aggregate type, decoded with
 /// [`decode_event`]. Run it with [`Typed`]; give the projection a filter
 /// for the aggregate's category so that it sees only its own events.
-#[async_trait]
 pub trait TypedProjection: Send + 'static {
     /// The aggregate's event enum.
     type Event: DomainEvent;
 
     /// Applies one decoded event; `recorded` is the raw event (stream,
     /// version, position, metadata).
-    async fn handle(
+    fn handle(
         &mut self,
         event: Self::Event,
         recorded: &RecordedEvent,
         context: &ProjectionContext,
-    ) -> Result<(), ProjectionError>;
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
     /// As [`Projection::reset`].
-    async fn reset(&mut self) -> Result<(), ProjectionError> {
-        Ok(())
+    fn reset(&mut self) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        async { Ok(()) }
     }
 }
 
-/// Runs a [`TypedProjection`] as a [`Projection`]: each event is decoded
+/// Runs a [`TypedProjection`] as a [`Projection`] (or a
+/// [`TypedSledProjection`] as a [`SledProjection`]): each event is decoded
 /// first, and an event that does not decode is a failure
 /// ([`ProjectionError::Codec`]) under the failure policy, never a silent skip.
 #[derive(Debug, Clone, Default)]
 pub struct Typed<P>(pub P);
 
-#[async_trait]
 impl<P: TypedProjection> Projection for Typed<P> {
     async fn handle(
         &mut self,
@@ -97,16 +103,79 @@ impl<P: TypedProjection> Projection for Typed<P> {
     }
 }
 
+/// A read model applied exactly once by a store with the
+/// [`ReadModelStore`] capability: the handler writes into the store's open
+/// transaction (`S::Transaction`), which the runner commits together with
+/// the checkpoint, so after any crash the read model holds exactly the
+/// events up to its checkpoint. Run it with
+/// [`ProjectionHandle::spawn_read_model`]. For the sled store, implementing
+/// [`SledProjection`] is simpler.
+///
+/// Keep all of the read model's state in the store: the writes of a failed
+/// or crashed batch are thrown away, fields of `self` are not rolled back.
+pub trait ReadModel<S: ReadModelStore>: Send + 'static {
+    /// The tables (sled trees) the read model writes, passed to
+    /// [`ReadModelStore::begin`].
+    fn tables(&self) -> Vec<String>;
+
+    /// Writes one event's changes into `transaction`. An error (or a panic)
+    /// drops this event's writes and is handled by the failure policy.
+    fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        transaction: &mut S::Transaction,
+        context: &ProjectionContext,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Writes the changes of several events, in order, into one
+    /// transaction; `context` is the last event's. Override it where one
+    /// call for many events saves work. Default: [`ReadModel::handle`] per
+    /// event.
+    ///
+    /// An error (or a panic) drops the writes of the whole call; the runner
+    /// then handles the same events one at a time with
+    /// [`ReadModel::handle`], so that the events before the failing one
+    /// are applied and the failure policy sees the failing event itself.
+    fn handle_batch(
+        &mut self,
+        events: &[RecordedEvent],
+        transaction: &mut S::Transaction,
+        context: &ProjectionContext,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        async move {
+            for (index, event) in events.iter().enumerate() {
+                let attempt = if index == 0 { context.attempt } else { 1 };
+                let context =
+                    ProjectionContext::new(Arc::clone(&context.name), event.position, attempt);
+                self.handle(event, transaction, &context).await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Erases the read model through `transaction`, which is committed with
+    /// the checkpoint back at the start ([`ProjectionHandle::reset`]): a
+    /// crash leaves the old read model and checkpoint, or the empty ones.
+    ///
+    /// # Errors
+    /// An error (or a panic) fails the reset with nothing erased: the
+    /// projection goes on where it was.
+    fn reset(
+        &mut self,
+        transaction: &mut S::Transaction,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+}
+
 /// What a handler knows besides the event.
 #[derive(Debug, Clone)]
 pub struct ProjectionContext {
-    name: std::sync::Arc<str>,
+    name: Arc<str>,
     position: Position,
     attempt: u32,
 }
 
 impl ProjectionContext {
-    pub(crate) fn new(name: std::sync::Arc<str>, position: Position, attempt: u32) -> Self {
+    pub(crate) fn new(name: Arc<str>, position: Position, attempt: u32) -> Self {
         Self {
             name,
             position,
@@ -161,10 +230,10 @@ impl Default for FailurePolicy {
     }
 }
 
-/// How to run a projection: built with [`ProjectionConfig::new`] and the
-/// builder methods, read with the accessors. The settings are checked when
-/// the projection is spawned ([`ProjectionConfig::validate`]), so a bad one is
-/// a typed error rather than a silent correction.
+/// How to run a projection, built with [`ProjectionConfig::builder`] and
+/// checked by [`ProjectionConfigBuilder::build`]: a setting out of range is
+/// a typed error there, never silently corrected. Read with the getters,
+/// named like the builder's setters.
 #[derive(Debug, Clone)]
 pub struct ProjectionConfig {
     pub(crate) name: String,
@@ -176,51 +245,28 @@ pub struct ProjectionConfig {
     pub(crate) max_recorded_skips: usize,
 }
 
+/// Builds a [`ProjectionConfig`]; every setting starts at its default.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct ProjectionConfigBuilder {
+    config: ProjectionConfig,
+}
+
 impl ProjectionConfig {
-    /// The defaults, for the projection (and checkpoint) named `name`.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            filter: EventFilter::All,
-            failure_policy: FailurePolicy::default(),
-            checkpoint_every_events: 1000,
-            checkpoint_interval: Duration::from_secs(1),
-            batch_size: 256,
-            max_recorded_skips: 100,
+    /// A builder with the defaults, for the projection (and checkpoint)
+    /// named `name`.
+    pub fn builder(name: impl Into<String>) -> ProjectionConfigBuilder {
+        ProjectionConfigBuilder {
+            config: Self {
+                name: name.into(),
+                filter: EventFilter::All,
+                failure_policy: FailurePolicy::default(),
+                checkpoint_every_events: 1000,
+                checkpoint_interval: Duration::from_secs(1),
+                batch_size: 256,
+                max_recorded_skips: 100,
+            },
         }
-    }
-
-    /// Sets the filter.
-    pub fn filter(mut self, filter: EventFilter) -> Self {
-        self.filter = filter;
-        self
-    }
-
-    /// Sets the failure policy.
-    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
-        self.failure_policy = policy;
-        self
-    }
-
-    /// Sets how often the checkpoint is saved: after `events` handled events
-    /// (at least 1) or `interval` with progress, whichever comes first.
-    pub fn checkpoint_every(mut self, events: u64, interval: Duration) -> Self {
-        self.checkpoint_every_events = events;
-        self.checkpoint_interval = interval;
-        self
-    }
-
-    /// Sets the most events handled in one go (at least 1).
-    pub fn batch_size(mut self, events: usize) -> Self {
-        self.batch_size = events;
-        self
-    }
-
-    /// Sets how many skipped events the status lists (0: none, only the
-    /// count).
-    pub fn max_recorded_skips(mut self, events: usize) -> Self {
-        self.max_recorded_skips = events;
-        self
     }
 
     /// The projection's name, also the name of its checkpoint. One running
@@ -230,47 +276,37 @@ impl ProjectionConfig {
     }
 
     /// Which events it handles. Default: all.
-    pub fn event_filter(&self) -> &EventFilter {
+    pub fn filter(&self) -> &EventFilter {
         &self.filter
     }
 
     /// What to do when the handler fails. Default: retry 5 times from 100 ms.
-    pub fn policy(&self) -> FailurePolicy {
+    pub fn failure_policy(&self) -> FailurePolicy {
         self.failure_policy
     }
 
-    /// Save the checkpoint after this many handled events. Default 1000. The
-    /// handling goes on while the store makes a save durable; a save that
-    /// comes due meanwhile starts after it.
-    pub fn checkpoint_every_events(&self) -> u64 {
-        self.checkpoint_every_events
+    /// When the checkpoint is saved: after this many handled events
+    /// (default 1000), or when this much time passed since the last save
+    /// with progress since (default 1 s). The handling goes on while the
+    /// store makes a save durable; a save that comes due meanwhile starts
+    /// after it.
+    pub fn checkpoint_every(&self) -> (u64, Duration) {
+        (self.checkpoint_every_events, self.checkpoint_interval)
     }
 
-    /// ... or when this much time passed since the last save with progress
-    /// since. Default 1 s.
-    pub fn checkpoint_interval(&self) -> Duration {
-        self.checkpoint_interval
-    }
-
-    /// The most events handled in one go (one sled transaction for a
-    /// [`SledProjection`]). Default 256.
-    pub fn events_per_batch(&self) -> usize {
+    /// The most events handled in one go (one read-model transaction for a
+    /// [`ReadModel`], one [`ReadModel::handle_batch`] call). Default 256.
+    pub fn batch_size(&self) -> usize {
         self.batch_size
     }
 
     /// How many skipped events the status lists (the newest). Default 100.
-    pub fn recorded_skips(&self) -> usize {
+    pub fn max_recorded_skips(&self) -> usize {
         self.max_recorded_skips
     }
 
-    /// Checks the settings; [`ProjectionHandle::spawn`] and
-    /// [`ProjectionHandle::spawn_sled`] call it first.
-    ///
-    /// # Errors
-    /// [`InvalidInput`] for a name the checkpoints cannot hold, or a setting
-    /// below its minimum: `checkpoint_every_events`, `batch_size` and a
-    /// retry's `max_attempts` must be at least 1.
-    pub fn validate(&self) -> Result<(), InvalidInput> {
+    /// Checks the settings.
+    fn validate(&self) -> Result<(), InvalidInput> {
         crate::store::validate_checkpoint_name(&self.name)?;
         use crate::error::at_least_one;
         at_least_one("checkpoint_every_events", self.checkpoint_every_events)?;
@@ -279,6 +315,52 @@ impl ProjectionConfig {
             at_least_one("max_attempts", u64::from(max_attempts))?;
         }
         Ok(())
+    }
+}
+
+impl ProjectionConfigBuilder {
+    /// Sets the filter.
+    pub fn filter(mut self, filter: EventFilter) -> Self {
+        self.config.filter = filter;
+        self
+    }
+
+    /// Sets the failure policy.
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.config.failure_policy = policy;
+        self
+    }
+
+    /// Sets how often the checkpoint is saved: after `events` handled events
+    /// (at least 1) or `interval` with progress, whichever comes first.
+    pub fn checkpoint_every(mut self, events: u64, interval: Duration) -> Self {
+        self.config.checkpoint_every_events = events;
+        self.config.checkpoint_interval = interval;
+        self
+    }
+
+    /// Sets the most events handled in one go (at least 1).
+    pub fn batch_size(mut self, events: usize) -> Self {
+        self.config.batch_size = events;
+        self
+    }
+
+    /// Sets how many skipped events the status lists (0: none, only the
+    /// count).
+    pub fn max_recorded_skips(mut self, events: usize) -> Self {
+        self.config.max_recorded_skips = events;
+        self
+    }
+
+    /// Checks the settings and returns the configuration.
+    ///
+    /// # Errors
+    /// [`InvalidInput`] for a name the checkpoints cannot hold, or a setting
+    /// below its minimum: the events of `checkpoint_every`, `batch_size` and
+    /// a retry's `max_attempts` must be at least 1.
+    pub fn build(self) -> Result<ProjectionConfig, InvalidInput> {
+        self.config.validate()?;
+        Ok(self.config)
     }
 }
 
@@ -362,7 +444,7 @@ pub struct ProjectionStatus {
     /// Events skipped under [`FailurePolicy::SkipAndRecord`] since start.
     pub skipped_total: u64,
     /// The newest skipped events, at most
-    /// [`ProjectionConfig::recorded_skips`], oldest first.
+    /// [`ProjectionConfig::max_recorded_skips`], oldest first.
     pub skipped: Vec<SkippedEvent>,
 }
 

@@ -6,6 +6,7 @@
 //! [`MemoryStore`](crate::MemoryStore) for tests.
 
 pub(crate) mod memory;
+mod read_model;
 pub(crate) mod sled;
 
 use std::fmt;
@@ -21,6 +22,9 @@ use crate::event::{
     validate_name, AppendResult, EventFilter, ExpectedVersion, NewEvent, Position, ReadDirection,
     RecordedEvent, Snapshot, StreamId, Version,
 };
+
+pub use self::read_model::{FromKey, Key, ReadModelStore, Unordered};
+pub use self::sled::{ReadModelBatch, ReadModelView};
 
 /// The longest checkpoint name, in bytes.
 pub const MAX_CHECKPOINT_NAME_LEN: usize = 256;

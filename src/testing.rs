@@ -63,7 +63,6 @@
 //! #[derive(Debug, Default, PartialEq)]
 //! struct Revenue { cents: std::collections::BTreeMap<String, u64> }
 //!
-//! #[async_trait::async_trait]
 //! impl TypedProjection for Revenue {
 //!     type Event = OrderEvent;
 //!     async fn handle(

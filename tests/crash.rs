@@ -145,14 +145,14 @@ fn project(event: &RecordedEvent, model: &mut dyn ReadModel) {
 }
 
 /// The projection's view of the read model: a sled batch.
-struct Staged<'b, 'a> {
-    batch: &'b mut ReadModelBatch<'a>,
+struct Staged<'b> {
+    batch: &'b mut ReadModelBatch,
     error: Option<ProjectionError>,
 }
 
-impl ReadModel for Staged<'_, '_> {
+impl ReadModel for Staged<'_> {
     fn get(&mut self, tree: &'static str, key: &[u8]) -> Option<Vec<u8>> {
-        match self.batch.get(tree, key) {
+        match self.batch.get_raw(tree, key) {
             Ok(value) => value.map(|v| v.to_vec()),
             Err(error) => {
                 self.error.get_or_insert(error);
@@ -162,7 +162,7 @@ impl ReadModel for Staged<'_, '_> {
     }
 
     fn put(&mut self, tree: &'static str, key: &[u8], value: Vec<u8>) {
-        if let Err(error) = self.batch.insert(tree, key, value) {
+        if let Err(error) = self.batch.put_raw(tree, key, value) {
             self.error.get_or_insert(error);
         }
     }
@@ -191,7 +191,7 @@ impl SledProjection for LedgerProjection {
     fn handle(
         &mut self,
         event: &RecordedEvent,
-        batch: &mut ReadModelBatch<'_>,
+        batch: &mut ReadModelBatch,
         _: &ProjectionContext,
     ) -> Result<(), ProjectionError> {
         let mut staged = Staged { batch, error: None };
@@ -341,9 +341,11 @@ fn crash_child() {
 
         let projection = ProjectionHandle::spawn_sled(
             Arc::clone(&store),
-            ProjectionConfig::new(PROJECTION)
+            ProjectionConfig::builder(PROJECTION)
                 .checkpoint_every(32, Duration::from_millis(5))
-                .batch_size(16),
+                .batch_size(16)
+                .build()
+                .unwrap(),
             LedgerProjection,
         )
         .await
@@ -692,14 +694,11 @@ async fn check_read_model(store: &SledStore, all: &[RecordedEvent], findings: &m
     }
     for tree in READ_MODEL_TREES {
         let stored: BTreeMap<Vec<u8>, Vec<u8>> = store
-            .database()
-            .open_tree(tree)
+            .read_model::<[u8], ()>(tree)
             .unwrap()
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry.unwrap();
-                (key.to_vec(), value.to_vec())
-            })
+            .iter_raw()
+            .unwrap()
+            .into_iter()
             .collect();
         let expected = rebuilt.remove(tree).unwrap_or_default();
         if stored != expected {

@@ -697,7 +697,10 @@ async fn an_aggregate_recovers_events_stored_under_renamed_types() {
 
     // A second runtime (its shutdown would close the shared store) replays
     // the mixed stream to the same state.
-    let replayed = Runtime::new(store, RuntimeConfig::builder().snapshot_every(0).build().unwrap());
+    let replayed = Runtime::new(
+        store,
+        RuntimeConfig::builder().snapshot_every(0).build().unwrap(),
+    );
     let state = replayed.aggregates::<Book>().state("1").await.unwrap();
     assert_eq!(
         state,

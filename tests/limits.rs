@@ -12,11 +12,10 @@ use std::time::Duration;
 use annals::{
     Aggregate, CommandError, DomainEvent, EventStore, ExpectedVersion, FailurePolicy, InvalidInput,
     MemoryStore, NewEvent, Position, Projection, ProjectionConfig, ProjectionContext,
-    ProjectionControlError, ProjectionError, ProjectionHandle, QueryError, RecordedEvent, Runtime,
-    RuntimeConfig, SledStore, SledStoreConfig, StreamId, Version, DEFAULT_MAX_EVENT_SIZE,
-    MAX_CHECKPOINT_NAME_LEN, MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
+    ProjectionError, ProjectionHandle, QueryError, RecordedEvent, Runtime, RuntimeConfig,
+    SledStore, SledStoreConfig, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_CHECKPOINT_NAME_LEN,
+    MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
-use async_trait::async_trait;
 use common::whole_log;
 use serde::{Deserialize, Serialize};
 
@@ -373,7 +372,6 @@ async fn refusals_write_nothing_to_disk() {
 
 struct Ignore;
 
-#[async_trait]
 impl Projection for Ignore {
     async fn handle(
         &mut self,
@@ -411,25 +409,26 @@ async fn projection_names_are_checkpoint_names() {
             },
         ),
     ] {
-        let result =
-            ProjectionHandle::spawn(Arc::clone(&store), ProjectionConfig::new(name), Ignore).await;
-        expect_invalid(
-            result.map(|_| ()),
-            |e| matches!(e, ProjectionControlError::InvalidInput(found) if *found == expected),
+        assert_eq!(
+            ProjectionConfig::builder(name).build().map(|_| ()),
+            Err(expected)
         );
     }
     let longest = "p".repeat(MAX_CHECKPOINT_NAME_LEN);
-    let handle =
-        ProjectionHandle::spawn(Arc::clone(&store), ProjectionConfig::new(longest), Ignore)
-            .await
-            .expect("a name of exactly the maximum");
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        ProjectionConfig::builder(longest).build().unwrap(),
+        Ignore,
+    )
+    .await
+    .expect("a name of exactly the maximum");
     handle.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn projection_settings_below_their_minimum_are_refused() {
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
-    let config = || ProjectionConfig::new("settings");
+    let config = || ProjectionConfig::builder("settings");
     let no_tries = FailurePolicy::Retry {
         max_attempts: 0,
         backoff: Duration::from_millis(1),
@@ -447,22 +446,16 @@ async fn projection_settings_below_their_minimum_are_refused() {
             value: 0,
             min: 1,
         };
-        assert_eq!(config.validate(), Err(expected.clone()));
-        let result = ProjectionHandle::spawn(Arc::clone(&store), config, Ignore).await;
-        expect_invalid(
-            result.map(|_| ()),
-            |e| matches!(e, ProjectionControlError::InvalidInput(found) if *found == expected),
-        );
+        assert_eq!(config.build().map(|_| ()), Err(expected));
     }
     // The minimums themselves are fine.
     let config = config()
         .batch_size(1)
         .checkpoint_every(1, Duration::ZERO)
-        .max_recorded_skips(0);
-    assert_eq!(
-        (config.events_per_batch(), config.checkpoint_every_events()),
-        (1, 1)
-    );
+        .max_recorded_skips(0)
+        .build()
+        .unwrap();
+    assert_eq!((config.batch_size(), config.checkpoint_every().0), (1, 1));
     let handle = ProjectionHandle::spawn(Arc::clone(&store), config, Ignore)
         .await
         .expect("settings at their minimum");

@@ -27,7 +27,6 @@ struct Recorder {
     healed: Arc<AtomicBool>,
 }
 
-#[async_trait]
 impl Projection for Recorder {
     async fn handle(
         &mut self,
@@ -86,7 +85,7 @@ async fn wait_for_gives_read_your_writes_and_a_typed_timeout() {
     let recorder = Recorder::default();
     let handle = ProjectionHandle::spawn(
         Arc::clone(&store),
-        ProjectionConfig::new("orders"),
+        ProjectionConfig::builder("orders").build().unwrap(),
         recorder.clone(),
     )
     .await
@@ -127,7 +126,10 @@ async fn a_filtered_projection_passes_positions_it_does_not_handle() {
     let recorder = Recorder::default();
     let handle = ProjectionHandle::spawn(
         Arc::clone(&store),
-        ProjectionConfig::new("users").filter(EventFilter::Category("user".into())),
+        ProjectionConfig::builder("users")
+            .filter(EventFilter::Category("user".into()))
+            .build()
+            .unwrap(),
         recorder.clone(),
     )
     .await
@@ -147,7 +149,7 @@ async fn pause_stops_handling_and_resume_catches_up() {
     let recorder = Recorder::default();
     let handle = ProjectionHandle::spawn(
         Arc::clone(&store),
-        ProjectionConfig::new("orders"),
+        ProjectionConfig::builder("orders").build().unwrap(),
         recorder.clone(),
     )
     .await
@@ -182,13 +184,17 @@ async fn pause_stops_handling_and_resume_catches_up() {
 async fn retry_then_stop_and_report_then_resume() {
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
     let recorder = Recorder::default();
-    let config = ProjectionConfig::new("orders").failure_policy(FailurePolicy::Retry {
+    let config = ProjectionConfig::builder("orders").failure_policy(FailurePolicy::Retry {
         max_attempts: 3,
         backoff: Duration::from_millis(5),
     });
-    let handle = ProjectionHandle::spawn(Arc::clone(&store), config, recorder.clone())
-        .await
-        .unwrap();
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        config.build().unwrap(),
+        recorder.clone(),
+    )
+    .await
+    .unwrap();
     let before = append_many(&*store, 4).await;
     let poison = append(&*store, "order-9", "Poison").await.last_position;
     let after = append_many(&*store, 3).await;
@@ -233,7 +239,6 @@ async fn a_retry_that_succeeds_goes_on() {
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
     /// Fails twice, then succeeds.
     struct Flaky(Arc<AtomicU32>, Arc<Mutex<Vec<Position>>>);
-    #[async_trait]
     impl Projection for Flaky {
         async fn handle(
             &mut self,
@@ -249,13 +254,13 @@ async fn a_retry_that_succeeds_goes_on() {
     }
     let tries = Arc::new(AtomicU32::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let config = ProjectionConfig::new("flaky").failure_policy(FailurePolicy::Retry {
+    let config = ProjectionConfig::builder("flaky").failure_policy(FailurePolicy::Retry {
         max_attempts: 3,
         backoff: Duration::from_millis(5),
     });
     let handle = ProjectionHandle::spawn(
         Arc::clone(&store),
-        config,
+        config.build().unwrap(),
         Flaky(Arc::clone(&tries), Arc::clone(&seen)),
     )
     .await
@@ -283,7 +288,6 @@ async fn attempts_are_counted_per_event_not_carried_to_the_next() {
     /// Fails once on each of positions 2 and 4, and records the attempt the
     /// context reports for each failure.
     struct FailsOnceEach(Arc<Mutex<Vec<(Position, u32)>>>);
-    #[async_trait]
     impl Projection for FailsOnceEach {
         async fn handle(
             &mut self,
@@ -303,13 +307,13 @@ async fn attempts_are_counted_per_event_not_carried_to_the_next() {
     // all, so the retried batch runs on into the second failing event.
     let last = append_many(&*store, 5).await;
     let failures = Arc::new(Mutex::new(Vec::new()));
-    let config = ProjectionConfig::new("once-each").failure_policy(FailurePolicy::Retry {
+    let config = ProjectionConfig::builder("once-each").failure_policy(FailurePolicy::Retry {
         max_attempts: 2,
         backoff: Duration::from_millis(5),
     });
     let handle = ProjectionHandle::spawn(
         Arc::clone(&store),
-        config,
+        config.build().unwrap(),
         FailsOnceEach(Arc::clone(&failures)),
     )
     .await
@@ -328,10 +332,14 @@ async fn attempts_are_counted_per_event_not_carried_to_the_next() {
 async fn skip_and_record_never_skips_silently() {
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
     let recorder = Recorder::default();
-    let config = ProjectionConfig::new("orders").failure_policy(FailurePolicy::SkipAndRecord);
-    let handle = ProjectionHandle::spawn(Arc::clone(&store), config, recorder.clone())
-        .await
-        .unwrap();
+    let config = ProjectionConfig::builder("orders").failure_policy(FailurePolicy::SkipAndRecord);
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        config.build().unwrap(),
+        recorder.clone(),
+    )
+    .await
+    .unwrap();
     append_many(&*store, 2).await;
     let poison = append(&*store, "order-7", "Poison").await.last_position;
     append_many(&*store, 2).await;
@@ -364,10 +372,15 @@ async fn shutdown_saves_the_checkpoint_and_a_restart_continues_after_it() {
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
     let first = Recorder::default();
     // A checkpoint only every 1000 events or hour: only shutdown saves it.
-    let config = ProjectionConfig::new("orders").checkpoint_every(1000, Duration::from_secs(3600));
-    let handle = ProjectionHandle::spawn(Arc::clone(&store), config.clone(), first.clone())
-        .await
-        .unwrap();
+    let config =
+        ProjectionConfig::builder("orders").checkpoint_every(1000, Duration::from_secs(3600));
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        config.clone().build().unwrap(),
+        first.clone(),
+    )
+    .await
+    .unwrap();
     let middle = append_many(&*store, 10).await;
     handle.wait_for(middle, WAIT).await.unwrap();
     assert_eq!(store.load_checkpoint("orders").await.unwrap(), None);
@@ -389,9 +402,10 @@ async fn shutdown_saves_the_checkpoint_and_a_restart_continues_after_it() {
 
     let last = append_many(&*store, 10).await;
     let second = Recorder::default();
-    let handle = ProjectionHandle::spawn(Arc::clone(&store), config, second.clone())
-        .await
-        .unwrap();
+    let handle =
+        ProjectionHandle::spawn(Arc::clone(&store), config.build().unwrap(), second.clone())
+            .await
+            .unwrap();
     handle.wait_for(last, WAIT).await.unwrap();
     assert_eq!(
         second.seen(),
@@ -404,10 +418,15 @@ async fn shutdown_saves_the_checkpoint_and_a_restart_continues_after_it() {
 #[tokio::test(start_paused = true)]
 async fn the_checkpoint_is_saved_on_a_timer_when_idle() {
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
-    let config = ProjectionConfig::new("orders").checkpoint_every(1000, Duration::from_millis(500));
-    let handle = ProjectionHandle::spawn(Arc::clone(&store), config, Recorder::default())
-        .await
-        .unwrap();
+    let config =
+        ProjectionConfig::builder("orders").checkpoint_every(1000, Duration::from_millis(500));
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        config.build().unwrap(),
+        Recorder::default(),
+    )
+    .await
+    .unwrap();
     let last = append_many(&*store, 3).await;
     handle.wait_for(last, WAIT).await.unwrap();
     assert_eq!(store.load_checkpoint("orders").await.unwrap(), None);
@@ -494,13 +513,17 @@ async fn handling_goes_on_while_a_checkpoint_save_waits_for_the_store() {
     });
     let store: Arc<dyn EventStore> = slow.clone();
     let head = append_many(&*store, 100).await;
-    let config = ProjectionConfig::new("orders")
+    let config = ProjectionConfig::builder("orders")
         .checkpoint_every(10, Duration::from_secs(3600))
         .batch_size(5);
     let recorder = Recorder::default();
-    let handle = ProjectionHandle::spawn(Arc::clone(&store), config, recorder.clone())
-        .await
-        .unwrap();
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        config.build().unwrap(),
+        recorder.clone(),
+    )
+    .await
+    .unwrap();
     // A save starts after 10 events and cannot finish: the events after it
     // are handled all the same, and no second save overtakes the first.
     handle.wait_for(head, WAIT).await.unwrap();
@@ -522,7 +545,7 @@ async fn a_projection_ends_when_the_store_shuts_down() {
     let recorder = Recorder::default();
     let handle = ProjectionHandle::spawn(
         Arc::clone(&store),
-        ProjectionConfig::new("orders"),
+        ProjectionConfig::builder("orders").build().unwrap(),
         recorder.clone(),
     )
     .await
@@ -557,7 +580,7 @@ async fn a_projection_shut_down_after_a_sled_store_cannot_save_its_checkpoint() 
     let store: Arc<dyn EventStore> = Arc::new(SledStore::open(dir.path()).unwrap());
     let handle = ProjectionHandle::spawn(
         Arc::clone(&store),
-        ProjectionConfig::new("orders"),
+        ProjectionConfig::builder("orders").build().unwrap(),
         Recorder::default(),
     )
     .await
@@ -592,12 +615,16 @@ async fn a_save_under_way_when_the_store_shuts_down_reaches_the_status() {
     });
     let store: Arc<dyn EventStore> = slow.clone();
     let last = append_many(&*store, 20).await;
-    let config = ProjectionConfig::new("orders")
+    let config = ProjectionConfig::builder("orders")
         .checkpoint_every(10, Duration::from_secs(3600))
         .batch_size(5);
-    let handle = ProjectionHandle::spawn(Arc::clone(&store), config, Recorder::default())
-        .await
-        .unwrap();
+    let handle = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        config.build().unwrap(),
+        Recorder::default(),
+    )
+    .await
+    .unwrap();
     // A save of position 10 starts and waits at the gate.
     handle.wait_for(last, WAIT).await.unwrap();
     assert_eq!(slow.saves_started.load(Ordering::SeqCst), 1);
@@ -626,23 +653,37 @@ async fn a_save_under_way_when_the_store_shuts_down_reaches_the_status() {
 #[tokio::test]
 async fn one_running_projection_per_name_and_store() {
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
-    let config = ProjectionConfig::new("orders");
-    let first = ProjectionHandle::spawn(Arc::clone(&store), config.clone(), Recorder::default())
-        .await
-        .unwrap();
+    let config = ProjectionConfig::builder("orders");
+    let first = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        config.clone().build().unwrap(),
+        Recorder::default(),
+    )
+    .await
+    .unwrap();
     assert!(matches!(
-        ProjectionHandle::spawn(Arc::clone(&store), config.clone(), Recorder::default()).await,
+        ProjectionHandle::spawn(
+            Arc::clone(&store),
+            config.clone().build().unwrap(),
+            Recorder::default()
+        )
+        .await,
         Err(ProjectionControlError::AlreadyRunning { .. })
     ));
     // The same name on another store is another projection.
     let other: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
-    let elsewhere = ProjectionHandle::spawn(other, config.clone(), Recorder::default())
-        .await
-        .unwrap();
+    let elsewhere =
+        ProjectionHandle::spawn(other, config.clone().build().unwrap(), Recorder::default())
+            .await
+            .unwrap();
     first.shutdown().await.unwrap();
-    let again = ProjectionHandle::spawn(Arc::clone(&store), config, Recorder::default())
-        .await
-        .unwrap();
+    let again = ProjectionHandle::spawn(
+        Arc::clone(&store),
+        config.build().unwrap(),
+        Recorder::default(),
+    )
+    .await
+    .unwrap();
     again.shutdown().await.unwrap();
     elsewhere.shutdown().await.unwrap();
 }

@@ -14,6 +14,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use uuid::Uuid;
+
 use annals::{
     Durability, EventFilter, EventStore, ExpectedVersion, NewEvent, Position, ProjectionConfig,
     ProjectionContext, ProjectionError, ProjectionHandle, ReadDirection, ReadModelBatch,
@@ -39,25 +41,19 @@ impl SledProjection for CountingModel {
     fn handle(
         &mut self,
         event: &RecordedEvent,
-        batch: &mut ReadModelBatch<'_>,
+        batch: &mut ReadModelBatch,
         context: &ProjectionContext,
     ) -> Result<(), ProjectionError> {
-        let id = event.event_id.as_bytes();
-        let position = context.position().0.to_be_bytes();
-        if batch.contains_key(APPLIED, id)? {
-            batch.insert(DOUBLES, id, &position[..])?;
+        let id = event.event_id;
+        let position = context.position().0;
+        if batch.contains_key(APPLIED, &id)? {
+            batch.put(DOUBLES, &id, &position)?;
             return Ok(());
         }
-        batch.insert(APPLIED, id, &position[..])?;
-        let stream = event.stream_id.as_str();
-        let count = batch.get(COUNTS, stream)?.map_or(0, |v| decode(&v));
-        batch.insert(COUNTS, stream, &(count + 1).to_be_bytes()[..])?;
+        batch.put(APPLIED, &id, &position)?;
+        batch.update::<u64>(COUNTS, event.stream_id.as_str(), |count| count + 1)?;
         Ok(())
     }
-}
-
-fn decode(bytes: &[u8]) -> u64 {
-    u64::from_be_bytes(bytes.try_into().expect("8 bytes"))
 }
 
 fn open(path: &Path) -> Arc<SledStore> {
@@ -70,9 +66,11 @@ fn open(path: &Path) -> Arc<SledStore> {
 }
 
 fn config() -> ProjectionConfig {
-    ProjectionConfig::new(NAME)
+    ProjectionConfig::builder(NAME)
         .checkpoint_every(64, Duration::from_millis(20))
         .batch_size(32)
+        .build()
+        .unwrap()
 }
 
 /// The child: appends from a few tasks and runs the projection until killed.
@@ -125,19 +123,19 @@ async fn check_read_model(store: &SledStore, checkpoint: Position) {
         )
         .await
         .unwrap();
-    let db = store.database();
-    let doubles = db.open_tree(DOUBLES).unwrap();
+    let doubles = store.read_model::<Uuid, u64>(DOUBLES).unwrap();
     assert!(
-        doubles.is_empty(),
+        doubles.is_empty().unwrap(),
         "{} events were applied twice",
-        doubles.len()
+        doubles.len().unwrap()
     );
-    let applied: BTreeSet<u64> = db
-        .open_tree(APPLIED)
+    let applied: BTreeSet<u64> = store
+        .read_model::<Uuid, u64>(APPLIED)
         .unwrap()
         .iter()
-        .values()
-        .map(|v| decode(&v.unwrap()))
+        .unwrap()
+        .into_iter()
+        .map(|(_, position)| position)
         .collect();
     let expected: BTreeSet<u64> = (1..=checkpoint.0).collect();
     assert_eq!(
@@ -153,14 +151,12 @@ async fn check_read_model(store: &SledStore, checkpoint: Position) {
             .entry(event.stream_id.to_string())
             .or_default() += 1;
     }
-    let counts: BTreeMap<String, u64> = db
-        .open_tree(COUNTS)
+    let counts: BTreeMap<String, u64> = store
+        .read_model::<String, u64>(COUNTS)
         .unwrap()
         .iter()
-        .map(|entry| {
-            let (key, value) = entry.unwrap();
-            (String::from_utf8(key.to_vec()).unwrap(), decode(&value))
-        })
+        .unwrap()
+        .into_iter()
         .collect();
     assert_eq!(counts, expected_counts);
 }

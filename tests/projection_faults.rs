@@ -11,11 +11,9 @@ use annals::{
     Projection, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
     RecordedEvent, StreamId, DEFAULT_MAX_EVENT_SIZE,
 };
-use async_trait::async_trait;
 
 struct Recorder(Arc<Mutex<Vec<Position>>>);
 
-#[async_trait]
 impl Projection for Recorder {
     async fn handle(
         &mut self,
@@ -38,7 +36,7 @@ async fn failing_reads_and_checkpoint_saves_lose_and_repeat_nothing() {
     plan.seed = 42;
     let faulty = Arc::new(FaultyStore::new(Arc::clone(&inner), plan));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let config = ProjectionConfig::new("faults")
+    let config = ProjectionConfig::builder("faults")
         .checkpoint_every(20, Duration::from_millis(10))
         .batch_size(8);
     let store: Arc<dyn EventStore> = faulty.clone();
@@ -46,7 +44,7 @@ async fn failing_reads_and_checkpoint_saves_lose_and_repeat_nothing() {
         // Loading the checkpoint may fail too: that is a typed error.
         match ProjectionHandle::spawn(
             Arc::clone(&store),
-            config.clone(),
+            config.clone().build().unwrap(),
             Recorder(Arc::clone(&seen)),
         )
         .await

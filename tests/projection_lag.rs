@@ -11,7 +11,6 @@ use annals::{
     Position, Projection, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
     RecordedEvent, SledStore, SledStoreConfig, StreamId, DEFAULT_MAX_EVENT_SIZE,
 };
-use async_trait::async_trait;
 use tokio::sync::Notify;
 
 const WRITERS: usize = 4;
@@ -107,7 +106,6 @@ struct Recorder {
     gate: Option<Arc<Notify>>,
 }
 
-#[async_trait]
 impl Projection for Recorder {
     async fn handle(
         &mut self,
@@ -138,9 +136,9 @@ async fn slow_and_stuck_projections_never_hold_up_appends_or_each_other() {
             delay,
             gate,
         };
-        let config = ProjectionConfig::new(name).batch_size(16);
+        let config = ProjectionConfig::builder(name).batch_size(16);
         async move {
-            let handle = ProjectionHandle::spawn(store, config, projection)
+            let handle = ProjectionHandle::spawn(store, config.build().unwrap(), projection)
                 .await
                 .unwrap();
             (handle, seen)

@@ -10,7 +10,6 @@ use annals::{
     ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle, ReadModelBatch,
     RecordedEvent, SledProjection, SledStore, SledStoreConfig, StreamId, Typed, TypedProjection,
 };
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,10 +67,6 @@ struct RevenueModel;
 const REVENUE: &str = "rebuild-revenue";
 const ORDERS: &str = "rebuild-orders";
 
-fn read_u64(value: Option<sled::IVec>) -> u64 {
-    value.map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()))
-}
-
 impl SledProjection for RevenueModel {
     fn trees(&self) -> Vec<String> {
         vec![REVENUE.into(), ORDERS.into()]
@@ -80,25 +75,20 @@ impl SledProjection for RevenueModel {
     fn handle(
         &mut self,
         event: &RecordedEvent,
-        batch: &mut ReadModelBatch<'_>,
+        batch: &mut ReadModelBatch,
         _: &ProjectionContext,
     ) -> Result<(), ProjectionError> {
         let order = event.stream_id.as_str();
         match annals::decode_event::<OrderEvent>(event)? {
             OrderEvent::OrderPlaced { customer, amount } => {
-                let total = read_u64(batch.get(REVENUE, &customer)?);
-                batch.insert(REVENUE, &customer, &(total + amount).to_be_bytes()[..])?;
-                let mut record = amount.to_be_bytes().to_vec();
-                record.extend_from_slice(customer.as_bytes());
-                batch.insert(ORDERS, order, record)?;
+                batch.update::<u64>(REVENUE, &customer, |total| total + amount)?;
+                batch.put(ORDERS, order, &(amount, customer))?;
             }
             OrderEvent::OrderCancelled => {
                 // Cancelled orders earn nothing: take the amount back out.
-                let record = batch.get(ORDERS, order)?.expect("placed before cancelled");
-                let amount = u64::from_be_bytes(record[..8].try_into().unwrap());
-                let customer = &record[8..];
-                let total = read_u64(batch.get(REVENUE, customer)?);
-                batch.insert(REVENUE, customer, &(total - amount).to_be_bytes()[..])?;
+                let (amount, customer): (u64, String) =
+                    batch.get(ORDERS, order)?.expect("placed before cancelled");
+                batch.update::<u64>(REVENUE, &customer, |total| total - amount)?;
                 batch.remove(ORDERS, order)?;
             }
         }
@@ -108,14 +98,11 @@ impl SledProjection for RevenueModel {
 
 fn dump(store: &SledStore, tree: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
     store
-        .database()
-        .open_tree(tree)
+        .read_model::<[u8], ()>(tree)
         .unwrap()
-        .iter()
-        .map(|entry| {
-            let (key, value) = entry.unwrap();
-            (key.to_vec(), value.to_vec())
-        })
+        .iter_raw()
+        .unwrap()
+        .into_iter()
         .collect()
 }
 
@@ -123,12 +110,13 @@ fn dump(store: &SledStore, tree: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
 async fn sled_read_model_rebuilt_from_zero_is_the_same() {
     let (_dir, store) = open().await;
     let head = write_history(&store).await;
-    let config = ProjectionConfig::new("revenue")
+    let config = ProjectionConfig::builder("revenue")
         .filter(EventFilter::Category("order".into()))
         .batch_size(37);
-    let handle = ProjectionHandle::spawn_sled(Arc::clone(&store), config, RevenueModel)
-        .await
-        .unwrap();
+    let handle =
+        ProjectionHandle::spawn_sled(Arc::clone(&store), config.build().unwrap(), RevenueModel)
+            .await
+            .unwrap();
     handle.wait_for(head, WAIT).await.unwrap();
     let first = (dump(&store, REVENUE), dump(&store, ORDERS));
     assert_eq!(first.0.len(), 17, "one revenue row per customer");
@@ -155,7 +143,6 @@ struct TypedRevenue {
     orders: Arc<Mutex<BTreeMap<String, (String, u64)>>>,
 }
 
-#[async_trait]
 impl TypedProjection for TypedRevenue {
     type Event = OrderEvent;
 
@@ -194,10 +181,11 @@ async fn typed_read_model_rebuilt_from_zero_is_the_same() {
     let head = write_history(&store).await;
     let model = TypedRevenue::default();
     let config =
-        ProjectionConfig::new("typed-revenue").filter(EventFilter::Category("order".into()));
-    let handle = ProjectionHandle::spawn(store.clone(), config, Typed(model.clone()))
-        .await
-        .unwrap();
+        ProjectionConfig::builder("typed-revenue").filter(EventFilter::Category("order".into()));
+    let handle =
+        ProjectionHandle::spawn(store.clone(), config.build().unwrap(), Typed(model.clone()))
+            .await
+            .unwrap();
     handle.wait_for(head, WAIT).await.unwrap();
     let first = model.revenue.lock().unwrap().clone();
     assert_eq!(first.len(), 17);
@@ -226,12 +214,13 @@ async fn an_undecodable_event_is_a_recorded_failure_not_a_silent_skip() {
         .unwrap()
         .last_position;
     let model = TypedRevenue::default();
-    let config = ProjectionConfig::new("typed")
+    let config = ProjectionConfig::builder("typed")
         .filter(EventFilter::Category("order".into()))
         .failure_policy(annals::FailurePolicy::SkipAndRecord);
-    let handle = ProjectionHandle::spawn(store.clone(), config, Typed(model.clone()))
-        .await
-        .unwrap();
+    let handle =
+        ProjectionHandle::spawn(store.clone(), config.build().unwrap(), Typed(model.clone()))
+            .await
+            .unwrap();
     handle.wait_for(last, WAIT).await.unwrap();
     let status = handle.status();
     assert_eq!(status.skipped.len(), 1);

@@ -21,7 +21,6 @@ use serde::{Deserialize, Serialize};
 /// Counts the events it handled.
 struct Count(Arc<AtomicU64>);
 
-#[async_trait::async_trait]
 impl Projection for Count {
     async fn handle(
         &mut self,
@@ -92,7 +91,10 @@ async fn shutdown_catches_a_started_projection_up_and_checkpoints_it_before_the_
     let runtime = Runtime::open(dir.path()).unwrap();
     let counted = Arc::new(AtomicU64::new(0));
     let projection = runtime
-        .start_projection(ProjectionConfig::new("count"), Count(Arc::clone(&counted)))
+        .start_projection(
+            ProjectionConfig::builder("count").build().unwrap(),
+            Count(Arc::clone(&counted)),
+        )
         .await
         .unwrap();
     run_ledger_commands(&runtime, 16).await;
@@ -109,7 +111,10 @@ async fn shutdown_catches_a_started_projection_up_and_checkpoints_it_before_the_
     // answers the checkpoint the runtime's shutdown saved, not `Closed`.
     assert_eq!(projection.shutdown().await.unwrap(), head);
     assert!(runtime
-        .start_projection(ProjectionConfig::new("late"), Count(Arc::default()))
+        .start_projection(
+            ProjectionConfig::builder("late").build().unwrap(),
+            Count(Arc::default())
+        )
         .await
         .is_err());
     assert!(
@@ -130,7 +135,7 @@ async fn an_adopted_projection_is_stopped_before_the_store() {
     let counted = Arc::new(AtomicU64::new(0));
     let projection = annals::ProjectionHandle::spawn(
         store.clone(),
-        ProjectionConfig::new("adopted"),
+        ProjectionConfig::builder("adopted").build().unwrap(),
         Count(Arc::clone(&counted)),
     )
     .await
@@ -152,7 +157,10 @@ async fn the_directory_reopens_in_the_same_process_right_after_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = Runtime::open(dir.path()).unwrap();
     let projection = runtime
-        .start_projection(ProjectionConfig::new("count"), Count(Arc::default()))
+        .start_projection(
+            ProjectionConfig::builder("count").build().unwrap(),
+            Count(Arc::default()),
+        )
         .await
         .unwrap();
     run_ledger_commands(&runtime, 4).await;

@@ -23,7 +23,6 @@ use annals::{
     ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle, ReadDirection,
     RecordedEvent, Runtime, RuntimeConfig, SledStore, SledStoreConfig, StreamId, Version,
 };
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -68,7 +67,6 @@ struct Sum {
     events: Arc<AtomicU64>,
 }
 
-#[async_trait]
 impl Projection for Sum {
     async fn handle(
         &mut self,
@@ -136,7 +134,10 @@ async fn memory_stays_flat_under_a_mixed_load() {
     let projected = Arc::new(AtomicU64::new(0));
     let projection = ProjectionHandle::spawn(
         store.clone(),
-        ProjectionConfig::new("soak-sum").checkpoint_every(500, Duration::from_millis(200)),
+        ProjectionConfig::builder("soak-sum")
+            .checkpoint_every(500, Duration::from_millis(200))
+            .build()
+            .unwrap(),
         Sum {
             events: Arc::clone(&projected),
         },

@@ -270,7 +270,6 @@ struct Recorder {
     fail_at: Option<Position>,
 }
 
-#[async_trait::async_trait]
 impl Projection for Recorder {
     async fn handle(
         &mut self,
@@ -297,7 +296,6 @@ struct Totals {
     per_stream: BTreeMap<String, u32>,
 }
 
-#[async_trait::async_trait]
 impl TypedProjection for Totals {
     type Event = CounterEvent;
 

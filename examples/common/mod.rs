@@ -17,7 +17,6 @@ use annals::{
     Projection, ProjectionContext, ProjectionError, RecordedEvent, SledStore, SledStoreConfig,
     StreamId,
 };
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 /// A counter: the cheapest aggregate that still decides, applies and
@@ -119,7 +118,6 @@ pub(crate) fn rss_bytes() -> Option<u64> {
 /// so that a catch-up figure measures the machinery.
 pub(crate) struct StreamCounts(pub HashMap<StreamId, u64>);
 
-#[async_trait]
 impl Projection for StreamCounts {
     async fn handle(
         &mut self,

@@ -14,16 +14,18 @@ use tracing::instrument;
 
 use crate::error::{ProjectionControlError, StoreError};
 use crate::event::Position;
-use crate::projection::actor::{
-    ActorState, NameLease, PlainRunner, ProjectionActor, ProjectionMessage,
-};
-use crate::projection::sled::SledRunner;
+use crate::projection::actor::{ProjectionActor, ProjectionMessage};
+use crate::projection::lease::NameLease;
+use crate::projection::read_model::ReadModelRunner;
+use crate::projection::runner::{PlainRunner, Runner};
+use crate::projection::sled::SledReadModel;
+use crate::projection::state::ActorState;
 use crate::projection::{
-    Projection, ProjectionConfig, ProjectionFailure, ProjectionState, ProjectionStatus,
+    Projection, ProjectionConfig, ProjectionFailure, ProjectionState, ProjectionStatus, ReadModel,
     SledProjection,
 };
 use crate::store::sled::SledStore;
-use crate::store::EventStore;
+use crate::store::{EventStore, ReadModelStore};
 
 /// A cheap, cloneable handle to a running projection actor.
 ///
@@ -37,7 +39,6 @@ use crate::store::EventStore;
 ///
 /// struct Count(u64);
 ///
-/// #[async_trait::async_trait]
 /// impl Projection for Count {
 ///     async fn handle(&mut self, _: &RecordedEvent, _: &ProjectionContext) -> Result<(), ProjectionError> {
 ///         self.0 += 1;
@@ -48,7 +49,7 @@ use crate::store::EventStore;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
-/// let counter = ProjectionHandle::spawn(store.clone(), ProjectionConfig::new("count"), Count(0)).await?;
+/// let counter = ProjectionHandle::spawn(store.clone(), ProjectionConfig::builder("count").build()?, Count(0)).await?;
 /// let appended = store
 ///     .append(&StreamId::new("order-1")?, ExpectedVersion::Any, vec![NewEvent::new("OrderPlaced", vec![])])
 ///     .await?;
@@ -108,8 +109,6 @@ impl ProjectionHandle {
     /// saved checkpoint are handled again after a crash).
     ///
     /// # Errors
-    /// [`ProjectionControlError::InvalidInput`] for a bad name or setting
-    /// (see [`ProjectionConfig::validate`]),
     /// [`ProjectionControlError::Read`] when the checkpoint cannot be loaded,
     /// [`ProjectionControlError::AlreadyRunning`] when one of that name runs
     /// on this store, [`ProjectionControlError::Spawn`] when the actor cannot
@@ -120,7 +119,6 @@ impl ProjectionHandle {
         config: ProjectionConfig,
         projection: P,
     ) -> Result<Self, ProjectionControlError> {
-        config.validate()?;
         let checkpoint = store
             .load_checkpoint(&config.name)
             .await?
@@ -130,41 +128,59 @@ impl ProjectionHandle {
     }
 
     /// Starts a [`SledProjection`] whose read model lives in trees of
-    /// `store`'s sled database, after its checkpoint.
-    ///
-    /// Guarantees: each batch of events is committed to the read-model
-    /// trees in one sled transaction together with the checkpoint, so after
-    /// any crash the read model holds exactly the events up to its
-    /// checkpoint: none lost, none applied twice. Commits become durable
-    /// with the next checkpoint save (every N events or T ms, and at
-    /// shutdown); a crash before that rolls read model and checkpoint back
-    /// together, and the events are applied again.
+    /// `store`'s sled database, after its checkpoint: see
+    /// [`ProjectionHandle::spawn_read_model`], which it calls.
     ///
     /// # Errors
-    /// [`ProjectionControlError::InvalidInput`] for a bad name or setting
-    /// (see [`ProjectionConfig::validate`]) or a tree name that is empty or
-    /// reserved by the store; [`ProjectionControlError::Store`] when a tree
-    /// cannot be opened or the checkpoint cannot be read (it is read from
-    /// the sled tree directly, not through [`EventStore::load_checkpoint`],
-    /// hence not [`ProjectionControlError::Read`]);
-    /// [`ProjectionControlError::AlreadyRunning`] and
-    /// [`ProjectionControlError::Spawn`] as for [`ProjectionHandle::spawn`].
+    /// As [`ProjectionHandle::spawn_read_model`];
+    /// [`ProjectionControlError::InvalidInput`] also for a tree name that is
+    /// empty or reserved by the store.
     #[instrument(skip_all, fields(projection = %config.name))]
     pub async fn spawn_sled<P: SledProjection>(
         store: Arc<SledStore>,
         config: ProjectionConfig,
         projection: P,
     ) -> Result<Self, ProjectionControlError> {
-        config.validate()?;
+        Self::spawn_read_model(store, config, SledReadModel(projection)).await
+    }
+
+    /// Starts a [`ReadModel`] on a store with the read-model capability
+    /// ([`ReadModelStore`]), after its checkpoint.
+    ///
+    /// Guarantees: each batch of events is committed to the read model in
+    /// one store transaction together with the checkpoint, so after any
+    /// crash the read model holds exactly the events up to its checkpoint:
+    /// none lost, none applied twice. Every commit is fenced on the
+    /// checkpoint this projection last committed: if anything else moved it,
+    /// the commit writes nothing and the projection stops as failed
+    /// ([`StoreError::CheckpointMoved`]). On the sled store, commits become
+    /// durable with the next checkpoint save (every N events or T ms, and at
+    /// shutdown); a crash before that rolls read model and checkpoint back
+    /// together, and the events are applied again.
+    ///
+    /// # Errors
+    /// [`ProjectionControlError::InvalidInput`] for a table the store
+    /// refuses;
+    /// [`ProjectionControlError::Store`] when the store cannot open the
+    /// tables, [`ProjectionControlError::Read`] when the checkpoint cannot
+    /// be read; [`ProjectionControlError::AlreadyRunning`] and
+    /// [`ProjectionControlError::Spawn`] as for [`ProjectionHandle::spawn`].
+    #[instrument(skip_all, fields(projection = %config.name))]
+    pub async fn spawn_read_model<S: ReadModelStore, P: ReadModel<S>>(
+        store: Arc<S>,
+        config: ProjectionConfig,
+        projection: P,
+    ) -> Result<Self, ProjectionControlError> {
         let (runner, checkpoint) =
-            SledRunner::open(Arc::clone(&store), config.name.as_str().into(), projection)?;
+            ReadModelRunner::open(Arc::clone(&store), config.name.as_str().into(), projection)
+                .await?;
         Self::start(store, config, Box::new(runner), checkpoint).await
     }
 
     pub(crate) async fn start(
         store: Arc<dyn EventStore>,
         config: ProjectionConfig,
-        runner: Box<dyn crate::projection::actor::Runner>,
+        runner: Box<dyn Runner>,
         checkpoint: Position,
     ) -> Result<Self, ProjectionControlError> {
         let lease = NameLease::acquire(&store, &config.name)?;

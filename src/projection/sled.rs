@@ -1,30 +1,15 @@
-//! Read models kept in the store's own sled database, applied exactly once:
-//! the handler stages its writes in a [`ReadModelBatch`] (reads see the
-//! batch's own writes), and the runtime commits a whole batch of events'
-//! writes together with the checkpoint in one multi-tree sled transaction.
-//! The handler runs outside any sled lock; the transaction only copies the
-//! staged writes, so a slow handler never holds up the store's writer.
+//! Read models kept in trees of the [`SledStore`]'s database, applied
+//! exactly once: a [`SledProjection`] is a synchronous handler (sled needs no
+//! await) that stages its writes in a [`ReadModelBatch`]; it runs as a
+//! [`ReadModel`] of the sled store, through the store's read-model
+//! capability like any other.
 
-use std::collections::BTreeMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
-
-use async_trait::async_trait;
-use sled::transaction::{TransactionError, Transactional};
-use sled::IVec;
-
-use crate::error::{InvalidInput, ProjectionControlError, ProjectionError, StoreError};
-use crate::event::{Position, RecordedEvent};
-use crate::projection::actor::{panic_message, Applied, Runner, SaveCheckpoint};
-use crate::projection::ProjectionContext;
-use crate::store::sled::{sled_error, SledStore};
-
-/// Names the store keeps for its own trees; read-model trees may not start
-/// with them.
-/// The store's tree of checkpoints (name -> big-endian u64 position).
-const CHECKPOINTS: &str = "checkpoints";
-
-const RESERVED_TREE_PREFIXES: [&str; 4] = ["log", "snapshots", "checkpoints", "__sled"];
+use crate::codec::{decode_event, DomainEvent};
+use crate::error::ProjectionError;
+use crate::event::RecordedEvent;
+use crate::projection::{ProjectionContext, ReadModel, Typed};
+use crate::store::sled::SledStore;
+use crate::store::ReadModelBatch;
 
 /// A projection whose read model lives in trees of the
 /// [`SledStore`](crate::SledStore)'s database, applied exactly once.
@@ -33,9 +18,9 @@ const RESERVED_TREE_PREFIXES: [&str; 4] = ["log", "snapshots", "checkpoints", "_
 /// Keep all of the read model's state in its trees: staged writes of a
 /// failed or crashed batch are thrown away, fields of `self` are not rolled
 /// back. Nothing else may write to these trees while the projection runs.
-/// Readers open the same trees with
-/// [`SledStore::database`](crate::SledStore::database) and see every batch
-/// once it is committed (after
+/// Readers query them with
+/// [`SledStore::read_model`](crate::SledStore::read_model) and see every
+/// batch once it is committed (after
 /// [`ProjectionHandle::wait_for`](crate::ProjectionHandle::wait_for)).
 pub trait SledProjection: Send + 'static {
     /// The names of the trees the read model writes, opened (created if
@@ -52,9 +37,31 @@ pub trait SledProjection: Send + 'static {
     fn handle(
         &mut self,
         event: &RecordedEvent,
-        batch: &mut ReadModelBatch<'_>,
+        batch: &mut ReadModelBatch,
         context: &ProjectionContext,
     ) -> Result<(), ProjectionError>;
+
+    /// Stages the writes for several events, in order; `context` is the
+    /// last event's. Override it where one call for many events saves work.
+    /// Default: [`SledProjection::handle`] per event.
+    ///
+    /// # Errors
+    /// An error (or a panic) discards the writes of the whole call; the
+    /// events are then handled again one at a time with
+    /// [`SledProjection::handle`] (see [`ReadModel::handle_batch`]).
+    fn handle_batch(
+        &mut self,
+        events: &[RecordedEvent],
+        batch: &mut ReadModelBatch,
+        context: &ProjectionContext,
+    ) -> Result<(), ProjectionError> {
+        for (index, event) in events.iter().enumerate() {
+            let attempt = if index == 0 { context.attempt() } else { 1 };
+            let context = ProjectionContext::new(context.name.clone(), event.position, attempt);
+            self.handle(event, batch, &context)?;
+        }
+        Ok(())
+    }
 
     /// Called first when a reset starts, before the trees are erased, for
     /// any state kept outside them (caches). Default: nothing.
@@ -67,286 +74,106 @@ pub trait SledProjection: Send + 'static {
     }
 }
 
-/// Staged writes per tree: `Some(value)` to insert, `None` to remove.
-type Staged = Vec<BTreeMap<Vec<u8>, Option<IVec>>>;
+/// A [`SledProjection`] of the typed events of one aggregate type, decoded
+/// with [`decode_event`]. Run it as `Typed(projection)`; give the projection
+/// a filter for the aggregate's category so that it sees only its own
+/// events. An event that does not decode is a failure
+/// ([`ProjectionError::Codec`]) under the failure policy.
+pub trait TypedSledProjection: Send + 'static {
+    /// The aggregate's event enum.
+    type Event: DomainEvent;
 
-/// The read model as one event's handler sees it: the trees as committed,
-/// plus the writes staged by earlier events of the batch and by this one.
-pub struct ReadModelBatch<'a> {
-    trees: &'a [(String, sled::Tree)],
-    batch: &'a Staged,
-    event: Staged,
-}
+    /// As [`SledProjection::trees`].
+    fn trees(&self) -> Vec<String>;
 
-impl std::fmt::Debug for ReadModelBatch<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadModelBatch")
-            .field(
-                "trees",
-                &self.trees.iter().map(|(name, _)| name).collect::<Vec<_>>(),
-            )
-            .field(
-                "staged_writes",
-                &self.event.iter().map(BTreeMap::len).sum::<usize>(),
-            )
-            .finish()
-    }
-}
-
-impl ReadModelBatch<'_> {
-    fn index(&self, tree: &str) -> Result<usize, ProjectionError> {
-        self.trees
-            .iter()
-            .position(|(name, _)| name == tree)
-            .ok_or_else(|| ProjectionError::UnknownTree(tree.to_owned()))
-    }
-
-    /// The value of `key` in `tree`, including writes staged earlier in
-    /// this batch.
+    /// Stages the writes for one decoded event; `recorded` is the raw event
+    /// (stream, version, position, metadata).
     ///
     /// # Errors
-    /// [`ProjectionError::UnknownTree`], or [`ProjectionError::Store`] when
-    /// sled fails.
-    pub fn get(&self, tree: &str, key: impl AsRef<[u8]>) -> Result<Option<IVec>, ProjectionError> {
-        let index = self.index(tree)?;
-        let key = key.as_ref();
-        if let Some(staged) = self.event[index].get(key) {
-            return Ok(staged.clone());
-        }
-        if let Some(staged) = self.batch[index].get(key) {
-            return Ok(staged.clone());
-        }
-        Ok(self.trees[index].1.get(key).map_err(sled_error)?)
-    }
-
-    /// Whether `key` is in `tree`, including staged writes.
-    ///
-    /// # Errors
-    /// As [`ReadModelBatch::get`].
-    pub fn contains_key(&self, tree: &str, key: impl AsRef<[u8]>) -> Result<bool, ProjectionError> {
-        Ok(self.get(tree, key)?.is_some())
-    }
-
-    /// Stages `key = value` in `tree`; committed with the batch.
-    ///
-    /// # Errors
-    /// [`ProjectionError::UnknownTree`].
-    pub fn insert(
+    /// As [`SledProjection::handle`].
+    fn handle(
         &mut self,
-        tree: &str,
-        key: impl AsRef<[u8]>,
-        value: impl Into<IVec>,
-    ) -> Result<(), ProjectionError> {
-        let index = self.index(tree)?;
-        self.event[index].insert(key.as_ref().to_vec(), Some(value.into()));
-        Ok(())
-    }
+        event: Self::Event,
+        recorded: &RecordedEvent,
+        batch: &mut ReadModelBatch,
+        context: &ProjectionContext,
+    ) -> Result<(), ProjectionError>;
 
-    /// Stages the removal of `key` from `tree`; committed with the batch.
+    /// As [`SledProjection::reset`].
     ///
     /// # Errors
-    /// [`ProjectionError::UnknownTree`].
-    pub fn remove(&mut self, tree: &str, key: impl AsRef<[u8]>) -> Result<(), ProjectionError> {
-        let index = self.index(tree)?;
-        self.event[index].insert(key.as_ref().to_vec(), None);
+    /// As [`SledProjection::reset`].
+    fn reset(&mut self) -> Result<(), ProjectionError> {
         Ok(())
     }
 }
 
-/// Runs a [`SledProjection`].
-pub(crate) struct SledRunner<P> {
-    store: Arc<SledStore>,
-    name: Arc<str>,
-    projection: P,
-    trees: Vec<(String, sled::Tree)>,
-    /// The checkpoint as stored in the checkpoints tree (maybe not yet
-    /// durable).
-    stored: Position,
-}
-
-impl<P: SledProjection> SledRunner<P> {
-    /// Opens the projection's trees and reads its checkpoint.
-    pub(crate) fn open(
-        store: Arc<SledStore>,
-        name: Arc<str>,
-        projection: P,
-    ) -> Result<(Self, Position), ProjectionControlError> {
-        let mut trees = Vec::new();
-        for tree in projection.trees() {
-            if tree.is_empty() {
-                return Err(InvalidInput::EmptyName {
-                    what: "read-model tree name",
-                }
-                .into());
-            }
-            if RESERVED_TREE_PREFIXES
-                .iter()
-                .any(|reserved| tree.starts_with(reserved))
-            {
-                return Err(InvalidInput::ReservedName {
-                    what: "read-model tree name",
-                    name: tree,
-                }
-                .into());
-            }
-            let opened = store.tree(&tree)?;
-            trees.push((tree, opened));
-        }
-        let stored = match store
-            .tree(CHECKPOINTS)?
-            .get(name.as_bytes())
-            .map_err(sled_error)?
-        {
-            Some(bytes) => Position(u64::from_be_bytes(bytes.as_ref().try_into().map_err(
-                |_| StoreError::Corrupt(format!("checkpoint {name:?} is not 8 bytes")),
-            )?)),
-            None => Position::START,
-        };
-        let runner = Self {
-            store,
-            name,
-            projection,
-            trees,
-            stored,
-        };
-        Ok((runner, stored))
+impl<P: TypedSledProjection> SledProjection for Typed<P> {
+    fn trees(&self) -> Vec<String> {
+        self.0.trees()
     }
 
-    /// Commits the staged writes and the checkpoint in one transaction.
-    fn commit(&mut self, staged: &Staged, position: Position) -> Result<(), StoreError> {
-        let checkpoints = self.store.tree(CHECKPOINTS)?;
-        let mut trees: Vec<&sled::Tree> = self.trees.iter().map(|(_, tree)| tree).collect();
-        trees.push(&checkpoints);
-        let name = self.name.as_bytes();
-        let checkpoint = position.0.to_be_bytes();
-        // The closure may run again on a conflict, so it only copies.
-        let result: Result<(), TransactionError<()>> = trees.as_slice().transaction(|views| {
-            for (view, writes) in views.iter().zip(staged) {
-                for (key, value) in writes {
-                    match value {
-                        Some(value) => view.insert(key.as_slice(), value.clone())?,
-                        None => view.remove(key.as_slice())?,
-                    };
-                }
-            }
-            views[views.len() - 1].insert(name, &checkpoint[..])?;
-            Ok(())
-        });
-        match result {
-            Ok(()) => {
-                self.stored = position;
-                Ok(())
-            }
-            Err(TransactionError::Storage(error)) => Err(sled_error(error)),
-            Err(TransactionError::Abort(())) => Err(StoreError::Corrupt(
-                "read-model transaction aborted without a reason".to_owned(),
-            )),
-        }
+    fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        batch: &mut ReadModelBatch,
+        context: &ProjectionContext,
+    ) -> Result<(), ProjectionError> {
+        let decoded = decode_event::<P::Event>(event)?;
+        self.0.handle(decoded, event, batch, context)
+    }
+
+    fn reset(&mut self) -> Result<(), ProjectionError> {
+        self.0.reset()
     }
 }
 
-#[async_trait]
-impl<P: SledProjection> Runner for SledRunner<P> {
-    async fn apply(&mut self, events: &[RecordedEvent], attempt: u32) -> Applied {
-        let mut staged: Staged = vec![BTreeMap::new(); self.trees.len()];
-        let mut count = 0;
-        let mut error = None;
-        for (index, event) in events.iter().enumerate() {
-            let attempt = if index == 0 { attempt } else { 1 };
-            let context = ProjectionContext::new(Arc::clone(&self.name), event.position, attempt);
-            let mut batch = ReadModelBatch {
-                trees: &self.trees,
-                batch: &staged,
-                event: vec![BTreeMap::new(); self.trees.len()],
-            };
-            let projection = &mut self.projection;
-            let result = catch_unwind(AssertUnwindSafe(|| {
-                projection.handle(event, &mut batch, &context)
-            }));
-            match result {
-                Ok(Ok(())) => {
-                    let writes = std::mem::take(&mut batch.event);
-                    for (into, from) in staged.iter_mut().zip(writes) {
-                        into.extend(from);
-                    }
-                    count += 1;
-                }
-                Ok(Err(failure)) => {
-                    error = Some(failure);
-                    break;
-                }
-                Err(panic) => {
-                    error = Some(ProjectionError::Panicked(panic_message(&*panic)));
-                    break;
-                }
-            }
-        }
-        if count > 0 {
-            if let Err(failure) = self.commit(&staged, events[count - 1].position) {
-                return Applied {
-                    count: 0,
-                    error: Some(failure.into()),
-                    store_failed: true,
-                };
-            }
-        }
-        Applied {
-            count,
-            error,
-            store_failed: false,
-        }
+/// Runs a [`SledProjection`] as a [`ReadModel`] of the sled store.
+#[derive(Debug)]
+pub(crate) struct SledReadModel<P>(pub(crate) P);
+
+impl<P: SledProjection> ReadModel<SledStore> for SledReadModel<P> {
+    fn tables(&self) -> Vec<String> {
+        self.0.trees()
     }
 
-    fn start_checkpoint(&mut self, position: Position) -> Result<SaveCheckpoint, StoreError> {
-        if position != self.stored {
-            // Only progress through events that changed nothing: one key,
-            // atomic on its own.
-            self.store
-                .tree(CHECKPOINTS)?
-                .insert(self.name.as_bytes(), &position.0.to_be_bytes())
-                .map_err(sled_error)?;
-            self.stored = position;
-        }
-        let store = Arc::clone(&self.store);
-        Ok(Box::pin(async move { store.sync().await }))
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        batch: &mut ReadModelBatch,
+        context: &ProjectionContext,
+    ) -> Result<(), ProjectionError> {
+        self.0.handle(event, batch, context)
     }
 
-    async fn reset(&mut self) -> (bool, Result<(), ProjectionControlError>) {
-        // The hook first: if it fails, nothing was erased yet.
-        match catch_unwind(AssertUnwindSafe(|| self.projection.reset())) {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return (false, Err(error.into())),
-            Err(panic) => {
-                return (
-                    false,
-                    Err(ProjectionError::Panicked(panic_message(&*panic)).into()),
-                )
-            }
+    async fn handle_batch(
+        &mut self,
+        events: &[RecordedEvent],
+        batch: &mut ReadModelBatch,
+        context: &ProjectionContext,
+    ) -> Result<(), ProjectionError> {
+        self.0.handle_batch(events, batch, context)
+    }
+
+    async fn reset(&mut self, batch: &mut ReadModelBatch) -> Result<(), ProjectionError> {
+        // The hook first: if it fails, nothing is erased.
+        self.0.reset()?;
+        for tree in self.0.trees() {
+            batch.clear(&tree)?;
         }
-        // One transaction erases the read model and moves the checkpoint to
-        // the start, so a crash leaves either the old pair or the new one.
-        let mut staged: Staged = Vec::with_capacity(self.trees.len());
-        for (_, tree) in &self.trees {
-            let mut removals = BTreeMap::new();
-            for key in tree.iter().keys() {
-                match key {
-                    Ok(key) => removals.insert(key.to_vec(), None),
-                    Err(error) => return (false, Err(sled_error(error).into())),
-                };
-            }
-            staged.push(removals);
-        }
-        if let Err(error) = self.commit(&staged, Position::START) {
-            return (false, Err(error.into()));
-        }
-        (true, self.store.sync().await.map_err(Into::into))
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::event::{ExpectedVersion, NewEvent, StreamId};
+    use crate::error::{InvalidInput, ProjectionControlError};
+    use crate::event::{ExpectedVersion, NewEvent, Position, StreamId};
+    use crate::projection::read_model::ReadModelRunner;
+    use crate::projection::runner::Runner;
     use crate::store::EventStore;
 
     /// Adds 1 to a counter per event; fails (after staging a write) on
@@ -361,16 +188,15 @@ mod tests {
         fn handle(
             &mut self,
             event: &RecordedEvent,
-            batch: &mut ReadModelBatch<'_>,
+            batch: &mut ReadModelBatch,
             _: &ProjectionContext,
         ) -> Result<(), ProjectionError> {
-            let sum = batch.get("unit-sum", "sum")?.map_or(0, |v| v[0]);
-            batch.insert("unit-sum", "sum", vec![sum + 1])?;
+            batch.update::<u64>("unit-sum", "sum", |sum| sum + 1)?;
             if event.event_type == "Bad" {
                 return Err(ProjectionError::handler("bad"));
             }
             assert!(matches!(
-                batch.insert("elsewhere", "k", vec![]),
+                batch.put_raw("elsewhere", b"k", vec![]),
                 Err(ProjectionError::UnknownTree(_))
             ));
             Ok(())
@@ -400,17 +226,19 @@ mod tests {
             .await
             .unwrap();
         let (mut runner, checkpoint) =
-            SledRunner::open(Arc::clone(&store), "unit".into(), Adder).unwrap();
+            ReadModelRunner::open(Arc::clone(&store), "unit".into(), SledReadModel(Adder))
+                .await
+                .unwrap();
         assert_eq!(checkpoint, Position::START);
 
         let applied = runner.apply(&events, 1).await;
         assert_eq!(applied.count, 2);
         assert!(!applied.store_failed);
         assert!(matches!(applied.error, Some(ProjectionError::Handler(_))));
-        let tree = store.database().open_tree("unit-sum").unwrap();
+        let view = store.read_model::<str, u64>("unit-sum").unwrap();
         // Two events staged on top of each other's writes; the failed one's
         // write is gone; the checkpoint moved with the writes.
-        assert_eq!(tree.get("sum").unwrap().unwrap().as_ref(), &[2]);
+        assert_eq!(view.get("sum").unwrap(), Some(2));
         assert_eq!(
             store.load_checkpoint("unit").await.unwrap(),
             Some(Position(2))
@@ -418,7 +246,7 @@ mod tests {
 
         let (at_start, result) = runner.reset().await;
         assert!(at_start && result.is_ok());
-        assert!(tree.is_empty());
+        assert!(view.is_empty().unwrap());
         assert_eq!(
             store.load_checkpoint("unit").await.unwrap(),
             Some(Position::START)
@@ -435,7 +263,7 @@ mod tests {
             fn handle(
                 &mut self,
                 _: &RecordedEvent,
-                _: &mut ReadModelBatch<'_>,
+                _: &mut ReadModelBatch,
                 _: &ProjectionContext,
             ) -> Result<(), ProjectionError> {
                 Ok(())
@@ -444,7 +272,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SledStore::open(dir.path()).unwrap());
         assert!(matches!(
-            SledRunner::open(store, "sneaky".into(), Sneaky),
+            ReadModelRunner::open(store, "sneaky".into(), SledReadModel(Sneaky)).await,
             Err(ProjectionControlError::InvalidInput(
                 InvalidInput::ReservedName { .. }
             ))

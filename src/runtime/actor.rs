@@ -17,7 +17,7 @@ use tracing::{debug, warn, Instrument, Span};
 
 use crate::aggregate::Aggregate;
 use crate::codec::{decode_event, decode_value, encode_event, encode_value};
-use crate::error::{AppendError, CodecError, CommandError, QueryError, ReadError};
+use crate::error::{panic_message, AppendError, CodecError, CommandError, QueryError, ReadError};
 use crate::event::{ExpectedVersion, Metadata, ReadDirection, Snapshot, StreamId, Version};
 use crate::runtime::config::TypeSettings;
 use crate::runtime::registry::{Registry, Slot, SlotKey};
@@ -276,17 +276,8 @@ pub(crate) async fn rebuild<A: Aggregate>(
 
 /// Applies one event, turning a panic into its message.
 fn apply_guarded<A: Aggregate>(aggregate: &mut A, event: &A::Event) -> Result<(), String> {
-    catch_unwind(AssertUnwindSafe(|| aggregate.apply(event))).map_err(panic_message)
-}
-
-pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    match panic.downcast::<String>() {
-        Ok(message) => *message,
-        Err(panic) => match panic.downcast::<&'static str>() {
-            Ok(message) => (*message).to_owned(),
-            Err(_) => "a panic without a message".to_owned(),
-        },
-    }
+    catch_unwind(AssertUnwindSafe(|| aggregate.apply(event)))
+        .map_err(|panic| panic_message(&*panic))
 }
 
 impl<A: Aggregate> Actor for AggregateActor<A> {
@@ -605,7 +596,7 @@ impl<A: Aggregate> AggregateActor<A> {
         during: &str,
         panic: Box<dyn std::any::Any + Send>,
     ) -> CommandError<A::Error> {
-        let message = panic_message(panic);
+        let message = panic_message(&*panic);
         warn!(stream = %self.key.stream, during, panic = %message,
             "the aggregate panicked; retiring its actor");
         state.retiring = true;

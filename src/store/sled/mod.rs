@@ -8,6 +8,7 @@
 mod config;
 mod durability;
 mod format;
+mod read_model;
 mod reads;
 mod writer;
 
@@ -25,6 +26,7 @@ use tracing::debug;
 
 pub use self::config::{Durability, SledStoreConfig};
 pub use self::format::FORMAT_VERSION;
+pub use self::read_model::{ReadModelBatch, ReadModelView};
 
 use self::durability::Syncer;
 use self::format::{corrupt, decode_u64, EVENT, META_FORMAT, META_HEAD};
