@@ -135,6 +135,12 @@ pub enum StoreError {
     /// Injected by the fault-injecting test wrapper.
     #[error("injected fault: {0}")]
     Injected(&'static str),
+    /// The connection to the server was lost after the commit may have
+    /// reached it: the append may or may not be stored. Retrying it with the
+    /// same event ids is safe: a stored append is answered with its original
+    /// result, and nothing is written twice.
+    #[error("the outcome of the commit is unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 impl Clone for StoreError {
@@ -156,6 +162,7 @@ impl Clone for StoreError {
             StoreError::Poisoned(why) => StoreError::Poisoned(why.clone()),
             StoreError::InvalidInput(e) => StoreError::InvalidInput(e.clone()),
             StoreError::Injected(what) => StoreError::Injected(what),
+            StoreError::OutcomeUnknown(why) => StoreError::OutcomeUnknown(why.clone()),
         }
     }
 }

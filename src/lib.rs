@@ -120,6 +120,9 @@ pub use crate::projection::{
 };
 pub use crate::runtime::{Aggregates, CommandContext, Executed, Runtime, RuntimeConfig};
 pub use crate::store::memory::MemoryStore;
+pub use crate::store::postgres::{
+    PostgresConfig, PostgresStats, PostgresStore, MAX_SCHEMA_NAME_LEN, POSTGRES_FORMAT_VERSION,
+};
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{
     Commit, EventStore, FeedError, LiveFeed, DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,

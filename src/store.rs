@@ -4,6 +4,7 @@
 //! [`MemoryStore`](crate::MemoryStore) for tests.
 
 pub(crate) mod memory;
+pub(crate) mod postgres;
 pub(crate) mod sled;
 
 use std::fmt;

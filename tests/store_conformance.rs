@@ -4,6 +4,7 @@
 //! A backend that passes here behaves like the others for every caller.
 
 mod common;
+mod pg_support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -77,6 +78,27 @@ fn fault_free_wrapper(limits: Limits) -> Backend {
     }
 }
 
+/// A PostgreSQL store on a fresh schema of the test server (see
+/// `pg_support`: `ANNALS_PG_URL`, `ANNALS_PG=off`).
+fn postgres(limits: Limits) -> Backend {
+    let config = pg_support::config()
+        .max_event_size(limits.max_event_size)
+        .live_feed_capacity(limits.live_feed_capacity);
+    Backend {
+        store: Box::new(pg_support::open(config)),
+        _dir: None,
+    }
+}
+
+/// The fault-injecting wrapper with no faults planned, around PostgreSQL.
+fn postgres_fault_free_wrapper(limits: Limits) -> Backend {
+    let Backend { store, _dir } = postgres(limits);
+    Backend {
+        store: Box::new(FaultyStore::new(Arc::from(store), FaultPlan::none())),
+        _dir,
+    }
+}
+
 /// One `#[tokio::test]` per case and backend, so a failure names both.
 macro_rules! conformance_suite {
     ($($case:ident),* $(,)?) => {
@@ -101,6 +123,28 @@ macro_rules! conformance_suite {
                 #[tokio::test]
                 async fn $case() {
                     super::cases::$case(super::fault_free_wrapper).await;
+                }
+            )*
+        }
+        mod postgres_store {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    if super::pg_support::disabled() {
+                        return;
+                    }
+                    super::cases::$case(super::postgres).await;
+                }
+            )*
+        }
+        mod postgres_fault_free_wrapper {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    if super::pg_support::disabled() {
+                        return;
+                    }
+                    super::cases::$case(super::postgres_fault_free_wrapper).await;
                 }
             )*
         }
