@@ -120,3 +120,15 @@ fn drop_stale_schemas() {
         }
     });
 }
+
+/// The test server's URL with an `application_name`, so that a test can
+/// find (and terminate) exactly its store's connections.
+pub fn url_with_application_name(name: &str) -> String {
+    let url = url();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}application_name={name}")
+    } else {
+        format!("{url} application_name={name}")
+    }
+}

@@ -39,11 +39,58 @@ use crate::event::{
 use crate::store::{validate_checkpoint_name, validate_limit, EventStore, LiveFeed};
 
 /// Every error of the PostgreSQL driver and its pool becomes a
-/// [`StoreError`] here, and only here.
-pub(crate) fn backend(
-    error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
-) -> StoreError {
-    StoreError::Io(std::io::Error::other(error))
+/// [`StoreError`] here, and only here. The message carries the whole chain
+/// (tokio-postgres's own says only "db error"); the error stays the source.
+pub(crate) fn backend(error: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Io(std::io::Error::other(DriverError::new(error)))
+}
+
+/// A driver error whose message includes its sources.
+#[derive(Debug)]
+struct DriverError {
+    message: String,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl DriverError {
+    fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self {
+            message,
+            source: Box::new(error),
+        }
+    }
+}
+
+impl std::fmt::Display for DriverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for DriverError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Whether `error` means the connection is gone (closed, terminated by an
+/// administrator, the server shutting down or not accepting connections):
+/// the same request on a new connection may well succeed.
+pub(crate) fn connection_lost(error: &tokio_postgres::Error) -> bool {
+    match error.code() {
+        None => error.as_db_error().is_none(),
+        Some(code) => {
+            let class = &code.code()[..2];
+            class == "08" || class == "57" || class == "53"
+        }
+    }
 }
 
 /// Counters of a [`PostgresStore`]'s writer, for monitoring and benchmarks.
@@ -95,8 +142,27 @@ pub struct PostgresStore {
     counters: Arc<Counters>,
     stop: watch::Sender<bool>,
     config: PostgresConfig,
-    /// `None` only inside `drop`.
-    runtime: Option<Runtime>,
+    runtime: OwnRuntime,
+}
+
+/// The store's runtime. Dropping it stops its tasks without waiting: a plain
+/// drop of a tokio runtime panics inside an async context, and a store (or
+/// a failed `open`) may well be dropped there.
+#[derive(Debug)]
+struct OwnRuntime(Option<Runtime>);
+
+impl OwnRuntime {
+    fn get(&self) -> &Runtime {
+        self.0.as_ref().expect("the runtime is taken only by drop")
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl PostgresStore {
@@ -117,11 +183,13 @@ impl PostgresStore {
         config.validate()?;
         let mut pg_config: tokio_postgres::Config = config.url.parse().map_err(backend)?;
         pg_config.connect_timeout(config.connect_timeout);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("annals-postgres")
-            .enable_all()
-            .build()?;
+        let runtime = OwnRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("annals-postgres")
+                .enable_all()
+                .build()?,
+        ));
 
         let setup = {
             let pg_config = pg_config.clone();
@@ -138,7 +206,7 @@ impl PostgresStore {
         // Not `block_on`, which panics inside a runtime: the caller's thread
         // only waits for a channel.
         let (sender, receiver) = std::sync::mpsc::channel();
-        runtime.spawn(async move {
+        runtime.get().spawn(async move {
             let _ = sender.send(setup.await);
         });
         let head = receiver.recv().map_err(|_| StoreError::Closed)??;
@@ -161,7 +229,7 @@ impl PostgresStore {
         let (sender, receiver) = mpsc::channel(config.queue_capacity);
         let (stop, stopped) = watch::channel(false);
         let wake = Arc::new(Notify::new());
-        runtime.spawn(
+        runtime.get().spawn(
             Writer {
                 pool: pool.clone(),
                 statements: Arc::clone(&statements),
@@ -173,13 +241,13 @@ impl PostgresStore {
             }
             .run(),
         );
-        runtime.spawn(feed::listen(
+        runtime.get().spawn(feed::listen(
             pg_config,
             statements.channel.clone(),
             Arc::clone(&wake),
             stopped.clone(),
         ));
-        runtime.spawn(feed::poll(
+        runtime.get().spawn(feed::poll(
             Arc::clone(&feed),
             wake,
             config.poll_interval,
@@ -197,7 +265,7 @@ impl PostgresStore {
             counters,
             stop,
             config,
-            runtime: Some(runtime),
+            runtime,
         })
     }
 
@@ -220,8 +288,7 @@ impl PostgresStore {
         &self,
         task: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let runtime = self.runtime.as_ref().ok_or(StoreError::Closed)?;
-        match runtime.spawn(task).await {
+        match self.runtime.get().spawn(task).await {
             Ok(result) => result,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             Err(_) => Err(StoreError::Closed),
@@ -243,10 +310,6 @@ impl Drop for PostgresStore {
     /// way, what was acknowledged is committed.
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-        if let Some(runtime) = self.runtime.take() {
-            // Not a plain drop, which panics inside an async context.
-            runtime.shutdown_background();
-        }
     }
 }
 
@@ -262,15 +325,32 @@ fn unbits(value: i64) -> u64 {
     value as u64
 }
 
-/// Rows of a query on one pooled connection, with a cached statement.
+/// Rows of a query on one pooled connection, with a cached statement. Every
+/// query of the store outside the writer is one statement that may run
+/// twice (a read, or an upsert to the same value), so one whose connection
+/// was lost (a pooled connection the server dropped while idle, say) is
+/// run again on a new one.
 async fn query(
     shared: &Shared,
     text: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-    let client = connection(&shared.pool).await?;
-    let statement = client.prepare_cached(text).await.map_err(backend)?;
-    client.query(&statement, params).await.map_err(backend)
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let client = connection(&shared.pool).await?;
+        let result = match client.prepare_cached(text).await {
+            Ok(statement) => client.query(&statement, params).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(rows) => return Ok(rows),
+            Err(error) if connection_lost(&error) && attempts < 3 => {
+                drop(deadpool_postgres::Object::take(client));
+            }
+            Err(error) => return Err(backend(error)),
+        }
+    }
 }
 
 #[async_trait]

@@ -24,7 +24,6 @@ pub(super) struct Statements {
     pub(super) stream_heads: String,
     pub(super) stored_ids: String,
     pub(super) insert_events: String,
-    pub(super) set_head: String,
     pub(super) notify: String,
     pub(super) read_range: String,
     pub(super) read_stream_forward: String,
@@ -80,13 +79,16 @@ impl Statements {
                 "SELECT event_id, stream_id, version, position FROM {s}.events \
                  WHERE event_id = ANY($1)"
             ),
+            // The head moves in the same statement as the events go in, so
+            // that no failure between two statements can commit one without
+            // the other.
             insert_events: format!(
-                "INSERT INTO {s}.events ({EVENT_COLUMNS}) \
+                "WITH head AS (UPDATE {s}.head SET position = $12) \
+                 INSERT INTO {s}.events ({EVENT_COLUMNS}) \
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], \
                  $5::text[], $6::integer[], $7::bigint[], $8::uuid[], $9::uuid[], $10::bytea[], \
                  $11::bytea[])"
             ),
-            set_head: format!("UPDATE {s}.head SET position = $1"),
             notify: "SELECT pg_notify($1, '')".to_owned(),
             read_range: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \

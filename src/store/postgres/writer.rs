@@ -17,10 +17,10 @@ use tokio_postgres::types::ToSql;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
-use super::backend;
 use super::feed::Feed;
 use super::reads::{connection, encode_extra, to_sql};
 use super::schema::Statements;
+use super::{backend, connection_lost};
 use crate::error::{AppendError, StoreError};
 use crate::event::{
     now_micros, AppendResult, ExpectedVersion, NewEvent, Position, RecordedEvent, StreamId, Version,
@@ -82,7 +82,7 @@ struct Failure {
 
 impl Failure {
     fn of(error: tokio_postgres::Error, after_commit_sent: bool) -> Self {
-        let connection_lost = error.as_db_error().is_none();
+        let connection_lost = connection_lost(&error);
         let transient = connection_lost
             || matches!(
                 error.code(),
@@ -366,15 +366,13 @@ impl Writer {
             transient: false,
             maybe_committed: false,
         })?;
-        let (insert_events, set_head, notify) = tokio::try_join!(
-            statement(&sql.insert_events),
-            statement(&sql.set_head),
-            statement(&sql.notify),
-        )
-        .map_err(|e| Failure::of(e, false))?;
-        // Second flight: write the accepted appends, move the head, wake the
-        // other processes (delivered at commit), commit.
-        let columns: [&(dyn ToSql + Sync); 11] = [
+        let (insert_events, notify) =
+            tokio::try_join!(statement(&sql.insert_events), statement(&sql.notify),)
+                .map_err(|e| Failure::of(e, false))?;
+        // Second flight: write the accepted appends and move the head (one
+        // statement), wake the other processes (delivered at commit), commit.
+        let new_head = to_sql(new_head);
+        let columns: [&(dyn ToSql + Sync); 12] = [
             &rows.positions,
             &rows.ids,
             &rows.streams,
@@ -386,22 +384,31 @@ impl Writer {
             &rows.causation,
             &rows.extra,
             &rows.payloads,
+            &new_head,
         ];
-        let new_head = to_sql(new_head);
-        let head_param: [&(dyn ToSql + Sync); 1] = [&new_head];
         let channel_param: [&(dyn ToSql + Sync); 1] = [&sql.channel];
-        let (inserted, moved, notified, committed) = tokio::join!(
+        let (inserted, notified, committed) = tokio::join!(
             client.execute(&insert_events, &columns),
-            client.execute(&set_head, &head_param),
             client.query_one(&notify, &channel_param),
             client.batch_execute("COMMIT"),
         );
         // A statement that failed makes COMMIT roll back (PostgreSQL answers
         // COMMIT of an aborted transaction with ROLLBACK, not an error).
-        inserted.map_err(|e| Failure::of(e, true))?;
-        moved.map_err(|e| Failure::of(e, true))?;
+        let inserted = inserted.map_err(|e| Failure::of(e, true))?;
         notified.map_err(|e| Failure::of(e, true))?;
         committed.map_err(|e| Failure::of(e, true))?;
+        if inserted != rows.positions.len() as u64 {
+            // Cannot happen with PostgreSQL; if it did, the head and the
+            // events would disagree, which every reader must hear about.
+            return Err(Failure {
+                error: StoreError::Corrupt(format!(
+                    "inserted {inserted} events of {}",
+                    rows.positions.len()
+                )),
+                transient: false,
+                maybe_committed: true,
+            });
+        }
         Ok(Committed {
             decisions,
             recorded_at_micros,
