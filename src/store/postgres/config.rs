@@ -33,7 +33,8 @@ pub struct PostgresConfig {
     /// Appends waiting for the writer before `append` waits for room.
     /// Default 65,536.
     pub queue_capacity: usize,
-    /// The most appends one transaction takes. Default 4,096.
+    /// The most appends one transaction takes. Default 4,096. A group also
+    /// stops at 32 MiB of events.
     pub max_group_commit: usize,
     /// How often the feed reads the head when no notification arrived: the
     /// longest a lost notification delays other processes' events here.

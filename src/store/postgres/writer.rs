@@ -27,6 +27,18 @@ use crate::event::{
 };
 use crate::store::{check_idempotency, IdCheck, StoredId};
 
+/// A group stops taking appends once it holds this many bytes of events:
+/// PostgreSQL refuses a parameter (one column of the group's INSERT) over
+/// 1 GiB, and a smaller transaction holds the head lock for less time.
+const MAX_GROUP_BYTES: usize = 32 << 20;
+
+fn request_bytes(request: &Request) -> usize {
+    match request {
+        Request::Append(append) => append.events.iter().map(NewEvent::size).sum(),
+        Request::Shutdown { .. } => 0,
+    }
+}
+
 #[derive(Debug)]
 pub(super) enum Request {
     Append(Append),
@@ -125,10 +137,14 @@ impl Writer {
             let Some(first) = self.receiver.recv().await else {
                 break;
             };
+            let mut bytes = request_bytes(&first);
             let mut requests = vec![first];
-            while requests.len() < self.max_group_commit {
+            while requests.len() < self.max_group_commit && bytes < MAX_GROUP_BYTES {
                 match self.receiver.try_recv() {
-                    Ok(request) => requests.push(request),
+                    Ok(request) => {
+                        bytes += request_bytes(&request);
+                        requests.push(request);
+                    }
                     Err(_) => break,
                 }
             }
