@@ -158,6 +158,12 @@ pub enum StoreError {
         /// The checkpoint found.
         found: Option<Position>,
     },
+    /// The connection to the server was lost after the commit may have
+    /// reached it: the append may or may not be stored. Retrying it with the
+    /// same event ids is safe: a stored append is answered with its original
+    /// result, and nothing is written twice.
+    #[error("the outcome of the commit is unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 impl Clone for StoreError {
@@ -188,6 +194,7 @@ impl Clone for StoreError {
                 expected: *expected,
                 found: *found,
             },
+            StoreError::OutcomeUnknown(why) => StoreError::OutcomeUnknown(why.clone()),
         }
     }
 }

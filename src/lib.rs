@@ -125,6 +125,9 @@ pub use crate::runtime::{
     RuntimeConfigBuilder, RuntimeStore,
 };
 pub use crate::store::memory::MemoryStore;
+pub use crate::store::postgres::{
+    PostgresConfig, PostgresStats, PostgresStore, MAX_SCHEMA_NAME_LEN, POSTGRES_FORMAT_VERSION,
+};
 pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{
     Commit, EventStore, FeedError, FromKey, Key, LiveFeed, ReadModelStore, Unordered,

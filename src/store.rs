@@ -6,6 +6,7 @@
 //! [`MemoryStore`](crate::MemoryStore) for tests.
 
 pub(crate) mod memory;
+pub(crate) mod postgres;
 mod read_model;
 pub(crate) mod sled;
 

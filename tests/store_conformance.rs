@@ -1,7 +1,8 @@
 //! The store conformance suite (written once in `common/conformance.rs`)
 //! run against every backend: sled, memory, the fault-injecting wrapper
-//! with no faults planned, and a store written outside the crate with only
-//! the public API (`common/outside_store.rs`).
+//! with no faults planned, a store written outside the crate with only
+//! the public API (`common/outside_store.rs`), and PostgreSQL (bare and
+//! wrapped; `ANNALS_PG=off` skips those).
 
 mod common;
 #[macro_use]
@@ -9,6 +10,7 @@ mod common;
 mod conformance;
 #[path = "common/outside_store.rs"]
 mod outside_store;
+mod pg_support;
 
 use std::sync::Arc;
 
@@ -49,7 +51,36 @@ fn outside(limits: Limits) -> Opening {
     Box::pin(async move { Backend::new(store, None) })
 }
 
+/// A PostgreSQL store on a fresh schema of the test server (see
+/// `pg_support`: `ANNALS_PG_URL`, `ANNALS_PG=off`).
+fn postgres(limits: Limits) -> Opening {
+    let config = pg_support::config()
+        .max_event_size(limits.max_event_size)
+        .live_feed_capacity(limits.live_feed_capacity);
+    let store = pg_support::open(config);
+    Box::pin(async move { Backend::new(store, None) })
+}
+
+/// The fault-injecting wrapper with no faults planned, around PostgreSQL.
+fn postgres_fault_free_wrapper(limits: Limits) -> Opening {
+    let config = pg_support::config()
+        .max_event_size(limits.max_event_size)
+        .live_feed_capacity(limits.live_feed_capacity);
+    let store = FaultyStore::new(Arc::new(pg_support::open(config)), FaultPlan::none());
+    Box::pin(async move { Backend::new(store, None) })
+}
+
 conformance_suite!(memory_store, crate::memory);
 conformance_suite!(sled_store, crate::sled);
 conformance_suite!(fault_free_wrapper, crate::fault_free_wrapper);
 conformance_suite!(outside_store_conformance, crate::outside);
+conformance_suite!(
+    postgres_store,
+    crate::postgres,
+    skip_if = crate::pg_support::disabled
+);
+conformance_suite!(
+    postgres_fault_free_wrapper_conformance,
+    crate::postgres_fault_free_wrapper,
+    skip_if = crate::pg_support::disabled
+);

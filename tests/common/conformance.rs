@@ -79,7 +79,10 @@ pub(crate) type Open = fn(Limits) -> Opening;
 #[allow(unused_macros)]
 macro_rules! conformance_suite {
     ($module:ident, $open:path) => {
-        conformance_suite!(@cases $module, $open;
+        conformance_suite!($module, $open, skip_if = crate::conformance::never);
+    };
+    ($module:ident, $open:path, skip_if = $skip:path) => {
+        conformance_suite!(@cases $module, $open, $skip;
             expected_any,
             expected_no_stream,
             expected_stream_exists,
@@ -116,16 +119,24 @@ macro_rules! conformance_suite {
             shutdown_closes_the_live_feed,
         );
     };
-    (@cases $module:ident, $open:path; $($case:ident,)*) => {
+    (@cases $module:ident, $open:path, $skip:path; $($case:ident,)*) => {
         mod $module {
             $(
                 #[tokio::test]
                 async fn $case() {
+                    if $skip() {
+                        return;
+                    }
                     crate::conformance::cases::$case($open).await;
                 }
             )*
         }
     };
+}
+
+/// The default of `skip_if`: a backend that is always there.
+pub(crate) fn never() -> bool {
+    false
 }
 
 // ---------------------------------------------------------------------------
