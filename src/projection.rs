@@ -22,6 +22,7 @@ use crate::event::{EventFilter, Position, RecordedEvent};
 
 pub use self::handle::ProjectionHandle;
 pub use self::sled::{ReadModelBatch, SledProjection};
+pub(crate) use self::subscription::Delivery;
 pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE};
 
 /// A read model fed by the log, one raw event at a time.
