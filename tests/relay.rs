@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use annals::{
     EventFilter, EventStore, ExpectedVersion, JetStreamSink, JetStreamStream, Metadata, NewEvent,
     Position, ReadDirection, RecordedEvent, Relay, RelayConfig, SledStore, StreamId,
-    HEADER_CAUSATION_ID, HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_MESSAGE_ID,
-    HEADER_POSITION, HEADER_STREAM_ID, HEADER_VERSION,
+    HEADER_CAUSATION_ID, HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_POSITION,
+    HEADER_STREAM_ID, HEADER_VERSION,
 };
 use async_nats::jetstream;
 use futures::StreamExt;
@@ -95,10 +95,19 @@ async fn consume_all(context: &jetstream::Context, stream: &str) -> Vec<Seen> {
             .expect("the consumer's stream does not end")
             .unwrap();
         let headers = message.headers.clone().expect("the relay sets headers");
-        let header = |name: &str| headers.get(name).unwrap().as_str().to_owned();
+        let header = |name: &str| {
+            let value = headers.get(name);
+            let value = value.unwrap_or_else(|| panic!("no header {name} in {headers:?}"));
+            value.as_str().to_owned()
+        };
         seen.push(Seen {
             subject: message.subject.to_string(),
-            event_id: header(HEADER_MESSAGE_ID).parse().unwrap(),
+            event_id: headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .expect("the relay sets the message id")
+                .as_str()
+                .parse()
+                .unwrap(),
             position: header(HEADER_POSITION).parse().unwrap(),
             payload: message.payload.to_vec(),
             headers,
@@ -379,10 +388,15 @@ fn run_child(dir: &Path, prefix: &str, target: u64, kill_after: Option<Duration>
             }
         }
     });
-    let started = received
-        .recv_timeout(Duration::from_secs(60))
-        .map(|line| line.starts_with("STARTED"))
-        .unwrap_or(false);
+    // libtest prints its own lines first, and "test relay_child ... " before
+    // the child's first line.
+    let start_deadline = Instant::now() + Duration::from_secs(60);
+    let started = std::iter::from_fn(|| {
+        received
+            .recv_timeout(start_deadline.saturating_duration_since(Instant::now()))
+            .ok()
+    })
+    .any(|line| line.contains("STARTED"));
     let mut done = String::new();
     match kill_after {
         Some(delay) => {
@@ -395,8 +409,8 @@ fn run_child(dir: &Path, prefix: &str, target: u64, kill_after: Option<Duration>
             while let Ok(line) =
                 received.recv_timeout(deadline.saturating_duration_since(Instant::now()))
             {
-                if line.starts_with("DONE") {
-                    done = line;
+                if let Some(at) = line.find("DONE") {
+                    done = line[at..].to_owned();
                     break;
                 }
             }
