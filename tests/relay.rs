@@ -10,7 +10,7 @@
 //! kills the relay N times (default 3) and ends with the line
 //! `relay published=N consumer_saw=N duplicates_seen=0 missing=0`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -142,14 +142,24 @@ struct Count {
     out_of_order: usize,
 }
 
+/// Counts by the event's identity in the log, its position: a message is a
+/// duplicate when its position was seen before, and `unknown` when its
+/// position is not in the log or its message id is not that event's id.
 fn count(log: &[RecordedEvent], seen: &[Seen]) -> Count {
-    let expected: HashSet<Uuid> = log.iter().map(|event| event.event_id).collect();
+    let expected: HashMap<u64, Uuid> = log
+        .iter()
+        .map(|event| (event.position.0, event.event_id))
+        .collect();
     let mut distinct = HashSet::new();
     let mut duplicates_seen = 0;
+    let mut unknown = 0;
     let mut out_of_order = 0;
     let mut last_position = 0;
     for message in seen {
-        if !distinct.insert(message.event_id) {
+        if expected.get(&message.position) != Some(&message.event_id) {
+            unknown += 1;
+        }
+        if !distinct.insert(message.position) {
             duplicates_seen += 1;
             continue;
         }
@@ -161,8 +171,11 @@ fn count(log: &[RecordedEvent], seen: &[Seen]) -> Count {
     Count {
         consumer_saw: seen.len(),
         duplicates_seen,
-        missing: expected.difference(&distinct).count(),
-        unknown: distinct.difference(&expected).count(),
+        missing: expected
+            .keys()
+            .filter(|position| !distinct.contains(*position))
+            .count(),
+        unknown,
         out_of_order,
     }
 }
