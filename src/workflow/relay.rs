@@ -339,7 +339,9 @@ impl Relay {
     }
 
     /// Waits until the broker acknowledged every event up to and including
-    /// `position`, and returns the status then.
+    /// `position`, and returns the status then. It waits as long as that
+    /// takes: bound it with `tokio::time::timeout` when the broker may be
+    /// down or `position` may never be committed.
     ///
     /// # Errors
     /// [`RelayError::NotRunning`] when the relay stopped before.
@@ -376,6 +378,9 @@ impl Relay {
     /// Stops the relay cleanly: publishes the events it had already read
     /// from the log (retrying for at most the configured shutdown timeout),
     /// saves the checkpoint, ends the task and returns the checkpoint.
+    /// Shut the relay down before the store: a shut-down store refuses the
+    /// checkpoint save ([`RelayError::Store`]), and the next start then
+    /// re-publishes from the last saved checkpoint.
     ///
     /// # Errors
     /// [`RelayError::Sink`] when the read events could not be published in
@@ -1107,6 +1112,34 @@ mod tests {
         relay.shutdown().await.unwrap();
         let seen = sink.seen.lock().unwrap();
         assert_eq!(seen[10..], [11, 12, 9, 10, 11, 12].map(Position));
+    }
+
+    #[tokio::test]
+    async fn a_filtered_relay_publishes_only_matching_events_and_passes_the_rest() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+        append(&*store, 3).await; // order-1: positions 1..=3
+        let user = StreamId::new("user-1").unwrap();
+        let head = store
+            .append(
+                &user,
+                ExpectedVersion::Any,
+                vec![NewEvent::new("UserJoined", Vec::new())],
+            )
+            .await
+            .unwrap()
+            .last_position;
+        let sink = Recording::default();
+        let config = RelayConfig::new("orders")
+            .filter(EventFilter::Category("order".into()))
+            .checkpoint_every(1, Duration::from_secs(60));
+        let relay = Relay::start(Arc::clone(&store), config, sink.clone())
+            .await
+            .unwrap();
+        // The user event is passed, not published, and still counts as done.
+        let status = relay.wait_for(head).await.unwrap();
+        assert_eq!((status.lag, status.events_published), (0, 3));
+        assert_eq!(relay.shutdown().await.unwrap(), head);
+        assert_eq!(*sink.seen.lock().unwrap(), [1, 2, 3].map(Position));
     }
 
     #[tokio::test]
