@@ -97,6 +97,7 @@ mod projection;
 mod runtime;
 mod store;
 mod testing;
+pub(crate) mod workflow;
 
 pub use crate::aggregate::Aggregate;
 pub use crate::codec::{
@@ -142,4 +143,11 @@ pub use crate::store::{
 };
 pub use crate::testing::{
     AggregateTest, AggregateTestResult, ProjectionTest, ProjectionTestResult,
+};
+// The relay's items move into `annals::workflow` when the namespaces are laid out.
+pub use crate::workflow::{
+    subject_token, EventSink, JetStreamError, JetStreamSink, JetStreamStream, Relay, RelayConfig,
+    RelayError, RelayState, RelayStatus, HEADER_CAUSATION_ID, HEADER_CORRELATION_ID,
+    HEADER_EVENT_TYPE, HEADER_MESSAGE_ID, HEADER_POSITION, HEADER_RECORDED_AT_MICROS,
+    HEADER_SCHEMA_VERSION, HEADER_STREAM_ID, HEADER_VERSION, RELAY_CHECKPOINT_PREFIX,
 };

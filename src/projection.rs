@@ -27,6 +27,7 @@ use crate::store::ReadModelStore;
 
 pub use self::handle::ProjectionHandle;
 pub use self::sled::{SledProjection, TypedSledProjection};
+pub(crate) use self::subscription::Delivery;
 pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE};
 pub use crate::store::{ReadModelBatch, ReadModelView};
 
