@@ -45,9 +45,15 @@
 //! #[derive(Debug)]
 //! enum AccountCommand { Deposit(u64), Withdraw(u64) }
 //!
-//! #[derive(Debug, thiserror::Error)]
-//! #[error("insufficient funds")]
+//! // A hand-written error: the domain needs no extra crate.
+//! #[derive(Debug)]
 //! struct InsufficientFunds;
+//! impl std::fmt::Display for InsufficientFunds {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+//!         f.write_str("insufficient funds")
+//!     }
+//! }
+//! impl std::error::Error for InsufficientFunds {}
 //!
 //! #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 //! struct Account { balance: u64 }
