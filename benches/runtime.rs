@@ -16,9 +16,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use annals::codec::{encode_event, encode_value};
+use annals::store::{Durability, SledStoreConfig, Snapshot};
 use annals::{
-    encode_event, encode_value, Durability, EventStore, ExpectedVersion, NewEvent, Runtime,
-    RuntimeConfig, SledStore, SledStoreConfig, Snapshot, StreamId, Version,
+    EventStore, ExpectedVersion, NewEvent, Runtime, RuntimeConfig, SledStore, StreamId, Version,
 };
 use criterion::{criterion_group, criterion_main, Criterion};
 

@@ -15,10 +15,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use annals::{
-    encode_event, Durability, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
-    ReadDirection, SledStore, SledStoreConfig, StreamId, Version,
-};
+use annals::codec::encode_event;
+use annals::store::{Durability, EventFilter, ReadDirection, SledStoreConfig};
+use annals::{EventStore, ExpectedVersion, NewEvent, Position, SledStore, StreamId, Version};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use tokio::runtime::Runtime;
 

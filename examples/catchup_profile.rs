@@ -32,9 +32,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use annals::projection::{ProjectionContext, ProjectionError};
+use annals::store::{Durability, SledStoreConfig};
 use annals::{
-    Durability, EventStore, Projection, ProjectionConfig, ProjectionContext, ProjectionError,
-    ProjectionHandle, RecordedEvent, SledStore, SledStoreConfig,
+    EventStore, Projection, ProjectionConfig, ProjectionHandle, RecordedEvent, SledStore,
 };
 
 type Result<T, E = Box<dyn Error + Send + Sync>> = std::result::Result<T, E>;

@@ -17,11 +17,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use annals::codec::encode_event;
+use annals::projection::{
+    ProjectionContext, ProjectionError, ProjectionStatus, Typed, TypedSledProjection,
+};
+use annals::store::{EventFilter, ReadModelBatch};
 use annals::{
-    encode_event, Aggregate, CommandError, DomainEvent, EventFilter, EventStore, ExpectedVersion,
-    NewEvent, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
-    ProjectionStatus, ReadModelBatch, RecordedEvent, Runtime, RuntimeConfig, SledStore, StreamId,
-    Typed, TypedSledProjection,
+    Aggregate, CommandError, DomainEvent, EventStore, ExpectedVersion, NewEvent, ProjectionConfig,
+    ProjectionHandle, RecordedEvent, Runtime, RuntimeConfig, SledStore, StreamId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -341,7 +344,7 @@ struct ReadModels {
 }
 
 impl ReadModels {
-    fn read(store: &SledStore) -> Result<Self, annals::ReadModelError> {
+    fn read(store: &SledStore) -> Result<Self, annals::store::ReadModelError> {
         Ok(Self {
             statuses: store
                 .read_model(ORDER_STATUS)?

@@ -26,7 +26,8 @@ use std::error::Error;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use annals::{EventStore, ExpectedVersion, NewEvent, PostgresConfig, PostgresStore, StreamId};
+use annals::store::{PostgresConfig, PostgresStore};
+use annals::{EventStore, ExpectedVersion, NewEvent, StreamId};
 use tokio_postgres::NoTls;
 
 const PAYLOAD_BYTES: usize = 100;

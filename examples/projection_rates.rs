@@ -13,10 +13,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use annals::projection::{ProjectionContext, ProjectionError, SledProjection};
+use annals::store::{Durability, ReadModelBatch, SledStoreConfig};
 use annals::{
-    Durability, EventStore, ExpectedVersion, NewEvent, Position, Projection, ProjectionConfig,
-    ProjectionContext, ProjectionError, ProjectionHandle, ReadModelBatch, RecordedEvent,
-    SledProjection, SledStore, SledStoreConfig, StreamId,
+    EventStore, ExpectedVersion, NewEvent, Position, Projection, ProjectionConfig,
+    ProjectionHandle, RecordedEvent, SledStore, StreamId,
 };
 
 const CATCHUP_EVENTS: u64 = 200_000;

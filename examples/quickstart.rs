@@ -1,10 +1,8 @@
 //! Appends and reads events on the embedded sled store: the smallest useful
 //! program. `cargo run --release --example quickstart [path]`.
 
-use annals::{
-    EventFilter, EventStore, ExpectedVersion, NewEvent, Position, ReadDirection, SledStore,
-    StreamId, Version,
-};
+use annals::store::{EventFilter, ReadDirection};
+use annals::{EventStore, ExpectedVersion, NewEvent, Position, SledStore, StreamId, Version};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

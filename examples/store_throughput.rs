@@ -16,10 +16,8 @@ use std::error::Error;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use annals::{
-    Durability, EventStore, ExpectedVersion, NewEvent, SledStore, SledStoreConfig, StoreStats,
-    StreamId,
-};
+use annals::store::{Durability, SledStoreConfig, StoreStats};
+use annals::{EventStore, ExpectedVersion, NewEvent, SledStore, StreamId};
 use tokio::sync::Barrier;
 
 /// Payload of every appended event: a small domain event.
@@ -107,7 +105,7 @@ async fn concurrent(mode: &Mode, tasks: usize) -> Result<Measured, Box<dyn Error
                     .await?;
                 events += 1;
             }
-            Ok::<u64, annals::AppendError>(events)
+            Ok::<u64, annals::store::AppendError>(events)
         }));
     }
     barrier.wait().await;

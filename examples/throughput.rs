@@ -44,10 +44,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use annals::codec::{encode_event, encode_value};
+use annals::store::{Durability, SledStoreConfig, Snapshot, StoreStats};
 use annals::{
-    encode_event, encode_value, Durability, EventStore, ExpectedVersion, NewEvent, Position,
-    ProjectionConfig, ProjectionHandle, Runtime, RuntimeConfig, SledStore, SledStoreConfig,
-    Snapshot, StoreStats, StreamId, Version,
+    EventStore, ExpectedVersion, NewEvent, Position, ProjectionConfig, ProjectionHandle, Runtime,
+    RuntimeConfig, SledStore, StreamId, Version,
 };
 use serde::Serialize;
 use uuid::Uuid;

@@ -2,7 +2,7 @@
 //! [`handle`](Aggregate::handle) that turns a command into events or a
 //! domain error, and evolves with a rule-free [`apply`](Aggregate::apply).
 //! The runtime ([`crate::Runtime`]) hosts each aggregate instance in its own
-//! actor; [`crate::AggregateTest`] checks one without a store.
+//! actor; [`crate::testing::AggregateTest`] checks one without a store.
 
 use std::fmt::Debug;
 
@@ -33,7 +33,7 @@ use crate::codec::DomainEvent;
 ///   decodes from the store (and starts from a decoded snapshot), so a
 ///   field skipped with `#[serde(skip)]`, a float turned to text and back,
 ///   or a `Serialize` that drops data would make a recovered aggregate
-///   differ from the one that ran. [`crate::AggregateTest`] checks that
+///   differ from the one that ran. [`crate::testing::AggregateTest`] checks that
 ///   events decode; it cannot check that they decode to equal values
 ///   without `PartialEq`, so this part is the type author's to keep.
 /// - `Clone` lets the runtime try the new events on a copy before storing
@@ -44,10 +44,11 @@ use crate::codec::DomainEvent;
 /// feature (for the state and the events) and `tokio` to run the runtime.
 /// The domain error is any [`std::error::Error`]: a `Display` and an empty
 /// `Error` impl, a few lines by hand, as in this example (the
-/// [`crate::AggregateTest`] kit checks it without a store):
+/// [`crate::testing::AggregateTest`] kit checks it without a store):
 ///
 /// ```
-/// use annals::{Aggregate, AggregateTest, DomainEvent};
+/// use annals::{Aggregate, DomainEvent};
+/// use annals::testing::AggregateTest;
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,7 +108,7 @@ pub trait Aggregate:
     /// What the aggregate is asked to do (imperative: `ShipOrder`).
     type Command: Debug + Send + 'static;
     /// What happened (past tense: `OrderShipped`), stored under its variant
-    /// name by [`crate::encode_event`].
+    /// name by [`crate::codec::encode_event`].
     type Event: DomainEvent;
     /// Why a command was refused by the domain's rules.
     type Error: std::error::Error + Send + Sync + 'static;

@@ -27,8 +27,9 @@ use dashmap::DashMap;
 use serde::de::{self, DeserializeOwned, DeserializeSeed, Visitor};
 use serde::ser::{self, Serialize};
 
-use crate::error::CodecError;
 use crate::event::{NewEvent, RecordedEvent};
+
+pub use crate::error::CodecError;
 
 /// A user's event type: a plain serde enum whose variant names are the
 /// stored event types (past tense: `OrderShipped`).
@@ -41,7 +42,8 @@ use crate::event::{NewEvent, RecordedEvent};
 /// stored, without rewriting them:
 ///
 /// ```
-/// use annals::{decode_event_parts, encode_event, encode_value, DomainEvent, Upcasters};
+/// use annals::DomainEvent;
+/// use annals::codec::{Upcasters, decode_event_parts, encode_event, encode_value};
 /// use serde::{Deserialize, Serialize};
 ///
 /// // Release 1 stored `OrderCreated { customer }`. Release 2 calls the
@@ -65,7 +67,7 @@ use crate::event::{NewEvent, RecordedEvent};
 ///     }
 /// }
 ///
-/// # fn main() -> Result<(), annals::CodecError> {
+/// # fn main() -> Result<(), annals::codec::CodecError> {
 /// // A record of release 1: event type `OrderCreated`, schema version 1.
 /// let stored = encode_value(&("ada".to_owned(),))?;
 /// let event: OrderEvent = decode_event_parts("OrderCreated", 1, &stored)?;
@@ -158,7 +160,7 @@ impl Upcasters {
     /// Renames chain: after `A → B` and `B → C`, records of `A` read as
     /// `C`. A stored name that is still a variant of the enum is read as
     /// that variant, so an old name must not be reused for a new variant.
-    /// Filters on event types ([`crate::EventFilter`]) match the stored
+    /// Filters on event types ([`crate::store::EventFilter`]) match the stored
     /// names: a projection filtering on `new_name` should list `old_name`
     /// too.
     ///

@@ -336,7 +336,7 @@ pub enum CodecError {
         message: String,
     },
     /// A stored event's type is neither one of the event enum's variants
-    /// nor a name renamed to one ([`Upcasters::rename`](crate::Upcasters::rename)).
+    /// nor a name renamed to one ([`Upcasters::rename`](crate::codec::Upcasters::rename)).
     /// The event stays in the log untouched; the aggregate or projection
     /// that reads it cannot go on until the event type knows the name.
     #[error(
@@ -352,7 +352,7 @@ pub enum CodecError {
         event_type: String,
     },
     /// As [`CodecError::UnknownEventType`], from
-    /// [`decode_event_parts`](crate::decode_event_parts), whose bare parts
+    /// [`decode_event_parts`](crate::codec::decode_event_parts), whose bare parts
     /// name no stream and no version.
     #[error(
         "unknown event type {event_type:?} \
@@ -561,7 +561,7 @@ pub enum QueryError {
     ShutDown,
 }
 
-/// Why a [`Subscription`](crate::Subscription) could not deliver its next
+/// Why a [`Subscription`](crate::projection::Subscription) could not deliver its next
 /// event. The subscription keeps its place: the next call retries from the
 /// same position, so an error never causes a gap.
 #[derive(Debug, thiserror::Error)]
@@ -573,7 +573,7 @@ pub enum SubscriptionError {
 }
 
 /// Why a projection's handler did not apply an event. The projection's
-/// [`FailurePolicy`](crate::FailurePolicy) decides what happens next; no
+/// [`FailurePolicy`](crate::projection::FailurePolicy) decides what happens next; no
 /// failure is ever skipped silently.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -17,7 +17,7 @@ pub const MAX_STREAM_ID_LEN: usize = 256;
 /// The longest event type name the store accepts, in bytes.
 pub const MAX_EVENT_TYPE_LEN: usize = 128;
 /// The default largest event (payload plus metadata), in bytes: 1 MiB.
-/// [`crate::SledStoreConfig::max_event_size`] changes it per store.
+/// [`crate::store::SledStoreConfig::max_event_size`] changes it per store.
 pub const DEFAULT_MAX_EVENT_SIZE: usize = 1 << 20;
 /// The most events one append may carry.
 pub const MAX_EVENTS_PER_APPEND: usize = 10_000;
@@ -238,7 +238,7 @@ impl Metadata {
 }
 
 /// An event to append: its id, type name, schema version, metadata and
-/// already-encoded payload (see [`crate::encode_event`] for typed events).
+/// already-encoded payload (see [`crate::codec::encode_event`] for typed events).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewEvent {
     /// Unique id; appends are idempotent by it. A UUID v7 unless set.

@@ -7,7 +7,8 @@
 //! (exactly once for a [`SledProjection`] kept in the store's database).
 //!
 //! ```
-//! use annals::{EventStore, ExpectedVersion, NewEvent, ReadDirection, SledStore, StreamId, Version};
+//! use annals::{EventStore, ExpectedVersion, NewEvent, SledStore, StreamId, Version};
+//! use annals::store::ReadDirection;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -95,65 +96,25 @@
 //! ```
 
 mod aggregate;
-mod codec;
+pub mod codec;
 mod error;
 mod event;
 mod faults;
-mod projection;
-mod runtime;
-mod store;
-mod testing;
-pub(crate) mod workflow;
+pub mod projection;
+pub mod runtime;
+pub mod store;
+pub mod testing;
+pub mod workflow;
 
-pub use crate::aggregate::Aggregate;
-pub use crate::codec::{
-    decode_event, decode_event_parts, decode_value, encode_event, encode_value, event_type_of,
-    DomainEvent, Upcasters,
-};
-pub use crate::error::{
-    AppendError, BackendError, CategoryError, CodecError, CommandError, Error, InvalidInput,
-    ProjectionControlError, ProjectionError, QueryError, ReadError, ReadModelError, StoreError,
-    SubscriptionError,
-};
-pub use crate::event::{
-    AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position, ReadDirection,
-    RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_EVENTS_PER_APPEND,
-    MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
-};
-pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore, InjectedFault};
-pub use crate::projection::{
-    subscribe, FailurePolicy, Projection, ProjectionConfig, ProjectionConfigBuilder,
-    ProjectionContext, ProjectionFailure, ProjectionHandle, ProjectionState, ProjectionStatus,
-    ReadModel, ReadModelBatch, ReadModelView, SkippedEvent, SledProjection, Subscription, Typed,
-    TypedProjection, TypedSledProjection, DEFAULT_PAGE_SIZE,
-};
+// What most users need; everything else is in its layer's namespace.
+pub use crate::codec::DomainEvent;
+pub use crate::error::{Error, InvalidInput};
+pub use crate::projection::{Projection, ProjectionConfig, ProjectionHandle, TypedProjection};
 pub use crate::runtime::{
-    AggregateSettings, Aggregates, CommandContext, Executed, Runtime, RuntimeConfig,
-    RuntimeConfigBuilder, RuntimeStore,
+    Aggregate, Aggregates, CommandContext, CommandError, Executed, QueryError, Runtime,
+    RuntimeConfig,
 };
-pub use crate::store::memory::MemoryStore;
-pub use crate::store::postgres::{
-    PostgresConfig, PostgresStats, PostgresStore, MAX_SCHEMA_NAME_LEN, POSTGRES_FORMAT_VERSION,
-};
-pub use crate::store::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use crate::store::{
-    Commit, EventStore, FeedError, FromKey, Key, LiveFeed, ReadModelStore, Unordered,
-    DEFAULT_LIVE_FEED_CAPACITY, MAX_CHECKPOINT_NAME_LEN,
-};
-// The backend SPI: what a store written outside the crate needs to keep
-// the contract of `EventStore` (the lead moves these under `annals::store`).
-pub use crate::event::validate_append;
-pub use crate::store::{
-    check_idempotency, validate_checkpoint_name, validate_limit, IdempotencyCheck, LivePublisher,
-    StoredId,
-};
-pub use crate::testing::{
-    AggregateTest, AggregateTestResult, ProjectionTest, ProjectionTestResult,
-};
-// The relay's items move into `annals::workflow` when the namespaces are laid out.
-pub use crate::workflow::{
-    subject_token, EventSink, JetStreamError, JetStreamSink, JetStreamStream, Relay, RelayConfig,
-    RelayError, RelayState, RelayStatus, HEADER_CAUSATION_ID, HEADER_CORRELATION_ID,
-    HEADER_EVENT_TYPE, HEADER_MESSAGE_ID, HEADER_POSITION, HEADER_RECORDED_AT_MICROS,
-    HEADER_SCHEMA_VERSION, HEADER_STREAM_ID, HEADER_VERSION, RELAY_CHECKPOINT_PREFIX,
+    EventStore, ExpectedVersion, MemoryStore, NewEvent, Position, RecordedEvent, SledStore,
+    StoreError, StreamId, Version,
 };

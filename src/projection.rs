@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::codec::{decode_event, DomainEvent};
-use crate::error::{InvalidInput, ProjectionError};
+use crate::error::InvalidInput;
 use crate::event::{EventFilter, Position, RecordedEvent};
 use crate::store::ReadModelStore;
 
@@ -29,6 +29,7 @@ pub use self::handle::ProjectionHandle;
 pub use self::sled::{SledProjection, TypedSledProjection};
 pub(crate) use self::subscription::Delivery;
 pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE};
+pub use crate::error::{ProjectionControlError, ProjectionError, SubscriptionError};
 pub use crate::store::{ReadModelBatch, ReadModelView};
 
 /// A read model fed by the log, one raw event at a time.

@@ -26,14 +26,15 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, field, instrument, warn, Span};
 use uuid::Uuid;
 
-use crate::aggregate::Aggregate;
-use crate::error::{CategoryError, CommandError, ProjectionControlError, QueryError, StoreError};
+use crate::error::{ProjectionControlError, StoreError};
 use crate::event::{Position, StreamId, Version};
 use crate::projection::{Projection, ProjectionConfig, ProjectionHandle, ProjectionState};
 use crate::store::sled::SledStore;
 use crate::store::EventStore;
 
 pub use self::config::{AggregateSettings, RuntimeConfig, RuntimeConfigBuilder};
+pub use crate::aggregate::Aggregate;
+pub use crate::error::{CategoryError, CommandError, QueryError};
 
 use self::actor::{
     rebuild, AggregateActor, ExecuteRequest, LoadError, Reply, Request, StateRequest,
@@ -53,7 +54,7 @@ pub struct CommandContext {
     /// The id of the message that caused the command.
     pub causation_id: Option<Uuid>,
     /// Small string tags (user id, tenant, ...) stored in the metadata of
-    /// every event of the command ([`crate::Metadata::extra`]). Keys follow
+    /// every event of the command ([`crate::store::Metadata::extra`]). Keys follow
     /// the store's rules for metadata keys, and the tags count toward each
     /// event's size limit: a bad key is [`CommandError::InvalidInput`].
     pub metadata: BTreeMap<String, String>,

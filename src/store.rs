@@ -18,14 +18,22 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::error::{AppendError, InvalidInput, ReadError, StoreError};
-use crate::event::{
-    validate_name, AppendResult, EventFilter, ExpectedVersion, NewEvent, Position, ReadDirection,
-    RecordedEvent, Snapshot, StreamId, Version,
-};
+use crate::error::InvalidInput;
+use crate::event::validate_name;
 
+pub use self::memory::MemoryStore;
+pub use self::postgres::{
+    PostgresConfig, PostgresStats, PostgresStore, MAX_SCHEMA_NAME_LEN, POSTGRES_FORMAT_VERSION,
+};
 pub use self::read_model::{FromKey, Key, ReadModelStore, Unordered};
+pub use self::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
 pub use self::sled::{ReadModelBatch, ReadModelView};
+pub use crate::error::{AppendError, BackendError, ReadError, ReadModelError, StoreError};
+pub use crate::event::{
+    validate_append, AppendResult, EventFilter, ExpectedVersion, Metadata, NewEvent, Position,
+    ReadDirection, RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE,
+    MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
+};
 
 /// The longest checkpoint name, in bytes.
 pub const MAX_CHECKPOINT_NAME_LEN: usize = 256;
@@ -99,7 +107,7 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
 
     /// Subscribes to commits from now on. Events committed before this call
     /// are not delivered; read them with [`EventStore::read_all`] (the
-    /// subscriptions of [`crate::subscribe`] do both without a gap).
+    /// subscriptions of [`crate::projection::subscribe`] do both without a gap).
     fn subscribe_live(&self) -> LiveFeed;
 
     /// Saves `snapshot` as the latest snapshot of `stream`, replacing one

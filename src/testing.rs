@@ -6,7 +6,8 @@
 //! test's line, and its message names the expected and the actual side.
 //!
 //! ```
-//! use annals::{Aggregate, AggregateTest, DomainEvent};
+//! use annals::{Aggregate, DomainEvent};
+//! use annals::testing::AggregateTest;
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,10 +50,9 @@
 //! A projection is tested the same way, through its own `handle`:
 //!
 //! ```
-//! use annals::{
-//!     DomainEvent, ProjectionContext, ProjectionError, ProjectionTest, RecordedEvent,
-//!     TypedProjection,
-//! };
+//! use annals::{DomainEvent, RecordedEvent, TypedProjection};
+//! use annals::projection::{ProjectionContext, ProjectionError};
+//! use annals::testing::ProjectionTest;
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,6 +100,8 @@ use crate::codec::{decode_event_parts, encode_event, DomainEvent};
 use crate::error::ProjectionError;
 use crate::event::{now_micros, EventFilter, NewEvent, Position, RecordedEvent, StreamId, Version};
 use crate::projection::{Projection, ProjectionContext, Typed, TypedProjection};
+
+pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore, InjectedFault};
 
 /// The "given" step: an aggregate rebuilt from past events.
 #[derive(Debug)]

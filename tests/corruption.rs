@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use annals::store::{Durability, EventFilter, Metadata, ReadDirection, SledStoreConfig, Snapshot};
 use annals::{
-    Durability, EventFilter, EventStore, ExpectedVersion, Metadata, NewEvent, Position,
-    ReadDirection, RecordedEvent, SledStore, SledStoreConfig, Snapshot, StreamId, Version,
+    EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, SledStore, StreamId, Version,
 };
 use uuid::Uuid;
 

@@ -37,11 +37,13 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use annals::codec::{decode_event, decode_value, encode_event, encode_value};
+use annals::projection::{ProjectionContext, ProjectionError, SledProjection};
+use annals::store::{EventFilter, ReadDirection, ReadModelBatch};
 use annals::{
-    decode_event, decode_value, encode_event, encode_value, Aggregate, CommandContext,
-    CommandError, EventFilter, EventStore, ExpectedVersion, NewEvent, Position, ProjectionConfig,
-    ProjectionContext, ProjectionError, ProjectionHandle, ReadDirection, ReadModelBatch,
-    RecordedEvent, Runtime, RuntimeConfig, SledProjection, SledStore, StreamId, Version,
+    Aggregate, CommandContext, CommandError, EventStore, ExpectedVersion, NewEvent, Position,
+    ProjectionConfig, ProjectionHandle, RecordedEvent, Runtime, RuntimeConfig, SledStore, StreamId,
+    Version,
 };
 use common::{Ledger, LedgerCommand, LedgerEvent};
 use serde::{Deserialize, Serialize};

@@ -15,11 +15,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use annals::codec::{
+    decode_event_parts, decode_value, encode_event, encode_value, CodecError, Upcasters,
+};
+use annals::store::{EventFilter, Metadata, ReadDirection, Snapshot};
 use annals::{
-    decode_event_parts, decode_value, encode_event, encode_value, Aggregate, CodecError,
-    CommandError, DomainEvent, EventFilter, EventStore, ExpectedVersion, MemoryStore, Metadata,
-    NewEvent, Position, QueryError, ReadDirection, RecordedEvent, Runtime, RuntimeConfig,
-    SledStore, Snapshot, StreamId, Upcasters, Version,
+    Aggregate, CommandError, DomainEvent, EventStore, ExpectedVersion, MemoryStore, NewEvent,
+    Position, QueryError, RecordedEvent, Runtime, RuntimeConfig, SledStore, StreamId, Version,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;

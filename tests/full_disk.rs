@@ -9,10 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use annals::{
-    AppendError, EventFilter, EventStore, ExpectedVersion, NewEvent, Position, ReadDirection,
-    SledStore, SledStoreConfig, StoreError, StreamId,
-};
+use annals::store::{AppendError, EventFilter, ReadDirection, SledStoreConfig};
+use annals::{EventStore, ExpectedVersion, NewEvent, Position, SledStore, StoreError, StreamId};
 use uuid::Uuid;
 
 struct Mount<'a>(&'a Path);

@@ -9,12 +9,15 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use annals::projection::{FailurePolicy, ProjectionContext, ProjectionError};
+use annals::store::{
+    SledStoreConfig, DEFAULT_MAX_EVENT_SIZE, MAX_CHECKPOINT_NAME_LEN, MAX_EVENTS_PER_APPEND,
+    MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
+};
 use annals::{
-    Aggregate, CommandError, DomainEvent, EventStore, ExpectedVersion, FailurePolicy, InvalidInput,
-    MemoryStore, NewEvent, Position, Projection, ProjectionConfig, ProjectionContext,
-    ProjectionError, ProjectionHandle, QueryError, RecordedEvent, Runtime, RuntimeConfig,
-    SledStore, SledStoreConfig, StreamId, Version, DEFAULT_MAX_EVENT_SIZE, MAX_CHECKPOINT_NAME_LEN,
-    MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
+    Aggregate, CommandError, DomainEvent, EventStore, ExpectedVersion, InvalidInput, MemoryStore,
+    NewEvent, Position, Projection, ProjectionConfig, ProjectionHandle, QueryError, RecordedEvent,
+    Runtime, RuntimeConfig, SledStore, StreamId, Version,
 };
 use common::whole_log;
 use serde::{Deserialize, Serialize};
@@ -110,7 +113,7 @@ async fn metadata_key_lengths() {
             .await;
         expect_invalid(
             result,
-            |e| matches!(e, annals::AppendError::InvalidInput(found) if *found == expected),
+            |e| matches!(e, annals::store::AppendError::InvalidInput(found) if *found == expected),
         );
     }
     assert_eq!(store.head_position(), Position::START);
@@ -336,7 +339,7 @@ async fn refusals_write_nothing_to_disk() {
                     vec![NewEvent::new("Orphan", b"x".to_vec())],
                 )
                 .await,
-            |e| matches!(e, annals::AppendError::WrongExpectedVersion { .. }),
+            |e| matches!(e, annals::store::AppendError::WrongExpectedVersion { .. }),
         );
         assert!(store
             .save_checkpoint(&"c".repeat(MAX_CHECKPOINT_NAME_LEN + 1), Position(1))
@@ -477,7 +480,7 @@ async fn default_event_size_is_the_documented_one() {
 fn sled_store_settings_below_their_minimum_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
-    let config = || annals::SledStoreConfig::new(&path);
+    let config = || annals::store::SledStoreConfig::new(&path);
     let cases = [
         ("max_event_size", config().max_event_size(0)),
         ("live_feed_capacity", config().live_feed_capacity(0)),
@@ -485,7 +488,7 @@ fn sled_store_settings_below_their_minimum_are_refused() {
         ("max_group_commit", config().max_group_commit(0)),
         (
             "flush_every_ms",
-            config().durability(annals::Durability::Buffered { flush_every_ms: 0 }),
+            config().durability(annals::store::Durability::Buffered { flush_every_ms: 0 }),
         ),
     ];
     for (setting, config) in cases {

@@ -15,11 +15,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use annals::codec::{decode_event, decode_value};
+use annals::store::{
+    AppendError, AppendResult, EventFilter, LiveFeed, ReadDirection, ReadError, Snapshot,
+};
 use annals::{
-    decode_event, decode_value, Aggregate, AppendError, AppendResult, CommandError, EventFilter,
-    EventStore, ExpectedVersion, LiveFeed, MemoryStore, NewEvent, Position, ReadDirection,
-    ReadError, RecordedEvent, Runtime, RuntimeConfig, SledStore, Snapshot, StoreError, StreamId,
-    Version,
+    Aggregate, CommandError, EventStore, ExpectedVersion, MemoryStore, NewEvent, Position,
+    RecordedEvent, Runtime, RuntimeConfig, SledStore, StoreError, StreamId, Version,
 };
 use async_trait::async_trait;
 use common::{Ledger, LedgerCommand as C, LedgerEvent};

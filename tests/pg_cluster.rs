@@ -28,10 +28,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use annals::{
-    subscribe, AppendError, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
-    PostgresConfig, ReadDirection, StoreError, StreamId,
-};
+use annals::projection::subscribe;
+use annals::store::{AppendError, EventFilter, PostgresConfig, ReadDirection};
+use annals::{EventStore, ExpectedVersion, NewEvent, Position, StoreError, StreamId};
 use uuid::Uuid;
 
 const CHILD_SCHEMA: &str = "ANNALS_PG_CLUSTER_SCHEMA";

@@ -13,10 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use annals::{
-    subscribe, AppendError, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
-    ReadDirection, StoreError, StreamId,
-};
+use annals::projection::subscribe;
+use annals::store::{AppendError, EventFilter, ReadDirection};
+use annals::{EventStore, ExpectedVersion, NewEvent, Position, StoreError, StreamId};
 use uuid::Uuid;
 
 fn restart_cluster() {

@@ -13,10 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use annals::projection::subscribe;
+use annals::store::{
+    AppendError, EventFilter, PostgresConfig, PostgresStore, ReadDirection, POSTGRES_FORMAT_VERSION,
+};
 use annals::{
-    subscribe, AppendError, EventFilter, EventStore, ExpectedVersion, InvalidInput, NewEvent,
-    Position, PostgresConfig, PostgresStore, ReadDirection, RecordedEvent, StoreError, StreamId,
-    Version, POSTGRES_FORMAT_VERSION,
+    EventStore, ExpectedVersion, InvalidInput, NewEvent, Position, RecordedEvent, StoreError,
+    StreamId, Version,
 };
 use uuid::Uuid;
 

@@ -5,9 +5,8 @@
 
 use std::sync::Arc;
 
-use annals::{
-    Durability, EventStore, ExpectedVersion, NewEvent, SledStore, SledStoreConfig, StreamId,
-};
+use annals::store::{Durability, SledStoreConfig};
+use annals::{EventStore, ExpectedVersion, NewEvent, SledStore, StreamId};
 
 fn event() -> Vec<NewEvent> {
     vec![NewEvent::new("Happened", vec![7; 64])]

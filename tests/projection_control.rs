@@ -9,11 +9,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use annals::projection::{
+    FailurePolicy, ProjectionContext, ProjectionControlError, ProjectionError, ProjectionState,
+};
+use annals::store::{
+    AppendError, AppendResult, EventFilter, LiveFeed, ReadDirection, ReadError, Snapshot,
+};
 use annals::{
-    AppendError, AppendResult, EventFilter, EventStore, ExpectedVersion, FailurePolicy, LiveFeed,
-    MemoryStore, NewEvent, Position, Projection, ProjectionConfig, ProjectionContext,
-    ProjectionControlError, ProjectionError, ProjectionHandle, ProjectionState, ReadDirection,
-    ReadError, RecordedEvent, SledStore, Snapshot, StoreError, StreamId, Version,
+    EventStore, ExpectedVersion, MemoryStore, NewEvent, Position, Projection, ProjectionConfig,
+    ProjectionHandle, RecordedEvent, SledStore, StoreError, StreamId, Version,
 };
 use async_trait::async_trait;
 use tokio::sync::Semaphore;

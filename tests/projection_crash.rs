@@ -16,10 +16,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
+use annals::projection::{ProjectionContext, ProjectionError, SledProjection};
+use annals::store::{Durability, EventFilter, ReadDirection, ReadModelBatch, SledStoreConfig};
 use annals::{
-    Durability, EventFilter, EventStore, ExpectedVersion, NewEvent, Position, ProjectionConfig,
-    ProjectionContext, ProjectionError, ProjectionHandle, ReadDirection, ReadModelBatch,
-    RecordedEvent, SledProjection, SledStore, SledStoreConfig, StreamId,
+    EventStore, ExpectedVersion, NewEvent, Position, ProjectionConfig, ProjectionHandle,
+    RecordedEvent, SledStore, StreamId,
 };
 
 const CHILD_ENV: &str = "ANNALS_PROJECTION_CRASH_CHILD";

@@ -6,10 +6,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use annals::projection::{ProjectionContext, ProjectionError};
+use annals::store::DEFAULT_MAX_EVENT_SIZE;
+use annals::testing::{FaultPlan, FaultyStore};
 use annals::{
-    EventStore, ExpectedVersion, FaultPlan, FaultyStore, MemoryStore, NewEvent, Position,
-    Projection, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
-    RecordedEvent, StreamId, DEFAULT_MAX_EVENT_SIZE,
+    EventStore, ExpectedVersion, MemoryStore, NewEvent, Position, Projection, ProjectionConfig,
+    ProjectionHandle, RecordedEvent, StreamId,
 };
 
 struct Recorder(Arc<Mutex<Vec<Position>>>);
@@ -50,7 +52,7 @@ async fn failing_reads_and_checkpoint_saves_lose_and_repeat_nothing() {
         .await
         {
             Ok(handle) => break handle,
-            Err(annals::ProjectionControlError::Read(_)) => continue,
+            Err(annals::projection::ProjectionControlError::Read(_)) => continue,
             Err(other) => panic!("unexpected error: {other}"),
         }
     };

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use annals::projection::{subscribe, ProjectionContext, ProjectionError};
+use annals::store::{Durability, EventFilter, SledStoreConfig, DEFAULT_MAX_EVENT_SIZE};
 use annals::{
-    subscribe, Durability, EventFilter, EventStore, ExpectedVersion, MemoryStore, NewEvent,
-    Position, Projection, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
-    RecordedEvent, SledStore, SledStoreConfig, StreamId, DEFAULT_MAX_EVENT_SIZE,
+    EventStore, ExpectedVersion, MemoryStore, NewEvent, Position, Projection, ProjectionConfig,
+    ProjectionHandle, RecordedEvent, SledStore, StreamId,
 };
 use tokio::sync::Notify;
 

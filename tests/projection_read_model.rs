@@ -6,11 +6,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use annals::projection::{
+    FailurePolicy, ProjectionContext, ProjectionControlError, ProjectionError, ProjectionState,
+    SledProjection,
+};
+use annals::store::{Durability, ReadModelBatch, ReadModelError, ReadModelStore, SledStoreConfig};
 use annals::{
-    Durability, EventStore, ExpectedVersion, FailurePolicy, InvalidInput, NewEvent, Position,
-    ProjectionConfig, ProjectionContext, ProjectionControlError, ProjectionError, ProjectionHandle,
-    ProjectionState, ReadModelBatch, ReadModelError, ReadModelStore, RecordedEvent, SledProjection,
-    SledStore, SledStoreConfig, StoreError, StreamId,
+    EventStore, ExpectedVersion, InvalidInput, NewEvent, Position, ProjectionConfig,
+    ProjectionHandle, RecordedEvent, SledStore, StoreError, StreamId,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

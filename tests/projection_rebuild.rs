@@ -5,10 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use annals::codec::encode_event;
+use annals::projection::{ProjectionContext, ProjectionError, SledProjection, Typed};
+use annals::store::{Durability, EventFilter, ReadModelBatch, SledStoreConfig};
 use annals::{
-    encode_event, DomainEvent, Durability, EventFilter, EventStore, ExpectedVersion, Position,
-    ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle, ReadModelBatch,
-    RecordedEvent, SledProjection, SledStore, SledStoreConfig, StreamId, Typed, TypedProjection,
+    DomainEvent, EventStore, ExpectedVersion, Position, ProjectionConfig, ProjectionHandle,
+    RecordedEvent, SledStore, StreamId, TypedProjection,
 };
 use serde::{Deserialize, Serialize};
 
@@ -79,7 +81,7 @@ impl SledProjection for RevenueModel {
         _: &ProjectionContext,
     ) -> Result<(), ProjectionError> {
         let order = event.stream_id.as_str();
-        match annals::decode_event::<OrderEvent>(event)? {
+        match annals::codec::decode_event::<OrderEvent>(event)? {
             OrderEvent::OrderPlaced { customer, amount } => {
                 batch.update::<u64>(REVENUE, &customer, |total| total + amount)?;
                 batch.put(ORDERS, order, &(amount, customer))?;
@@ -216,7 +218,7 @@ async fn an_undecodable_event_is_a_recorded_failure_not_a_silent_skip() {
     let model = TypedRevenue::default();
     let config = ProjectionConfig::builder("typed")
         .filter(EventFilter::Category("order".into()))
-        .failure_policy(annals::FailurePolicy::SkipAndRecord);
+        .failure_policy(annals::projection::FailurePolicy::SkipAndRecord);
     let handle =
         ProjectionHandle::spawn(store.clone(), config.build().unwrap(), Typed(model.clone()))
             .await

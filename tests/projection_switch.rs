@@ -5,9 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use annals::projection::{subscribe, Subscription};
+use annals::store::{Durability, EventFilter, ReadDirection, SledStoreConfig};
 use annals::{
-    subscribe, Durability, EventFilter, EventStore, ExpectedVersion, MemoryStore, NewEvent,
-    Position, ReadDirection, RecordedEvent, SledStore, SledStoreConfig, StreamId, Subscription,
+    EventStore, ExpectedVersion, MemoryStore, NewEvent, Position, RecordedEvent, SledStore,
+    StreamId,
 };
 use futures::StreamExt;
 

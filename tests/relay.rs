@@ -18,12 +18,12 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use annals::{
-    EventFilter, EventStore, ExpectedVersion, JetStreamSink, JetStreamStream, Metadata, NewEvent,
-    Position, ReadDirection, RecordedEvent, Relay, RelayConfig, SledStore, StreamId,
-    HEADER_CAUSATION_ID, HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_POSITION,
-    HEADER_STREAM_ID, HEADER_VERSION,
+use annals::store::{EventFilter, Metadata, ReadDirection};
+use annals::workflow::{
+    JetStreamSink, JetStreamStream, Relay, RelayConfig, HEADER_CAUSATION_ID, HEADER_CORRELATION_ID,
+    HEADER_EVENT_TYPE, HEADER_POSITION, HEADER_STREAM_ID, HEADER_VERSION,
 };
+use annals::{EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, SledStore, StreamId};
 use async_nats::jetstream;
 use futures::StreamExt;
 use uuid::Uuid;

@@ -7,9 +7,11 @@ mod common;
 
 use std::sync::Arc;
 
+use annals::runtime::RuntimeStore;
+use annals::store::ReadDirection;
 use annals::{
-    CommandContext, CommandError, EventStore, MemoryStore, ReadDirection, Runtime, RuntimeConfig,
-    RuntimeStore, SledStore, StreamId, Version,
+    CommandContext, CommandError, EventStore, MemoryStore, Runtime, RuntimeConfig, SledStore,
+    StreamId, Version,
 };
 use common::{model, Ledger, LedgerCommand as C, LedgerError, TestStore};
 use uuid::Uuid;

@@ -10,10 +10,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use annals::{
-    decode_event, CommandError, EventStore, FaultPlan, FaultyStore, MemoryStore, ReadDirection,
-    Runtime, RuntimeConfig, StreamId, Version,
-};
+use annals::codec::decode_event;
+use annals::store::ReadDirection;
+use annals::testing::{FaultPlan, FaultyStore};
+use annals::{CommandError, EventStore, MemoryStore, Runtime, RuntimeConfig, StreamId, Version};
 use common::{Ledger, LedgerCommand as C, LedgerError, LedgerEvent};
 
 #[derive(Default, Debug)]

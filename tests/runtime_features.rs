@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use annals::projection::{ProjectionContext, ProjectionError};
+use annals::runtime::{AggregateSettings, CategoryError};
+use annals::store::ReadDirection;
 use annals::{
-    Aggregate, AggregateSettings, CategoryError, CommandContext, CommandError, DomainEvent,
-    EventStore, MemoryStore, Position, Projection, ProjectionConfig, ProjectionContext,
-    ProjectionError, QueryError, ReadDirection, RecordedEvent, Runtime, RuntimeConfig, SledStore,
+    Aggregate, CommandContext, CommandError, DomainEvent, EventStore, MemoryStore, Position,
+    Projection, ProjectionConfig, QueryError, RecordedEvent, Runtime, RuntimeConfig, SledStore,
     StreamId, Version,
 };
 use common::{Ledger, LedgerCommand as C, TestStore};

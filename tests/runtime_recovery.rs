@@ -7,7 +7,9 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use annals::{EventStore, Runtime, RuntimeConfig, RuntimeStore, Snapshot, StreamId, Version};
+use annals::runtime::RuntimeStore;
+use annals::store::Snapshot;
+use annals::{EventStore, Runtime, RuntimeConfig, StreamId, Version};
 use common::{Ledger, LedgerCommand as C, TestStore};
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -164,7 +166,7 @@ async fn an_undecodable_snapshot_is_ignored_with_a_warning() {
     // A snapshot ahead of the stream (from another store) is ignored too.
     let ahead = Snapshot {
         version: Version(500),
-        payload: annals::encode_value(&Ledger::default()).unwrap(),
+        payload: annals::codec::encode_value(&Ledger::default()).unwrap(),
     };
     store.inner.save_snapshot(&stream, ahead).await.unwrap();
     let runtime = Runtime::new(store.clone(), RuntimeConfig::default());
@@ -260,7 +262,7 @@ async fn commands_waiting_for_a_failed_recovery_share_its_error() {
         .collect();
     for command in waiting {
         match command.await.unwrap() {
-            Err(annals::CommandError::Codec(annals::CodecError::UnknownEventType {
+            Err(annals::CommandError::Codec(annals::codec::CodecError::UnknownEventType {
                 event_type,
                 ..
             })) => assert_eq!(event_type, "RenamedSinceThen"),

@@ -18,10 +18,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use annals::projection::{ProjectionContext, ProjectionError};
+use annals::store::{Durability, EventFilter, ReadDirection, SledStoreConfig};
 use annals::{
-    Aggregate, DomainEvent, Durability, EventFilter, EventStore, Position, Projection,
-    ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle, ReadDirection,
-    RecordedEvent, Runtime, RuntimeConfig, SledStore, SledStoreConfig, StreamId, Version,
+    Aggregate, DomainEvent, EventStore, Position, Projection, ProjectionConfig, ProjectionHandle,
+    RecordedEvent, Runtime, RuntimeConfig, SledStore, StreamId, Version,
 };
 use serde::{Deserialize, Serialize};
 

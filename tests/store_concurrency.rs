@@ -9,9 +9,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use annals::store::{AppendError, AppendResult, ReadDirection};
 use annals::{
-    AppendError, AppendResult, EventStore, ExpectedVersion, MemoryStore, NewEvent, Position,
-    ReadDirection, RecordedEvent, SledStore, StreamId, Version,
+    EventStore, ExpectedVersion, MemoryStore, NewEvent, Position, RecordedEvent, SledStore,
+    StreamId, Version,
 };
 use common::whole_log;
 use tempfile::TempDir;

@@ -14,7 +14,9 @@ mod pg_support;
 
 use std::sync::Arc;
 
-use annals::{FaultPlan, FaultyStore, MemoryStore, SledStore, SledStoreConfig};
+use annals::store::SledStoreConfig;
+use annals::testing::{FaultPlan, FaultyStore};
+use annals::{MemoryStore, SledStore};
 use conformance::{Backend, Limits, Opening};
 use outside_store::OutsideStore;
 

@@ -9,10 +9,13 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+use annals::store::{
+    AppendError, AppendResult, Durability, EventFilter, Metadata, ReadDirection, SledStoreConfig,
+    Snapshot, FORMAT_VERSION,
+};
 use annals::{
-    AppendError, AppendResult, Durability, EventFilter, EventStore, ExpectedVersion, Metadata,
-    NewEvent, Position, ReadDirection, RecordedEvent, SledStore, SledStoreConfig, Snapshot,
-    StoreError, StreamId, Version, FORMAT_VERSION,
+    EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, SledStore, StoreError,
+    StreamId, Version,
 };
 use common::{until_unlocked, whole_log, whole_stream};
 use tokio::sync::Barrier;
@@ -509,11 +512,11 @@ async fn shutdown_frees_the_directory_while_the_handle_lives() {
             Some(Position(1))
         );
         match first.stream_version(&id).await {
-            Err(annals::ReadError::Store(StoreError::Closed)) => {}
+            Err(annals::store::ReadError::Store(StoreError::Closed)) => {}
             other => panic!("{durability:?}: expected Closed from the old handle, got {other:?}"),
         }
         match first.load_checkpoint("view").await {
-            Err(annals::ReadError::Store(StoreError::Closed)) => {}
+            Err(annals::store::ReadError::Store(StoreError::Closed)) => {}
             other => panic!("{durability:?}: expected Closed from the old handle, got {other:?}"),
         }
         second.shutdown().await.unwrap();

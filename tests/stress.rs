@@ -15,9 +15,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use annals::codec::decode_event;
+use annals::runtime::RuntimeStore;
+use annals::store::{EventFilter, ReadDirection};
 use annals::{
-    decode_event, Aggregate, CommandContext, CommandError, EventFilter, Executed, MemoryStore,
-    Position, ReadDirection, Runtime, RuntimeConfig, RuntimeStore, SledStore, Version,
+    Aggregate, CommandContext, CommandError, Executed, MemoryStore, Position, Runtime,
+    RuntimeConfig, SledStore, Version,
 };
 use common::{Ledger, LedgerCommand as C, LedgerError, LedgerEvent};
 use uuid::Uuid;

@@ -8,10 +8,12 @@ use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Once;
 
+use annals::codec::{encode_value, CodecError, Upcasters};
+use annals::projection::{ProjectionContext, ProjectionError};
+use annals::store::EventFilter;
+use annals::testing::{AggregateTest, ProjectionTest};
 use annals::{
-    encode_value, Aggregate, AggregateTest, CodecError, DomainEvent, EventFilter, NewEvent,
-    Position, Projection, ProjectionContext, ProjectionError, ProjectionTest, RecordedEvent,
-    TypedProjection, Upcasters, Version,
+    Aggregate, DomainEvent, NewEvent, Position, Projection, RecordedEvent, TypedProjection, Version,
 };
 use serde::{Deserialize, Serialize};
 

@@ -12,10 +12,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use annals::codec::encode_event;
+use annals::projection::{ProjectionContext, ProjectionError};
+use annals::store::{Durability, SledStoreConfig};
 use annals::{
-    encode_event, Aggregate, DomainEvent, Durability, EventStore, ExpectedVersion, NewEvent,
-    Projection, ProjectionContext, ProjectionError, RecordedEvent, SledStore, SledStoreConfig,
-    StreamId,
+    Aggregate, DomainEvent, EventStore, ExpectedVersion, NewEvent, Projection, RecordedEvent,
+    SledStore, StreamId,
 };
 use serde::{Deserialize, Serialize};
 

@@ -32,10 +32,8 @@ use crate::store::{EventStore, ReadModelStore};
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use annals::{
-///     EventStore, ExpectedVersion, MemoryStore, NewEvent, Projection, ProjectionConfig,
-///     ProjectionContext, ProjectionError, ProjectionHandle, RecordedEvent, StreamId,
-/// };
+/// use annals::{EventStore, ExpectedVersion, MemoryStore, NewEvent, Projection, ProjectionConfig, ProjectionHandle, RecordedEvent, StreamId};
+/// use annals::projection::{ProjectionContext, ProjectionError};
 ///
 /// struct Count(u64);
 ///

@@ -220,7 +220,7 @@ mod tests {
             .read_stream(
                 &stream,
                 crate::Version::FIRST,
-                crate::ReadDirection::Forward,
+                crate::store::ReadDirection::Forward,
                 10,
             )
             .await

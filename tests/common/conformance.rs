@@ -23,11 +23,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use annals::{
-    AppendError, AppendResult, Commit, EventFilter, EventStore, ExpectedVersion, FeedError,
-    InvalidInput, LiveFeed, Metadata, NewEvent, Position, ReadDirection, ReadError, RecordedEvent,
-    Snapshot, StoreError, StreamId, Version, DEFAULT_LIVE_FEED_CAPACITY, DEFAULT_MAX_EVENT_SIZE,
+use annals::store::{
+    AppendError, AppendResult, Commit, EventFilter, FeedError, LiveFeed, Metadata, ReadDirection,
+    ReadError, Snapshot, DEFAULT_LIVE_FEED_CAPACITY, DEFAULT_MAX_EVENT_SIZE,
     MAX_CHECKPOINT_NAME_LEN, MAX_EVENTS_PER_APPEND, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
+};
+use annals::{
+    EventStore, ExpectedVersion, InvalidInput, NewEvent, Position, RecordedEvent, StoreError,
+    StreamId, Version,
 };
 use uuid::Uuid;
 

@@ -9,10 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use annals::codec::encode_event;
+use annals::store::{
+    AppendError, AppendResult, EventFilter, LiveFeed, ReadDirection, ReadError, Snapshot,
+};
 use annals::{
-    encode_event, Aggregate, AppendError, AppendResult, DomainEvent, EventFilter, EventStore,
-    ExpectedVersion, LiveFeed, MemoryStore, NewEvent, Position, ReadDirection, ReadError,
-    RecordedEvent, Snapshot, StoreError, StreamId, Version,
+    Aggregate, DomainEvent, EventStore, ExpectedVersion, MemoryStore, NewEvent, Position,
+    RecordedEvent, StoreError, StreamId, Version,
 };
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

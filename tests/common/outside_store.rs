@@ -8,11 +8,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use annals::{
+use annals::store::{
     check_idempotency, validate_append, validate_checkpoint_name, validate_limit, AppendError,
-    AppendResult, BackendError, EventFilter, EventStore, ExpectedVersion, IdempotencyCheck,
-    LiveFeed, LivePublisher, NewEvent, Position, ReadDirection, ReadError, RecordedEvent, Snapshot,
-    StoreError, StoredId, StreamId, Version,
+    AppendResult, BackendError, EventFilter, IdempotencyCheck, LiveFeed, LivePublisher,
+    ReadDirection, ReadError, Snapshot, StoredId,
+};
+use annals::{
+    EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError, StreamId, Version,
 };
 use async_trait::async_trait;
 

@@ -8,7 +8,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
-use annals::{PostgresConfig, PostgresStore, StoreError};
+use annals::store::{PostgresConfig, PostgresStore};
+use annals::StoreError;
 
 /// The server the tests use unless `ANNALS_PG_URL` names another.
 pub const DEFAULT_URL: &str = "postgresql://postgres@127.0.0.1:5432/test";

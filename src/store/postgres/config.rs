@@ -1,4 +1,4 @@
-//! How to open a [`PostgresStore`](crate::PostgresStore): where the server
+//! How to open a [`PostgresStore`](crate::store::PostgresStore): where the server
 //! is, which schema holds the store, and the limits of its writer and feed.
 
 use std::time::Duration;
@@ -11,7 +11,7 @@ use crate::store::DEFAULT_LIVE_FEED_CAPACITY;
 /// identifiers at 63 bytes; the store's notification channel adds a prefix.
 pub const MAX_SCHEMA_NAME_LEN: usize = 48;
 
-/// How to open a [`PostgresStore`](crate::PostgresStore).
+/// How to open a [`PostgresStore`](crate::store::PostgresStore).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct PostgresConfig {

@@ -220,7 +220,7 @@ impl SledStore {
     }
 
     /// The sled database, for read models that commit atomically with their
-    /// checkpoint (see [`crate::SledProjection`]). Trees whose names start with
+    /// checkpoint (see [`crate::projection::SledProjection`]). Trees whose names start with
     /// `log`, `snapshots` or `checkpoints` belong to the store.
     ///
     /// The database is lent for as long as the store lives, so a store

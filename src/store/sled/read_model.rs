@@ -457,7 +457,7 @@ impl<K: FromKey, V: DeserializeOwned> ReadModelView<'_, K, V> {
 
 impl SledStore {
     /// A read-only view of the read-model tree `tree` (written by a
-    /// [`SledProjection`](crate::SledProjection)), with keys of type `K`
+    /// [`SledProjection`](crate::projection::SledProjection)), with keys of type `K`
     /// and values of type `V`. Readers see every batch once it is committed
     /// (after [`ProjectionHandle::wait_for`](crate::ProjectionHandle::wait_for)).
     ///
