@@ -12,11 +12,9 @@ mod library;
 
 use std::sync::Arc;
 
-use annals::{
-    EventFilter, EventStore, ProjectionConfig, ProjectionContext, ProjectionError,
-    ProjectionHandle, ReadModelBatch, RecordedEvent, Runtime, SledStore, Typed,
-    TypedSledProjection,
-};
+use annals::projection::{ProjectionContext, ProjectionError, Typed, TypedSledProjection};
+use annals::store::{EventFilter, ReadModelBatch};
+use annals::{EventStore, ProjectionConfig, ProjectionHandle, RecordedEvent, Runtime, SledStore};
 use library::{Book, BookCommand, BookEvent};
 
 /// The tree: member -> how many books they have on loan now (u64).

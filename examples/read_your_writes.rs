@@ -10,10 +10,9 @@ mod library;
 
 use std::{sync::Arc, time::Duration};
 
-use annals::{
-    EventFilter, ProjectionConfig, ProjectionContext, ProjectionError, ProjectionHandle,
-    ReadModelBatch, RecordedEvent, Runtime, Typed, TypedSledProjection,
-};
+use annals::projection::{ProjectionContext, ProjectionError, Typed, TypedSledProjection};
+use annals::store::{EventFilter, ReadModelBatch};
+use annals::{ProjectionConfig, ProjectionHandle, RecordedEvent, Runtime};
 use library::{Book, BookCommand, BookEvent};
 
 /// The tree: book id (`42` of `book-42`) -> the member who has it.
