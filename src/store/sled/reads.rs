@@ -38,7 +38,7 @@ pub(super) fn read_stream(
     };
     let mut events = Vec::new();
     let mut decoder = RecordDecoder::default();
-    let mut push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
+    let push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
         let (key, value) = entry.map_err(sled_error)?;
         if !key.starts_with(&prefix) {
             return Ok(false);
@@ -54,22 +54,7 @@ pub(super) fn read_stream(
         events.push(event);
         Ok(events.len() < limit)
     };
-    match direction {
-        ReadDirection::Forward => {
-            for entry in range {
-                if !push(entry)? {
-                    break;
-                }
-            }
-        }
-        ReadDirection::Backward => {
-            for entry in range.rev() {
-                if !push(entry)? {
-                    break;
-                }
-            }
-        }
-    }
+    walk(range, direction, push)?;
     Ok(events)
 }
 
@@ -119,7 +104,7 @@ pub(super) fn read_all(
     };
     let mut events = Vec::with_capacity(limit.min(4096));
     let mut decoder = RecordDecoder::default();
-    let mut push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
+    let push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
         let (key, value) = entry.map_err(sled_error)?;
         let position = decode_u64(&key[1..])?;
         if let Some(event) = decoder.decode(position, &value, filter)? {
@@ -127,22 +112,7 @@ pub(super) fn read_all(
         }
         Ok(events.len() < limit)
     };
-    match direction {
-        ReadDirection::Forward => {
-            for entry in range {
-                if !push(entry)? {
-                    break;
-                }
-            }
-        }
-        ReadDirection::Backward => {
-            for entry in range.rev() {
-                if !push(entry)? {
-                    break;
-                }
-            }
-        }
-    }
+    walk(range, direction, push)?;
     Ok(events)
 }
 
@@ -326,4 +296,30 @@ mod tests {
         assert_eq!(positions(backward), [2, 1]);
         assert_eq!(store.stream_version(&id).await.unwrap(), Version(2));
     }
+}
+
+/// Feeds `range` to `push` in `direction` until `push` answers `false`:
+/// the one walk both reads share.
+fn walk(
+    range: sled::Iter,
+    direction: ReadDirection,
+    mut push: impl FnMut(sled::Result<(sled::IVec, sled::IVec)>) -> Result<bool, ReadError>,
+) -> Result<(), ReadError> {
+    match direction {
+        ReadDirection::Forward => {
+            for entry in range {
+                if !push(entry)? {
+                    break;
+                }
+            }
+        }
+        ReadDirection::Backward => {
+            for entry in range.rev() {
+                if !push(entry)? {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
 }
