@@ -233,6 +233,32 @@ pub(super) fn load_checkpoint(
         .transpose()?)
 }
 
+/// Feeds `range` to `push` in `direction` until `push` answers `false`:
+/// the one walk both reads share.
+fn walk(
+    range: sled::Iter,
+    direction: ReadDirection,
+    mut push: impl FnMut(sled::Result<(sled::IVec, sled::IVec)>) -> Result<bool, ReadError>,
+) -> Result<(), ReadError> {
+    match direction {
+        ReadDirection::Forward => {
+            for entry in range {
+                if !push(entry)? {
+                    break;
+                }
+            }
+        }
+        ReadDirection::Backward => {
+            for entry in range.rev() {
+                if !push(entry)? {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::format::tests::encode;
@@ -296,30 +322,4 @@ mod tests {
         assert_eq!(positions(backward), [2, 1]);
         assert_eq!(store.stream_version(&id).await.unwrap(), Version(2));
     }
-}
-
-/// Feeds `range` to `push` in `direction` until `push` answers `false`:
-/// the one walk both reads share.
-fn walk(
-    range: sled::Iter,
-    direction: ReadDirection,
-    mut push: impl FnMut(sled::Result<(sled::IVec, sled::IVec)>) -> Result<bool, ReadError>,
-) -> Result<(), ReadError> {
-    match direction {
-        ReadDirection::Forward => {
-            for entry in range {
-                if !push(entry)? {
-                    break;
-                }
-            }
-        }
-        ReadDirection::Backward => {
-            for entry in range.rev() {
-                if !push(entry)? {
-                    break;
-                }
-            }
-        }
-    }
-    Ok(())
 }
