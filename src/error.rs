@@ -164,6 +164,19 @@ pub enum StoreError {
     /// result, and nothing is written twice.
     #[error("the outcome of the commit is unknown: {0}")]
     OutcomeUnknown(String),
+    /// A checkpoint write was fenced off: another process took the
+    /// checkpoint's lease ([`EventStore::lease_checkpoint`](crate::store::EventStore::lease_checkpoint))
+    /// since this one took it, so nothing was written.
+    #[error("the lease of checkpoint {name:?} was taken by another process; nothing was written")]
+    LeaseLost {
+        /// The checkpoint's name.
+        name: String,
+    },
+    /// The server could not take a lock in time (PostgreSQL's
+    /// `lock_timeout`): another session held it, a hung transaction say.
+    /// Nothing was written; trying again later is safe.
+    #[error("a lock could not be taken in time; nothing was written: {0}")]
+    Busy(String),
 }
 
 impl Clone for StoreError {
@@ -195,6 +208,8 @@ impl Clone for StoreError {
                 found: *found,
             },
             StoreError::OutcomeUnknown(why) => StoreError::OutcomeUnknown(why.clone()),
+            StoreError::LeaseLost { name } => StoreError::LeaseLost { name: name.clone() },
+            StoreError::Busy(why) => StoreError::Busy(why.clone()),
         }
     }
 }
@@ -660,8 +675,10 @@ pub enum ProjectionControlError {
     /// The projection's own reset hook failed.
     #[error(transparent)]
     Projection(#[from] ProjectionError),
-    /// A projection of this name already runs on this store in this process;
-    /// two would overwrite each other's checkpoint.
+    /// A projection of this name already runs on this store in this process,
+    /// or (on a store that several processes share, such as PostgreSQL) in
+    /// another process, which holds the checkpoint's lease; two would
+    /// overwrite each other's checkpoint.
     #[error("a projection named {name:?} already runs on this store")]
     AlreadyRunning {
         /// The name.

@@ -301,6 +301,17 @@ impl EventStore for FaultyStore {
     async fn shutdown(&self) -> Result<(), StoreError> {
         self.inner.shutdown().await
     }
+
+    async fn lease_checkpoint(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::store::CheckpointLease>, StoreError> {
+        self.inner.lease_checkpoint(name).await
+    }
+
+    fn shared_by_processes(&self) -> bool {
+        self.inner.shared_by_processes()
+    }
 }
 
 #[cfg(test)]

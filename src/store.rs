@@ -5,6 +5,7 @@
 //! Backends: [`SledStore`](crate::SledStore) on disk and
 //! [`MemoryStore`](crate::MemoryStore) for tests.
 
+mod lease;
 pub(crate) mod memory;
 pub(crate) mod postgres;
 mod read_model;
@@ -21,9 +22,11 @@ use uuid::Uuid;
 use crate::error::InvalidInput;
 use crate::event::validate_name;
 
+pub use self::lease::CheckpointLease;
 pub use self::memory::MemoryStore;
 pub use self::postgres::{
-    PostgresConfig, PostgresStats, PostgresStore, MAX_SCHEMA_NAME_LEN, POSTGRES_FORMAT_VERSION,
+    PostgresConfig, PostgresStats, PostgresStore, PostgresTransaction, MAX_SCHEMA_NAME_LEN,
+    POSTGRES_FORMAT_VERSION,
 };
 pub use self::read_model::{FromKey, Key, ReadModelStore, Unordered};
 pub use self::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
@@ -149,6 +152,34 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     /// final flush fails: what is on disk is then the last durable prefix,
     /// which reopening recovers.
     async fn shutdown(&self) -> Result<(), StoreError>;
+
+    /// Takes the right to run the projection (and own the checkpoint)
+    /// `name` in every process that shares this store, for as long as the
+    /// returned lease lives. `Ok(None)`: another process holds it now.
+    ///
+    /// A store shared across processes fences the holder's checkpoint
+    /// writes ([`EventStore::save_checkpoint`], and
+    /// [`ReadModelStore::commit`]): once another process has taken the
+    /// lease, they fail with [`StoreError::LeaseLost`] and write nothing, so
+    /// a runner that lost its lease can never move the checkpoint. The
+    /// default, for a store that one process owns: a
+    /// [`CheckpointLease::local`] that holds nothing (a projection's
+    /// in-process name lease already excludes a second runner).
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidInput`] for a bad name; the backend's.
+    async fn lease_checkpoint(&self, name: &str) -> Result<Option<CheckpointLease>, StoreError> {
+        validate_checkpoint_name(name)?;
+        Ok(Some(CheckpointLease::local()))
+    }
+
+    /// Whether other processes may append to this store too (PostgreSQL),
+    /// so that a stream's actor can fall behind without a conflict telling
+    /// it yet: the runtime then follows the live feed and passivates an
+    /// idle actor whose stream another process wrote. Default `false`.
+    fn shared_by_processes(&self) -> bool {
+        false
+    }
 }
 
 /// Checks a checkpoint name as every backend must before saving or loading

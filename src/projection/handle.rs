@@ -117,12 +117,13 @@ impl ProjectionHandle {
         config: ProjectionConfig,
         projection: P,
     ) -> Result<Self, ProjectionControlError> {
+        let lease = NameLease::acquire_everywhere(&store, &config.name).await?;
         let checkpoint = store
             .load_checkpoint(&config.name)
             .await?
             .unwrap_or(Position::START);
         let runner = PlainRunner::new(Arc::clone(&store), config.name.as_str().into(), projection);
-        Self::start(store, config, Box::new(runner), checkpoint).await
+        Self::start_leased(store, config, Box::new(runner), checkpoint, lease).await
     }
 
     /// Starts a [`SledProjection`] whose read model lives in trees of
@@ -169,12 +170,15 @@ impl ProjectionHandle {
         config: ProjectionConfig,
         projection: P,
     ) -> Result<Self, ProjectionControlError> {
+        let dyn_store: Arc<dyn EventStore> = Arc::clone(&store) as Arc<dyn EventStore>;
+        let lease = NameLease::acquire_everywhere(&dyn_store, &config.name).await?;
         let (runner, checkpoint) =
             ReadModelRunner::open(Arc::clone(&store), config.name.as_str().into(), projection)
                 .await?;
-        Self::start(store, config, Box::new(runner), checkpoint).await
+        Self::start_leased(store, config, Box::new(runner), checkpoint, lease).await
     }
 
+    #[cfg(test)]
     pub(crate) async fn start(
         store: Arc<dyn EventStore>,
         config: ProjectionConfig,
@@ -182,6 +186,18 @@ impl ProjectionHandle {
         checkpoint: Position,
     ) -> Result<Self, ProjectionControlError> {
         let lease = NameLease::acquire(&store, &config.name)?;
+        Self::start_leased(store, config, runner, checkpoint, lease).await
+    }
+
+    /// Starts the actor of a projection whose lease is taken and whose
+    /// checkpoint was read after it.
+    pub(crate) async fn start_leased(
+        store: Arc<dyn EventStore>,
+        config: ProjectionConfig,
+        runner: Box<dyn Runner>,
+        checkpoint: Position,
+        lease: NameLease,
+    ) -> Result<Self, ProjectionControlError> {
         let interrupt = Arc::new(Notify::new());
         let name = config.name.clone();
         let (state, status) = ActorState::new(

@@ -1,6 +1,7 @@
 //! The name lease: one running projection per name and store in this
 //! process, since two actors with one name would overwrite each other's
-//! checkpoint.
+//! checkpoint; and, for a store shared by several processes, the store's
+//! checkpoint lease on top, one runner per name across processes.
 
 use std::sync::{Arc, OnceLock};
 
@@ -8,7 +9,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use crate::error::ProjectionControlError;
-use crate::store::EventStore;
+use crate::store::{CheckpointLease, EventStore};
 
 /// The projection names running in this process, per store: two actors with
 /// one name would overwrite each other's checkpoint.
@@ -19,6 +20,9 @@ static RUNNING: OnceLock<DashMap<(usize, String), ()>> = OnceLock::new();
 #[derive(Debug)]
 pub(crate) struct NameLease {
     key: (usize, String),
+    /// The store's lease across processes, when taken (see
+    /// [`NameLease::acquire_everywhere`]).
+    _store: Option<CheckpointLease>,
 }
 
 impl NameLease {
@@ -34,8 +38,28 @@ impl NameLease {
             }),
             Entry::Vacant(vacant) => {
                 vacant.insert(());
-                Ok(Self { key })
+                Ok(Self { key, _store: None })
             }
+        }
+    }
+
+    /// The in-process lease, then the store's lease across processes
+    /// ([`EventStore::lease_checkpoint`]). Taken before the checkpoint is
+    /// read: a store that fences its previous holder lets that holder's
+    /// last write land (or fail) before this one reads where to start.
+    pub(crate) async fn acquire_everywhere(
+        store: &Arc<dyn EventStore>,
+        name: &str,
+    ) -> Result<Self, ProjectionControlError> {
+        let mut lease = Self::acquire(store, name)?;
+        match store.lease_checkpoint(name).await? {
+            Some(held) => {
+                lease._store = Some(held);
+                Ok(lease)
+            }
+            None => Err(ProjectionControlError::AlreadyRunning {
+                name: name.to_owned(),
+            }),
         }
     }
 }

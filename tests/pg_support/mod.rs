@@ -5,6 +5,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod models;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 

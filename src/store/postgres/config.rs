@@ -48,6 +48,14 @@ pub struct PostgresConfig {
     /// unique violation) is tried again before its appends get the error.
     /// Default 5.
     pub retries: u32,
+    /// How long a write transaction waits for a lock (the head row, which
+    /// every append transaction of every process locks) before it gives up
+    /// (PostgreSQL's `lock_timeout`), so that a hung session holding the
+    /// lock cannot stall the writer forever: the group is retried (see
+    /// [`PostgresConfig::retries`]) and then answered with
+    /// [`StoreError::Busy`](crate::StoreError::Busy), nothing written.
+    /// Default 2 s.
+    pub lock_timeout: Duration,
 }
 
 impl PostgresConfig {
@@ -64,6 +72,7 @@ impl PostgresConfig {
             poll_interval: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(10),
             retries: 5,
+            lock_timeout: Duration::from_secs(2),
         }
     }
 
@@ -121,6 +130,12 @@ impl PostgresConfig {
         self
     }
 
+    /// Sets how long a write transaction waits for a lock (at least 1 ms).
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
     /// Checks the settings [`PostgresStore::open`](crate::PostgresStore::open)
     /// needs: the schema name's syntax and every size, count and interval at
     /// least 1.
@@ -141,6 +156,7 @@ impl PostgresConfig {
             "connect_timeout_ms",
             self.connect_timeout.as_millis() as u64,
         )?;
+        at_least_one("lock_timeout_ms", self.lock_timeout.as_millis() as u64)?;
         Ok(())
     }
 }

@@ -8,6 +8,8 @@
 
 mod config;
 mod feed;
+mod lease;
+mod read_model;
 mod reads;
 mod schema;
 mod writer;
@@ -25,9 +27,11 @@ use tokio_postgres::NoTls;
 use tracing::debug;
 
 pub use self::config::{PostgresConfig, MAX_SCHEMA_NAME_LEN};
+pub use self::read_model::PostgresTransaction;
 pub use self::schema::POSTGRES_FORMAT_VERSION;
 
 use self::feed::Feed;
+use self::lease::Leases;
 use self::reads::{connection, decode_rows, filter_index, to_sql};
 use self::schema::Statements;
 use self::writer::{Append, Counters, Request, Writer};
@@ -36,7 +40,9 @@ use crate::event::{
     validate_append, AppendResult, EventFilter, ExpectedVersion, NewEvent, Position, ReadDirection,
     RecordedEvent, Snapshot, StreamId, Version,
 };
-use crate::store::{validate_checkpoint_name, validate_limit, EventStore, LiveFeed};
+use crate::store::{
+    validate_checkpoint_name, validate_limit, CheckpointLease, EventStore, LiveFeed,
+};
 
 /// Every error of the PostgreSQL driver and its pool becomes a
 /// [`StoreError`] here, and only here. The message carries the whole chain
@@ -116,6 +122,10 @@ struct Shared {
     statements: Arc<Statements>,
     feed: Arc<Feed>,
     closed: AtomicBool,
+    /// The checkpoint leases this store holds, whose writes it fences.
+    leases: Arc<Leases>,
+    /// How to open a connection of its own (a lease's).
+    pg_config: tokio_postgres::Config,
 }
 
 /// The event store on PostgreSQL.
@@ -241,11 +251,15 @@ impl PostgresStore {
                 max_group_commit: config.max_group_commit,
                 retries: config.retries,
                 counters: Arc::clone(&counters),
+                begin: format!(
+                    "BEGIN; SET LOCAL synchronous_commit = on; SET LOCAL lock_timeout = '{}ms'",
+                    config.lock_timeout.as_millis()
+                ),
             }
             .run(),
         );
         runtime.get().spawn(feed::listen(
-            pg_config,
+            pg_config.clone(),
             statements.channel.clone(),
             Arc::clone(&wake),
             stopped.clone(),
@@ -263,6 +277,8 @@ impl PostgresStore {
                 statements,
                 feed,
                 closed: AtomicBool::new(false),
+                leases: Arc::default(),
+                pg_config,
             }),
             sender,
             counters,
@@ -348,6 +364,30 @@ async fn query(
         };
         match result {
             Ok(rows) => return Ok(rows),
+            Err(error) if connection_lost(&error) && attempts < 3 => {
+                drop(deadpool_postgres::Object::take(client));
+            }
+            Err(error) => return Err(backend(error)),
+        }
+    }
+}
+
+/// As [`query`], for a statement: the number of rows it changed.
+async fn query_count(
+    shared: &Shared,
+    text: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, StoreError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let client = connection(&shared.pool).await?;
+        let result = match client.prepare_cached(text).await {
+            Ok(statement) => client.execute(&statement, params).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(count) => return Ok(count),
             Err(error) if connection_lost(&error) && attempts < 3 => {
                 drop(deadpool_postgres::Object::take(client));
             }
@@ -511,8 +551,21 @@ impl EventStore for PostgresStore {
         let shared = Arc::clone(&self.shared);
         let name = name.to_owned();
         self.run(async move {
-            let text = &shared.statements.save_checkpoint;
-            query(&shared, text, &[&name, &bits(position.0)]).await?;
+            // A lease holder's save is fenced on its epoch (see `lease`).
+            match shared.leases.epoch(&name) {
+                None => {
+                    let text = &shared.statements.save_checkpoint;
+                    query(&shared, text, &[&name, &bits(position.0)]).await?;
+                }
+                Some(epoch) => {
+                    let text = &shared.statements.save_leased_checkpoint;
+                    let saved =
+                        query_count(&shared, text, &[&name, &bits(position.0), &epoch]).await?;
+                    if saved != 1 {
+                        return Err(StoreError::LeaseLost { name });
+                    }
+                }
+            }
             Ok(())
         })
         .await
@@ -529,6 +582,29 @@ impl EventStore for PostgresStore {
                 Ok(rows.first().map(|row| Position(unbits(row.get(0)))))
             })
             .await?)
+    }
+
+    /// True: other processes may write the same schema.
+    fn shared_by_processes(&self) -> bool {
+        true
+    }
+
+    /// A session advisory lock on a connection of the lease's own, and a new
+    /// epoch in the schema's `leases` table that fences the previous
+    /// holder's checkpoint writes (docs/design.md, "Projections on several
+    /// processes"). The lock goes when the lease is dropped or its process
+    /// dies (the server closes the connection).
+    async fn lease_checkpoint(&self, name: &str) -> Result<Option<CheckpointLease>, StoreError> {
+        validate_checkpoint_name(name)?;
+        self.refuse_if_closed()?;
+        let task = lease::take(
+            self.shared.pg_config.clone(),
+            Arc::clone(&self.shared.statements),
+            Arc::clone(&self.shared.leases),
+            self.config.schema.clone(),
+            name.to_owned(),
+        );
+        self.run(task).await
     }
 
     /// Lets the writer commit what was queued before this call, then refuses

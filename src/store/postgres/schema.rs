@@ -37,6 +37,18 @@ pub(super) struct Statements {
     pub(super) delete_snapshot: String,
     pub(super) save_checkpoint: String,
     pub(super) load_checkpoint: String,
+    /// A read model's commit: the checkpoint moves only from where the
+    /// committer left it.
+    pub(super) move_checkpoint: String,
+    /// A read model's first commit: only if no checkpoint is stored.
+    pub(super) insert_checkpoint: String,
+    /// Locks the lease row FOR SHARE if it still has the holder's epoch.
+    pub(super) check_lease: String,
+    /// Takes a lease: moves its epoch on (waiting for the old holder's
+    /// checkpoint writes in flight) and returns it.
+    pub(super) take_lease: String,
+    /// `save_checkpoint` by a lease holder: only while its epoch is current.
+    pub(super) save_leased_checkpoint: String,
 }
 
 impl Statements {
@@ -124,6 +136,26 @@ impl Statements {
                  ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position"
             ),
             load_checkpoint: format!("SELECT position FROM {s}.checkpoints WHERE name = $1"),
+            move_checkpoint: format!(
+                "UPDATE {s}.checkpoints SET position = $2 WHERE name = $1 AND position = $3"
+            ),
+            insert_checkpoint: format!(
+                "INSERT INTO {s}.checkpoints (name, position) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO NOTHING"
+            ),
+            check_lease: format!(
+                "SELECT 1 FROM {s}.leases WHERE name = $1 AND epoch = $2 FOR SHARE"
+            ),
+            take_lease: format!(
+                "INSERT INTO {s}.leases (name, epoch) VALUES ($1, 1) \
+                 ON CONFLICT (name) DO UPDATE SET epoch = leases.epoch + 1 RETURNING epoch"
+            ),
+            save_leased_checkpoint: format!(
+                "WITH lease AS (SELECT 1 FROM {s}.leases \
+                 WHERE name = $1::text AND epoch = $3::bigint FOR SHARE) \
+                 INSERT INTO {s}.checkpoints (name, position) SELECT $1::text, $2::bigint FROM lease \
+                 ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position"
+            ),
         }
     }
 }
@@ -159,6 +191,16 @@ fn create_tables(s: &str) -> String {
          CREATE TABLE {s}.checkpoints (
              name text PRIMARY KEY,
              position bigint NOT NULL);"
+    )
+}
+
+/// The table of checkpoint leases (docs/design.md, "Projections on several
+/// processes"): added to stores created before it, so no format change.
+fn create_leases(s: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {s}.leases (
+             name text PRIMARY KEY,
+             epoch bigint NOT NULL)"
     )
 }
 
@@ -208,6 +250,10 @@ pub(super) async fn create_or_check(client: &mut Client, schema: &str) -> Result
     } else {
         return Err(StoreError::NotAStore(format!("schema {schema}")));
     }
+    transaction
+        .batch_execute(&create_leases(schema))
+        .await
+        .map_err(backend)?;
     let head: i64 = transaction
         .query_one(&format!("SELECT position FROM {schema}.head"), &[])
         .await

@@ -90,12 +90,16 @@ struct Failure {
     transient: bool,
     /// The connection was lost after COMMIT may have reached the server.
     maybe_committed: bool,
+    /// A lock was not had within `lock_timeout`.
+    busy: bool,
 }
 
 impl Failure {
     fn of(error: tokio_postgres::Error, after_commit_sent: bool) -> Self {
         let connection_lost = connection_lost(&error);
+        let busy = error.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
         let transient = connection_lost
+            || busy
             || matches!(
                 error.code(),
                 Some(&SqlState::T_R_SERIALIZATION_FAILURE)
@@ -106,6 +110,7 @@ impl Failure {
             error: backend(error),
             transient,
             maybe_committed: after_commit_sent && connection_lost,
+            busy,
         }
     }
 
@@ -115,6 +120,7 @@ impl Failure {
             error,
             transient: true,
             maybe_committed: false,
+            busy: false,
         }
     }
 }
@@ -127,6 +133,8 @@ pub(super) struct Writer {
     pub(super) max_group_commit: usize,
     pub(super) retries: u32,
     pub(super) counters: Arc<Counters>,
+    /// `BEGIN` with the transaction's settings (durability, lock timeout).
+    pub(super) begin: String,
 }
 
 impl Writer {
@@ -214,6 +222,8 @@ impl Writer {
         for append in group {
             let error = if maybe_committed {
                 StoreError::OutcomeUnknown(failure.error.to_string())
+            } else if failure.busy {
+                StoreError::Busy(failure.error.to_string())
             } else {
                 failure.error.clone()
             };
@@ -321,7 +331,7 @@ impl Writer {
         let (streams_param, ids_param): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
             ([&streams], [&ids]);
         let (begin, head, heads, stored) = tokio::join!(
-            client.batch_execute("BEGIN; SET LOCAL synchronous_commit = on"),
+            client.batch_execute(&self.begin),
             client.query_one(&lock_head, &[]),
             client.query(&stream_heads, &streams_param),
             client.query(&stored_ids, &ids_param),
@@ -344,6 +354,7 @@ impl Writer {
                 error: StoreError::Corrupt(format!("stored stream id: {e}")),
                 transient: false,
                 maybe_committed: false,
+                busy: false,
             })?;
             let version: i64 = row.get(2);
             let position: i64 = row.get(3);
@@ -381,6 +392,7 @@ impl Writer {
             error,
             transient: false,
             maybe_committed: false,
+            busy: false,
         })?;
         let (insert_events, notify) =
             tokio::try_join!(statement(&sql.insert_events), statement(&sql.notify),)
@@ -423,6 +435,7 @@ impl Writer {
                 )),
                 transient: false,
                 maybe_committed: true,
+                busy: false,
             });
         }
         Ok(Committed {
