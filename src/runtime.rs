@@ -8,6 +8,7 @@
 
 mod actor;
 mod config;
+mod foreign;
 mod registry;
 
 use std::any::{type_name, TypeId};
@@ -219,9 +220,16 @@ impl Runtime<SledStore> {
 
 impl<S: ?Sized + RuntimeStore> Runtime<S> {
     /// A runtime over `store`. No actor runs until the first command.
+    ///
+    /// When other processes write the store too
+    /// ([`EventStore::shared_by_processes`], PostgreSQL) and this is called
+    /// inside a tokio runtime, a task follows the store's live feed and
+    /// passivates an idle actor whose stream another process wrote, so that
+    /// its next command starts from the current state rather than paying a
+    /// conflict. It ends with the store's feed, at shutdown.
     pub fn new(store: Arc<S>, config: RuntimeConfig) -> Self {
         let (alive, gone) = mpsc::channel(1);
-        Self {
+        let runtime = Self {
             core: Arc::new(Core {
                 store: Arc::clone(&store).into_dyn(),
                 config: Arc::new(config),
@@ -234,7 +242,10 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
                 shutdown: tokio::sync::Mutex::new(None),
             }),
             store,
-        }
+        };
+        // Several processes: follow their writes (runtime/foreign.rs).
+        foreign::watch(&runtime.core);
+        runtime
     }
 
     /// The store, with its own type (for reads, sled read models, and in

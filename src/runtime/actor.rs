@@ -296,6 +296,9 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         self.registry
             .actor_started(myself.get_id(), self.key.clone(), Arc::clone(&self.slot));
         let _ = self.unregister.id.set(myself.get_id());
+        self.slot
+            .version
+            .store(rebuilt.version.0, std::sync::atomic::Ordering::Release);
         debug!(stream = %self.key.stream, version = %rebuilt.version,
             snapshot = %rebuilt.snapshot_version, "aggregate recovered");
         Ok(ActorState {
@@ -516,6 +519,9 @@ impl<A: Aggregate> AggregateActor<A> {
                 Ok(appended) => {
                     state.aggregate = next;
                     state.version = appended.last_version;
+                    self.slot
+                        .version
+                        .store(state.version.0, std::sync::atomic::Ordering::Release);
                     Span::current().record("version", appended.last_version.0);
                     self.maybe_snapshot(state);
                     return Ok(Executed {
@@ -583,6 +589,9 @@ impl<A: Aggregate> AggregateActor<A> {
                 }
                 state.version = recorded.version;
             }
+            self.slot
+                .version
+                .store(state.version.0, std::sync::atomic::Ordering::Release);
         }
     }
 

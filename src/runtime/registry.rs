@@ -41,6 +41,9 @@ pub(crate) struct Slot {
     state: AtomicUsize,
     /// The registry clock at the last use, for least-recently-used eviction.
     last_used: AtomicU64,
+    /// The stream version the actor's state is at, so that another
+    /// process's write can be told from the actor's own (runtime/foreign.rs).
+    pub(crate) version: AtomicU64,
     /// The actor, spawned by the first caller; the others wait for it.
     pub(crate) actor: OnceCell<ActorCell>,
     /// Why the actor's spawn (its recovery, mostly) failed, set before the
@@ -64,6 +67,7 @@ impl Slot {
         Self {
             state: AtomicUsize::new(0),
             last_used: AtomicU64::new(0),
+            version: AtomicU64::new(0),
             actor: OnceCell::new(),
             failure: OnceLock::new(),
         }
@@ -313,6 +317,29 @@ impl Registry {
             );
         }
         self.evicting.store(false, Ordering::Release);
+    }
+
+    /// Another process wrote `version` of `key`'s stream: passivates the
+    /// stream's actor if its state is older and it is idle (no command
+    /// pending), so that the next command recovers the current state.
+    /// Returns whether it did.
+    pub(crate) fn passivate_if_behind(&self, key: &SlotKey, version: u64) -> bool {
+        let Some(slot) = self.get_open(key) else {
+            return false;
+        };
+        if slot.version.load(Ordering::Acquire) >= version {
+            return false;
+        }
+        // Still spawning: its recovery reads the stream, or meets a conflict.
+        let Some(cell) = slot.actor.get().cloned() else {
+            return false;
+        };
+        if !slot.close_if_idle() {
+            return false;
+        }
+        self.remove(key, &slot);
+        cell.stop(Some("passivated: written by another process".to_owned()));
+        true
     }
 
     /// Refuses new commands everywhere and asks idle actors to stop; busy
