@@ -3,17 +3,20 @@
 //! The parent re-runs this test binary as 3 children sharing one schema.
 //! Each child appends raw events from several tasks (hot streams every child
 //! writes, cold streams of its own; `ExpectedVersion::Any`, and `Exact` on
-//! a version it just read, which conflicts across processes) and runs a
-//! subscription from its saved checkpoint. It prints every acknowledged
-//! event, every refused event id and every delivered position. The parent
-//! kills a random child with SIGKILL every second or two and starts it
-//! again. Afterwards: positions are 1..N, versions 1..n per stream, every
-//! acknowledged event is stored where it was acknowledged with its payload,
-//! no refused id is stored, and each run of each subscriber delivered one
-//! contiguous run of positions from its checkpoint.
-//!
-//! Not covered yet (see the PostgreSQL issue): aggregates through the
-//! runtime and projections with read models in the children.
+//! a version it just read, which conflicts across processes), runs commands
+//! through a runtime over hot aggregates (every child) and cold ones (its
+//! own), runs a subscription from its saved checkpoint, and stands by for
+//! the read-model projection `cluster-rm` (PostgreSQL tables, exactly once):
+//! one child at a time holds its lease and runs it; when that child is
+//! killed, another takes over. Each child prints every acknowledged event
+//! and command, every refused event id and command, and every delivered
+//! position. The parent kills a random child with SIGKILL every second or
+//! two and starts it again. Afterwards: positions are 1..N, versions 1..n
+//! per stream, every acknowledged event and command is stored where it was
+//! acknowledged (payload or tag), nothing refused is stored, each run of
+//! each subscriber delivered one contiguous run of positions from its
+//! checkpoint, and the read model equals a rebuild from the log, both at
+//! the checkpoint the kills left and after it is run to the head.
 //!
 //! `ANNALS_PG_CLUSTER_KILLS=N cargo test --release --test pg_cluster --
 //! --nocapture` runs N kills (default 6, a bounded run for CI) and ends with
@@ -28,10 +31,44 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use annals::projection::subscribe;
-use annals::store::{AppendError, EventFilter, PostgresConfig, ReadDirection};
-use annals::{EventStore, ExpectedVersion, NewEvent, Position, StoreError, StreamId};
+use annals::projection::{subscribe, ProjectionControlError};
+use annals::runtime::{Runtime, RuntimeConfig};
+use annals::store::{AppendError, EventFilter, PostgresConfig, PostgresStore, ReadDirection};
+use annals::{
+    CommandError, EventStore, ExpectedVersion, NewEvent, Position, ProjectionConfig,
+    ProjectionHandle, StoreError, StreamId,
+};
+use pg_support::models::{create_tables, rebuilt, stored_model, Add, Tally, TallyEvent, Totals};
 use uuid::Uuid;
+
+/// The read-model projection the children share (one runs it at a time).
+const READ_MODEL: &str = "cluster-rm";
+
+fn read_model_config() -> ProjectionConfig {
+    ProjectionConfig::builder(READ_MODEL)
+        .batch_size(128)
+        .build()
+        .unwrap()
+}
+
+/// Starts the read model once its lease is free (standing by meanwhile).
+async fn run_read_model(store: Arc<PostgresStore>, schema: String) -> ProjectionHandle {
+    loop {
+        match ProjectionHandle::spawn_read_model(
+            Arc::clone(&store),
+            read_model_config(),
+            Totals::new(&schema),
+        )
+        .await
+        {
+            Ok(handle) => return handle,
+            Err(ProjectionControlError::AlreadyRunning { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(other) => panic!("read model: {other}"),
+        }
+    }
+}
 
 const CHILD_SCHEMA: &str = "ANNALS_PG_CLUSTER_SCHEMA";
 const CHILD_SLOT: &str = "ANNALS_PG_CLUSTER_SLOT";
@@ -62,8 +99,9 @@ fn config(schema: &str) -> PostgresConfig {
         .poll_interval(Duration::from_millis(50))
 }
 
-/// The child's role: appends and a subscription until killed, reporting
-/// `ACK id stream version position`, `REFUSED id`, `FROM position` and
+/// The child's role: appends, commands, a subscription and the read model
+/// until killed, reporting `ACK id stream version position`, `REFUSED id`,
+/// `CMD tag stream version position`, `CMDREFUSED tag`, `FROM position` and
 /// `SUB position` lines.
 #[test]
 #[ignore = "run by several_processes_survive_kill_9 as a child process"]
@@ -137,6 +175,51 @@ fn cluster_child() {
                 }
             });
         }
+        // Commands through the runtime: hot aggregates every child runs,
+        // cold ones of its own. Tags are unique across every run.
+        let runtime = Runtime::new(
+            Arc::clone(&store),
+            RuntimeConfig::builder()
+                .max_conflict_retries(50)
+                .build()
+                .unwrap(),
+        );
+        for task in 0..4u64 {
+            let tallies = runtime.aggregates::<Tally>();
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                let mut rng = Rng((std::process::id() as u64 * 977 + task) | 1);
+                let mut n = 0u64;
+                loop {
+                    n += 1;
+                    let tag = ((std::process::id() as u64) << 32) | (task << 24) | n;
+                    let id = if rng.next() % 2 == 0 {
+                        format!("hot{}", rng.next() % 3)
+                    } else {
+                        format!("cold{slot}x{task}")
+                    };
+                    match tallies.execute(&id, Add(tag)).await {
+                        Ok(done) => {
+                            let position = done.position.expect("one event").0;
+                            let _ = lines.send(format!(
+                                "CMD {tag} tally-{id} {} {position}",
+                                done.version.0
+                            ));
+                        }
+                        Err(CommandError::Conflict { .. }) => {
+                            let _ = lines.send(format!("CMDREFUSED {tag}"));
+                        }
+                        // Outcome unknown (a connection lost at commit):
+                        // neither acknowledged nor refused.
+                        Err(CommandError::Store(_)) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(other) => panic!("unexpected command error: {other}"),
+                    }
+                }
+            });
+        }
+        tokio::spawn(run_read_model(Arc::clone(&store), schema.clone()));
         {
             let store = Arc::clone(&store);
             let lines = lines.clone();
@@ -222,6 +305,7 @@ fn several_processes_survive_kill_9() {
     let schema = pg_support::fresh_schema();
     // Created once here, so that the children start on an existing schema.
     drop(pg_support::open(config(&schema)));
+    create_tables(&schema);
 
     let (sink, received) = mpsc::channel::<(usize, String)>();
     let mut next_run = 0;
@@ -249,6 +333,8 @@ fn several_processes_survive_kill_9() {
 
     let mut acks: HashMap<Uuid, Ack> = HashMap::new();
     let mut refused: HashSet<Uuid> = HashSet::new();
+    let mut commands: HashMap<u64, Ack> = HashMap::new();
+    let mut refused_commands: HashSet<u64> = HashSet::new();
     // Per run of a child: where its subscription started, what it delivered.
     let mut runs: HashMap<usize, (Option<u64>, Vec<u64>)> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -270,6 +356,19 @@ fn several_processes_survive_kill_9() {
             ["REFUSED", id] => {
                 refused.insert(id.parse().unwrap());
             }
+            ["CMD", tag, stream, version, position] => {
+                commands.insert(
+                    tag.parse().unwrap(),
+                    Ack {
+                        stream: stream.to_string(),
+                        version: version.parse().unwrap(),
+                        position: position.parse().unwrap(),
+                    },
+                );
+            }
+            ["CMDREFUSED", tag] => {
+                refused_commands.insert(tag.parse().unwrap());
+            }
             ["FROM", position] => runs.entry(run).or_default().0 = Some(position.parse().unwrap()),
             ["SUB", position] => runs
                 .entry(run)
@@ -281,8 +380,8 @@ fn several_processes_survive_kill_9() {
     }
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = Arc::new(pg_support::open(config(&schema)));
     let log = runtime.block_on(async {
-        let store = pg_support::open(config(&schema));
         let mut log = Vec::new();
         loop {
             let page = store
@@ -328,6 +427,62 @@ fn several_processes_survive_kill_9() {
         }
     }
     let refused_stored = refused.iter().filter(|id| by_id.contains_key(id)).count();
+    // Commands: each acknowledged tag is the event at its position.
+    let mut tags: HashMap<u64, usize> = HashMap::new();
+    for (index, event) in log.iter().enumerate() {
+        if event.stream_id.as_str().starts_with("tally-") {
+            let TallyEvent::Added { tag } = annals::codec::decode_event(event).unwrap();
+            assert!(
+                tags.insert(tag, index).is_none(),
+                "command {tag} stored twice"
+            );
+        }
+    }
+    for (tag, ack) in &commands {
+        match tags.get(tag).map(|&index| &log[index]) {
+            Some(event)
+                if event.stream_id.as_str() == ack.stream
+                    && event.version.0 == ack.version
+                    && event.position.0 == ack.position => {}
+            _ => lost += 1,
+        }
+    }
+    let refused_commands_stored = refused_commands
+        .iter()
+        .filter(|tag| tags.contains_key(tag))
+        .count();
+
+    // The read model: what the kills left equals a rebuild up to its
+    // checkpoint; run to the head here, it equals a rebuild of the log.
+    runtime.block_on(async {
+        let checkpoint = store
+            .load_checkpoint(READ_MODEL)
+            .await
+            .unwrap()
+            .unwrap_or(Position::START);
+        assert!(
+            checkpoint > Position::START,
+            "the read model never committed"
+        );
+        assert_eq!(
+            stored_model(&schema).await,
+            rebuilt(&log, checkpoint),
+            "read model at checkpoint {checkpoint} differs from a rebuild"
+        );
+        let handle = run_read_model(Arc::clone(&store), schema.clone()).await;
+        let head = Position(log.len() as u64);
+        handle
+            .wait_for(head, Duration::from_secs(60))
+            .await
+            .unwrap();
+        handle.shutdown().await.unwrap();
+        assert_eq!(
+            stored_model(&schema).await,
+            rebuilt(&log, head),
+            "read model at the head differs from a rebuild"
+        );
+        store.shutdown().await.unwrap();
+    });
     let (mut skipped, mut reordered) = (0, 0);
     for (from, delivered) in runs.values() {
         let mut previous = from.expect("a run delivered before saying where it started");
@@ -343,13 +498,14 @@ fn several_processes_survive_kill_9() {
     println!(
         "pg_cluster processes={PROCESSES} kills={kills} acknowledged_checked={} lost={lost} \
          duplicate_versions={duplicate_versions} skipped={skipped} reordered={reordered}",
-        acks.len()
+        acks.len() + commands.len()
     );
     assert!(
         !acks.is_empty(),
         "no append was acknowledged: the test tested nothing"
     );
     assert!(!refused.is_empty(), "no append conflicted across processes");
+    assert!(!commands.is_empty(), "no command was acknowledged");
     assert_eq!(
         (
             lost,
@@ -357,7 +513,7 @@ fn several_processes_survive_kill_9() {
             gaps,
             skipped,
             reordered,
-            refused_stored
+            refused_stored + refused_commands_stored
         ),
         (0, 0, 0, 0, 0, 0),
         "lost, duplicate versions, position gaps, skipped, reordered, refused but stored"
