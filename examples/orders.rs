@@ -12,6 +12,11 @@
 //! `cargo run --release --example orders [--orders N] [path]`
 //! (or `ORDERS=N`; default 2,000 orders of 5 commands each, in a temporary
 //! directory unless `path` is given; `RUST_LOG=annals=debug` shows the spans).
+//!
+//! On PostgreSQL: `cargo run --release --example orders -- --pg` (or
+//! `ANNALS_STORE=postgres`; server `ANNALS_PG_URL`, schema
+//! `ANNALS_PG_SCHEMA`, default `orders`): the read models are then tables
+//! of that schema, and several instances may run at once (`orders_pg/`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -27,6 +32,8 @@ use annals::{
     ProjectionHandle, RecordedEvent, Runtime, RuntimeConfig, SledStore, StreamId,
 };
 use serde::{Deserialize, Serialize};
+
+mod orders_pg;
 
 // ---------------------------------------------------------------------------
 // The domain: all rules in `handle`, none in `apply`.
@@ -477,6 +484,7 @@ fn expected_total(n: usize) -> u64 {
 struct Options {
     orders: usize,
     path: Option<std::path::PathBuf>,
+    postgres: bool,
 }
 
 fn options() -> Result<Options, Box<dyn std::error::Error>> {
@@ -485,15 +493,22 @@ fn options() -> Result<Options, Box<dyn std::error::Error>> {
         Err(_) => 2_000,
     };
     let mut path = None;
+    let mut postgres = std::env::var("ANNALS_STORE").is_ok_and(|v| v == "postgres");
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        if arg == "--orders" {
+        if arg == "--pg" {
+            postgres = true;
+        } else if arg == "--orders" {
             orders = args.next().ok_or("--orders needs a number")?.parse()?;
         } else {
             path = Some(arg.into());
         }
     }
-    Ok(Options { orders, path })
+    Ok(Options {
+        orders,
+        path,
+        postgres,
+    })
 }
 
 #[tokio::main]
@@ -504,7 +519,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let Options { orders, path } = options()?;
+    let Options {
+        orders,
+        path,
+        postgres,
+    } = options()?;
+    if postgres {
+        return orders_pg::run(orders).await;
+    }
     let temp = tempfile::tempdir()?;
     let path = path.unwrap_or_else(|| temp.path().join("orders"));
 

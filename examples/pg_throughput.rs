@@ -17,6 +17,10 @@
 //!   its best case), `synchronous_commit = on`.
 //! - `pg_ratio_to_seed_design`: `pg_appends_per_s_64` over the seed figure
 //!   (target at least 3).
+//! - `pg_commands_per_s_10000`: commands through the runtime on the
+//!   PostgreSQL store, 10,000 live aggregates (one warm-up command each), one
+//!   task per aggregate sending one command after another; with its ratio
+//!   to the seed design's appends (`pg_commands_ratio_to_seed_design`).
 //!
 //! The server is `ANNALS_PG_URL` (default
 //! `postgresql://postgres@127.0.0.1:5432/test`); each run uses fresh schemas
@@ -27,8 +31,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annals::store::{PostgresConfig, PostgresStore};
-use annals::{EventStore, ExpectedVersion, NewEvent, StreamId};
+use annals::{EventStore, ExpectedVersion, NewEvent, Runtime, RuntimeConfig, StreamId};
 use tokio_postgres::NoTls;
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{increment, Counter};
 
 const PAYLOAD_BYTES: usize = 100;
 const APPENDERS: [usize; 3] = [1, 64, 1024];
@@ -97,6 +106,58 @@ async fn annals_figure(
         p99_us: percentile(&latencies, 0.99),
         mean_group: appends as f64 / transactions as f64,
     })
+}
+
+/// Commands through the runtime: `aggregates` live aggregates, one task
+/// each, for `run`. Returns commands/s and the mean group size.
+async fn commands_figure(
+    store: Arc<PostgresStore>,
+    aggregates: usize,
+    run: Duration,
+) -> Result<(f64, f64), Box<dyn Error>> {
+    let config = RuntimeConfig::builder()
+        .max_live_aggregates(aggregates * 2)
+        .build()?;
+    let runtime = Runtime::new(Arc::clone(&store), config);
+    let counters = runtime.aggregates::<Counter>();
+    let warm_up: Vec<_> = (0..aggregates)
+        .map(|n| {
+            let counters = counters.clone();
+            tokio::spawn(async move { counters.execute(&n.to_string(), increment()).await })
+        })
+        .collect();
+    for task in warm_up {
+        task.await??;
+    }
+    let before = store.stats();
+    let started = Instant::now();
+    let deadline = started + run;
+    let tasks: Vec<_> = (0..aggregates)
+        .map(|n| {
+            let counters = counters.clone();
+            tokio::spawn(async move {
+                let id = n.to_string();
+                let mut done = 0u64;
+                while Instant::now() < deadline {
+                    counters.execute(&id, increment()).await?;
+                    done += 1;
+                }
+                Ok::<u64, annals::CommandError<common::CounterError>>(done)
+            })
+        })
+        .collect();
+    let mut done = 0;
+    for task in tasks {
+        done += task.await??;
+    }
+    let elapsed = started.elapsed();
+    let after = store.stats();
+    let groups = (after.transactions - before.transactions).max(1);
+    runtime.shutdown().await?;
+    Ok((
+        done as f64 / elapsed.as_secs_f64(),
+        (after.appends - before.appends) as f64 / groups as f64,
+    ))
 }
 
 /// The seed design: MAX(version) then INSERT, one transaction per append.
@@ -200,12 +261,26 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
     store.shutdown().await?;
 
+    // A fresh schema: the runtime's figure does not read the appenders' rows.
+    let commands_schema = format!("annals_bench_commands_{tag}");
+    let commands_store = Arc::new(PostgresStore::open(
+        PostgresConfig::new(url()).schema(commands_schema.clone()),
+    )?);
+    let (commands_per_s, commands_group) = commands_figure(commands_store, 10_000, run).await?;
+    println!("pg_commands_per_s_10000: {commands_per_s:.0}");
+    println!("pg_commands_mean_batch_size_10000: {commands_group:.1}");
+
     let seed = seed_figure(&seed_schema, run).await?;
     println!("seed_design_appends_per_s: {:.0}", seed.appends_per_s);
     println!("seed_design_p50_latency_us: {}", seed.p50_us);
     println!("seed_design_p99_latency_us: {}", seed.p99_us);
     let ratio = pg_64 / seed.appends_per_s.max(1.0);
     println!("pg_ratio_to_seed_design: {ratio:.2}");
+    println!(
+        "pg_commands_ratio_to_seed_design: {:.2}",
+        commands_per_s / seed.appends_per_s.max(1.0)
+    );
+    println!("load_average: {}", common::load_average());
     println!(
         "summary: {:.0} appends/s through PostgresStore with 64 appenders against {:.0} for the \
          seed design with 8 clients: {ratio:.2}x (target 3x)",
@@ -217,6 +292,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     admin
         .batch_execute(&format!(
             "DROP SCHEMA IF EXISTS {annals_schema} CASCADE; \
+             DROP SCHEMA IF EXISTS {commands_schema} CASCADE; \
              DROP SCHEMA IF EXISTS {seed_schema} CASCADE;"
         ))
         .await?;
