@@ -110,6 +110,12 @@ fn cluster_child() {
         return;
     };
     let slot: u64 = std::env::var(CHILD_SLOT).unwrap().parse().unwrap();
+    // The parent drops the children's stderr; run one by hand with
+    // RUST_LOG to see it.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -219,7 +225,15 @@ fn cluster_child() {
                 }
             });
         }
-        tokio::spawn(run_read_model(Arc::clone(&store), schema.clone()));
+        {
+            let store = Arc::clone(&store);
+            let schema = schema.clone();
+            tokio::spawn(async move {
+                // Held until the child dies: a dropped handle stops it.
+                let _running = run_read_model(store, schema).await;
+                std::future::pending::<()>().await;
+            });
+        }
         {
             let store = Arc::clone(&store);
             let lines = lines.clone();
