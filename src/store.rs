@@ -5,6 +5,7 @@
 //! Backends: [`SledStore`](crate::SledStore) on disk and
 //! [`MemoryStore`](crate::MemoryStore) for tests.
 
+pub(crate) mod bulk;
 pub(crate) mod memory;
 pub(crate) mod postgres;
 mod read_model;

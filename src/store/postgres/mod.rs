@@ -8,6 +8,7 @@
 
 mod config;
 mod feed;
+mod ops;
 mod reads;
 mod schema;
 mod writer;
