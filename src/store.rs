@@ -6,6 +6,7 @@
 //! [`MemoryStore`](crate::MemoryStore) for tests.
 
 mod lease;
+pub(crate) mod bulk;
 pub(crate) mod memory;
 pub(crate) mod postgres;
 mod read_model;

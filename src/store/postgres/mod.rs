@@ -10,6 +10,7 @@ mod config;
 mod feed;
 mod lease;
 mod read_model;
+mod ops;
 mod reads;
 mod schema;
 mod writer;

@@ -8,6 +8,7 @@
 mod config;
 mod durability;
 mod format;
+pub(crate) mod ops;
 mod read_model;
 mod reads;
 mod writer;

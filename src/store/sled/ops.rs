@@ -1,0 +1,490 @@
+//! What the operations layer (`annals::ops`) needs of the sled store beyond
+//! the [`EventStore`](crate::EventStore) contract: listing checkpoints and
+//! snapshots, deleting a checkpoint, the size on disk, a raw check of the
+//! `log` tree's indexes against its events (format 2, docs/design.md), and
+//! an offline loader that writes imported events as they were recorded.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::durability::Syncer;
+use super::format::{
+    decode_record, decode_u64, event_key, id_key, stream_head, stream_key, RecordDecoder,
+    StoredRecord, StoredSnapshot, EVENT, EVENT_ID, META_HEAD, STREAM,
+};
+use super::{check_format, check_path, open_error, sled_error, wait_for_release, Counters};
+use super::{Durability, SledStore};
+use crate::error::StoreError;
+use crate::event::{EventFilter, Position, RecordedEvent, StreamId};
+use crate::store::bulk::{check_batch, BulkError};
+use crate::store::validate_checkpoint_name;
+
+/// Findings past this many are counted, not kept.
+const MAX_FINDINGS: usize = 10_000;
+
+/// One thing wrong in the `log` tree, as the raw check finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RawFinding {
+    /// No event between these positions.
+    PositionGap { after: u64, next: u64 },
+    /// The stored head and the last event disagree.
+    HeadMismatch { stored: u64, last: u64 },
+    /// The record at this position does not decode.
+    Undecodable { position: u64, error: String },
+    /// The event at this position has no (or a wrong) entry in an index.
+    NotIndexed {
+        position: u64,
+        index: &'static str,
+        detail: String,
+    },
+    /// An index entry that points at no event, or at another one.
+    BadIndexEntry {
+        index: &'static str,
+        key: String,
+        detail: String,
+    },
+}
+
+/// What the raw check saw.
+#[derive(Debug, Default)]
+pub(crate) struct RawCheck {
+    pub(crate) events: u64,
+    pub(crate) index_entries: u64,
+    pub(crate) findings: Vec<RawFinding>,
+    /// Findings beyond [`MAX_FINDINGS`], counted only.
+    pub(crate) more_findings: u64,
+}
+
+impl RawCheck {
+    fn found(&mut self, finding: RawFinding) {
+        if self.findings.len() < MAX_FINDINGS {
+            self.findings.push(finding);
+        } else {
+            self.more_findings += 1;
+        }
+    }
+}
+
+/// A snapshot record: its stream, and its version or why it does not decode.
+pub(crate) type RawSnapshot = (String, Result<u64, String>);
+
+impl SledStore {
+    /// Every saved checkpoint, by name.
+    pub(crate) fn ops_checkpoints(&self) -> Result<Vec<(String, Position)>, StoreError> {
+        self.with_handles(|handles| {
+            let mut checkpoints = Vec::new();
+            for entry in handles.checkpoints.iter() {
+                let (key, value) = entry.map_err(sled_error)?;
+                let name = String::from_utf8_lossy(&key).into_owned();
+                checkpoints.push((name, Position(decode_u64(&value)?)));
+            }
+            Ok(checkpoints)
+        })
+    }
+
+    /// Every snapshot record, by stream.
+    pub(crate) fn ops_snapshots(&self) -> Result<Vec<RawSnapshot>, StoreError> {
+        self.with_handles(|handles| {
+            let mut snapshots = Vec::new();
+            for entry in handles.snapshots.iter() {
+                let (key, value) = entry.map_err(sled_error)?;
+                let stream = String::from_utf8_lossy(&key).into_owned();
+                let version = postcard::from_bytes::<StoredSnapshot<'_>>(&value)
+                    .map(|stored| stored.version)
+                    .map_err(|e| e.to_string());
+                snapshots.push((stream, version));
+            }
+            Ok(snapshots)
+        })
+    }
+
+    /// Deletes a checkpoint, durably; whether there was one.
+    pub(crate) async fn ops_delete_checkpoint(&self, name: &str) -> Result<bool, StoreError> {
+        validate_checkpoint_name(name)?;
+        let removed = self.with_handles(|handles| {
+            handles
+                .checkpoints
+                .remove(name)
+                .map(|old| old.is_some())
+                .map_err(sled_error)
+        })?;
+        self.sync().await?;
+        Ok(removed)
+    }
+
+    /// The bytes of the store's directory.
+    pub(crate) fn ops_size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(directory_size(&self.config.path)?)
+    }
+
+    /// Checks the `log` tree up to the acknowledged head: positions 1..head
+    /// with no gap, every record decodes, every event has its stream and
+    /// id index entries, and every index entry points at its event.
+    pub(crate) fn ops_check_log(&self) -> Result<RawCheck, StoreError> {
+        let head = self.feed.head().0;
+        self.with_handles(|handles| check_log(&handles.log, head))
+    }
+}
+
+fn directory_size(path: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            directory_size(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
+}
+
+fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
+    let mut check = RawCheck::default();
+    let stored_head = log
+        .get(META_HEAD)
+        .map_err(sled_error)?
+        .map(|v| decode_u64(&v))
+        .transpose()?
+        .unwrap_or(0);
+    let mut last = 0;
+    for entry in log.scan_prefix([EVENT]) {
+        let (key, value) = entry.map_err(sled_error)?;
+        let position = decode_u64(&key[1..])?;
+        if position > head {
+            // A group the writer has applied and not yet acknowledged.
+            break;
+        }
+        if position != last + 1 {
+            check.found(RawFinding::PositionGap {
+                after: last,
+                next: position,
+            });
+        }
+        last = position;
+        check.events += 1;
+        let record = match decode_record(position, &value) {
+            Ok(record) => record,
+            Err(error) => {
+                check.found(RawFinding::Undecodable {
+                    position,
+                    error: error.to_string(),
+                });
+                continue;
+            }
+        };
+        let Ok(stream) = std::str::from_utf8(record.stream) else {
+            check.found(RawFinding::Undecodable {
+                position,
+                error: "the stream id is not UTF-8".into(),
+            });
+            continue;
+        };
+        let indexed = log
+            .get(stream_key(stream, record.version))
+            .map_err(sled_error)?;
+        match indexed.map(|v| decode_u64(&v)).transpose() {
+            Ok(Some(p)) if p == position => {}
+            found => check.found(RawFinding::NotIndexed {
+                position,
+                index: "stream",
+                detail: format!(
+                    "{stream} version {}: index entry {}",
+                    record.version,
+                    describe(found)
+                ),
+            }),
+        }
+        let indexed = log.get(id_key(record.event_id)).map_err(sled_error)?;
+        match indexed.map(|v| decode_u64(&v)).transpose() {
+            Ok(Some(p)) if p == position => {}
+            found => check.found(RawFinding::NotIndexed {
+                position,
+                index: "event id",
+                detail: format!("id {}: index entry {}", record.event_id, describe(found)),
+            }),
+        }
+    }
+    if stored_head != last || last != head {
+        check.found(RawFinding::HeadMismatch {
+            stored: stored_head,
+            last,
+        });
+    }
+    check_stream_index(log, head, &mut check)?;
+    check_id_index(log, head, &mut check)?;
+    Ok(check)
+}
+
+fn describe(found: Result<Option<u64>, StoreError>) -> String {
+    match found {
+        Ok(Some(p)) => format!("points at position {p}"),
+        Ok(None) => "is missing".into(),
+        Err(e) => format!("does not decode: {e}"),
+    }
+}
+
+/// The event stored at `position`, decoded, or why not.
+fn event_at(log: &sled::Tree, position: u64) -> Result<Result<OwnedHead, String>, StoreError> {
+    let Some(bytes) = log.get(event_key(position)).map_err(sled_error)? else {
+        return Ok(Err(format!(
+            "points at position {position}, which holds no event"
+        )));
+    };
+    Ok(match decode_record(position, &bytes) {
+        Ok(record) => Ok(OwnedHead {
+            stream: record.stream.to_vec(),
+            version: record.version,
+            event_id: record.event_id,
+        }),
+        Err(e) => Err(format!(
+            "points at position {position}, which does not decode: {e}"
+        )),
+    })
+}
+
+struct OwnedHead {
+    stream: Vec<u8>,
+    version: u64,
+    event_id: uuid::Uuid,
+}
+
+fn check_stream_index(log: &sled::Tree, head: u64, check: &mut RawCheck) -> Result<(), StoreError> {
+    for entry in log.scan_prefix([STREAM]) {
+        let (key, value) = entry.map_err(sled_error)?;
+        check.index_entries += 1;
+        let body = &key[1..];
+        let name = || String::from_utf8_lossy(body).replace('\0', "@");
+        if body.len() < 9 || body[body.len() - 9] != 0 {
+            check.found(RawFinding::BadIndexEntry {
+                index: "stream",
+                key: name(),
+                detail: "malformed key".into(),
+            });
+            continue;
+        }
+        let stream = &body[..body.len() - 9];
+        let version = decode_u64(&body[body.len() - 8..])?;
+        let key_text = format!("{} version {version}", String::from_utf8_lossy(stream));
+        let position = match decode_u64(&value) {
+            Ok(position) => position,
+            Err(e) => {
+                check.found(RawFinding::BadIndexEntry {
+                    index: "stream",
+                    key: key_text,
+                    detail: e.to_string(),
+                });
+                continue;
+            }
+        };
+        if position > head {
+            continue;
+        }
+        let problem = match event_at(log, position)? {
+            Err(why) => Some(why),
+            Ok(event) if event.stream != stream || event.version != version => Some(format!(
+                "points at position {position}, which holds {} version {}",
+                String::from_utf8_lossy(&event.stream),
+                event.version
+            )),
+            Ok(_) => None,
+        };
+        if let Some(detail) = problem {
+            check.found(RawFinding::BadIndexEntry {
+                index: "stream",
+                key: key_text,
+                detail,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_id_index(log: &sled::Tree, head: u64, check: &mut RawCheck) -> Result<(), StoreError> {
+    for entry in log.scan_prefix([EVENT_ID]) {
+        let (key, value) = entry.map_err(sled_error)?;
+        check.index_entries += 1;
+        let Ok(id) = uuid::Uuid::from_slice(&key[1..]) else {
+            check.found(RawFinding::BadIndexEntry {
+                index: "event id",
+                key: format!("{:?}", &key[1..]),
+                detail: "malformed key".into(),
+            });
+            continue;
+        };
+        let position = match decode_u64(&value) {
+            Ok(position) => position,
+            Err(e) => {
+                check.found(RawFinding::BadIndexEntry {
+                    index: "event id",
+                    key: id.to_string(),
+                    detail: e.to_string(),
+                });
+                continue;
+            }
+        };
+        if position > head {
+            continue;
+        }
+        let problem = match event_at(log, position)? {
+            Err(why) => Some(why),
+            Ok(event) if event.event_id != id => Some(format!(
+                "points at position {position}, which holds event {}",
+                event.event_id
+            )),
+            Ok(_) => None,
+        };
+        if let Some(detail) = problem {
+            check.found(RawFinding::BadIndexEntry {
+                index: "event id",
+                key: id.to_string(),
+                detail,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes imported events into a sled store directory that no store has
+/// open, each batch as one atomic sled batch, exactly as recorded
+/// elsewhere. The writer thread of a [`SledStore`] owns every write to
+/// the log while one is open (its next position and its cache of stream
+/// heads live in it), so the loader holds sled itself, and with it the
+/// directory's lock, instead.
+#[derive(Debug)]
+pub(crate) struct SledLoader {
+    db: sled::Db,
+    log: sled::Tree,
+    path: PathBuf,
+    head: u64,
+    heads: HashMap<StreamId, u64>,
+}
+
+impl SledLoader {
+    /// Opens (creating it if need be) the store at `path` for loading.
+    ///
+    /// # Errors
+    /// As [`SledStore::open`]: [`StoreError::InUse`] when a store has it
+    /// open, [`StoreError::FormatMismatch`], [`StoreError::NotAStore`], ...
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
+        check_path(path)?;
+        let db = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .flush_every_ms(None)
+                .open()
+        })
+        .map_err(|_| StoreError::Corrupt(format!("sled panicked opening {}", path.display())))?
+        .map_err(|error| open_error(path, error))?;
+        let log = db.open_tree("log").map_err(sled_error)?;
+        db.open_tree("snapshots").map_err(sled_error)?;
+        db.open_tree("checkpoints").map_err(sled_error)?;
+        let head = check_format(path, &db, &log)?;
+        Ok(Self {
+            db,
+            log,
+            path: path.to_path_buf(),
+            head,
+            heads: HashMap::new(),
+        })
+    }
+
+    /// The last position stored.
+    pub(crate) fn head(&self) -> Position {
+        Position(self.head)
+    }
+
+    /// The event at `position`, if stored.
+    pub(crate) fn event_at(&self, position: Position) -> Result<Option<RecordedEvent>, StoreError> {
+        match self.log.get(event_key(position.0)).map_err(sled_error)? {
+            None => Ok(None),
+            Some(bytes) => RecordDecoder::default().decode(position.0, &bytes, &EventFilter::All),
+        }
+    }
+
+    /// Writes `events`, which must continue the log at its head, as one
+    /// atomic batch; nothing of it when any event is refused.
+    pub(crate) fn load(&mut self, events: &[RecordedEvent]) -> Result<(), BulkError> {
+        let mut stored = HashSet::new();
+        for event in events {
+            if self
+                .log
+                .get(id_key(event.event_id))
+                .map_err(sled_error)?
+                .is_some()
+            {
+                stored.insert(event.event_id);
+            }
+        }
+        let log = &self.log;
+        let heads = &self.heads;
+        check_batch(
+            self.head,
+            events,
+            |stream| match heads.get(stream) {
+                Some(&version) => Ok(version),
+                None => stream_head(log, stream.as_str()),
+            },
+            &stored,
+        )?;
+        let mut batch = sled::Batch::default();
+        for event in events {
+            let record = StoredRecord {
+                event_id: event.event_id,
+                stream: event.stream_id.as_str().as_bytes(),
+                version: event.version.0,
+                event_type: event.event_type.as_bytes(),
+                schema_version: event.schema_version,
+                recorded_at_micros: event.recorded_at_micros,
+                correlation_id: event.metadata.correlation_id,
+                causation_id: event.metadata.causation_id,
+                extra: event
+                    .metadata
+                    .extra
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect(),
+                payload: &event.payload,
+            };
+            let bytes = postcard::to_stdvec(&record)
+                .map_err(|e| StoreError::Corrupt(format!("cannot encode an event: {e}")))?;
+            let position = event.position.0.to_be_bytes();
+            batch.insert(&event_key(event.position.0), bytes);
+            batch.insert(
+                stream_key(event.stream_id.as_str(), event.version.0),
+                &position,
+            );
+            batch.insert(&id_key(event.event_id), &position);
+        }
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
+        batch.insert(META_HEAD, &last.position.0.to_be_bytes());
+        self.log.apply_batch(batch).map_err(sled_error)?;
+        self.head = last.position.0;
+        if self.heads.len() > 100_000 {
+            self.heads.clear();
+        }
+        for event in events {
+            self.heads.insert(event.stream_id.clone(), event.version.0);
+        }
+        Ok(())
+    }
+
+    /// Makes everything loaded durable (sled's flush, then the fdatasync and
+    /// blob fsyncs the store does after every group commit) and releases
+    /// the directory.
+    pub(crate) fn finish(self) -> Result<(), StoreError> {
+        self.db.flush().map_err(sled_error)?;
+        let counters = Arc::new(Counters::default());
+        Syncer::new(&self.path, Durability::Fsync, counters)?.sync()?;
+        let Self { db, log, path, .. } = self;
+        drop(log);
+        drop(db);
+        wait_for_release(&path);
+        Ok(())
+    }
+}
