@@ -426,8 +426,9 @@ pub enum CommandError<E: std::error::Error + 'static> {
     },
     /// No answer within the command timeout. A command that had not started
     /// by then is dropped unrun; one that had started may still commit, so
-    /// the outcome is unknown.
-    #[error("stream {stream}: no answer within {after:?}")]
+    /// the outcome is unknown ([`CommandError::is_outcome_unknown`]): retry
+    /// it with the same command id.
+    #[error("stream {stream}: no answer within {after:?}; the outcome is unknown (retrying with the same command id is safe)")]
     Timeout {
         /// The stream.
         stream: StreamId,
@@ -479,6 +480,34 @@ pub enum CommandError<E: std::error::Error + 'static> {
     /// The runtime was shut down.
     #[error("the runtime is shut down")]
     ShutDown,
+    /// The command's id ([`crate::CommandContext::with_command_id`]) already
+    /// ran on this aggregate for another command (its stored fingerprint
+    /// differs from this command's). Nothing was stored.
+    #[error("stream {stream}: command id {command_id} was already used for another command")]
+    CommandIdReused {
+        /// The stream.
+        stream: StreamId,
+        /// The reused command id.
+        command_id: Uuid,
+    },
+}
+
+impl<E: std::error::Error + 'static> CommandError<E> {
+    /// Whether the command may or may not have been stored: a
+    /// [`CommandError::Timeout`], or a store that lost its connection after
+    /// the commit may have reached it ([`StoreError::OutcomeUnknown`]).
+    /// Sending it again with the same command id
+    /// ([`crate::CommandContext::with_command_id`]) is then safe: a command
+    /// that was stored answers with its original outcome and stores nothing
+    /// new; one that was not runs now.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            CommandError::Timeout { .. }
+                | CommandError::Store(StoreError::OutcomeUnknown(_))
+                | CommandError::Append(AppendError::Store(StoreError::OutcomeUnknown(_)))
+        )
+    }
 }
 
 /// Why an aggregate type was refused by a runtime, when it was first used

@@ -249,6 +249,11 @@ impl EventStore for FaultyStore {
         self.inner.read_stream(stream, from, direction, limit).await
     }
 
+    async fn read_event(&self, event_id: uuid::Uuid) -> Result<Option<RecordedEvent>, ReadError> {
+        self.read_fault().await?;
+        self.inner.read_event(event_id).await
+    }
+
     async fn stream_version(&self, stream: &StreamId) -> Result<Version, ReadError> {
         self.read_fault().await?;
         self.inner.stream_version(stream).await

@@ -7,6 +7,7 @@
 //! private; callers only hold handles.
 
 mod actor;
+mod command_id;
 mod config;
 mod foreign;
 mod registry;
@@ -33,6 +34,10 @@ use crate::projection::{Projection, ProjectionConfig, ProjectionHandle, Projecti
 use crate::store::sled::SledStore;
 use crate::store::EventStore;
 
+pub use self::command_id::{
+    command_fingerprint, derived_event_id, COMMAND_FINGERPRINT_KEY, COMMAND_ID_KEY,
+};
+pub(crate) use self::command_id::derived_id;
 pub use self::config::{AggregateSettings, RuntimeConfig, RuntimeConfigBuilder};
 pub use crate::aggregate::Aggregate;
 pub use crate::error::{CategoryError, CommandError, QueryError};
@@ -67,6 +72,9 @@ pub struct CommandContext {
     /// Whether [`Executed::state`] carries the state after the command
     /// (Commanded's `returning: :aggregate_state`).
     pub return_state: bool,
+    /// The caller's id for this command (an idempotency key): see
+    /// [`CommandContext::with_command_id`].
+    pub command_id: Option<Uuid>,
 }
 
 impl CommandContext {
@@ -90,6 +98,32 @@ impl CommandContext {
     /// [`CommandContext::expected_version`]).
     pub fn expecting(mut self, version: Version) -> Self {
         self.expected_version = Some(version);
+        self
+    }
+
+    /// Makes the command run at most once on its aggregate (invariant I7):
+    /// sent again with the same `id` (after a timeout, a crash, a
+    /// re-delivery, a restart, on any backend), it answers with the
+    /// original outcome (its events, version and position, decoded from
+    /// the store) and stores nothing new, even if the aggregate has moved
+    /// on since.
+    ///
+    /// How: the command's event ids are derived from `id`, its stream and
+    /// each event's index ([`derived_event_id`]), and its events carry `id`
+    /// and a fingerprint of the command in their metadata
+    /// ([`COMMAND_ID_KEY`], [`COMMAND_FINGERPRINT_KEY`]). Before deciding,
+    /// the actor looks the first derived id up (one indexed read); a retry
+    /// racing the first run from another process is answered by the store's
+    /// idempotent append. The guarantee lasts as long as those events are
+    /// in the log (forever: the log is append-only).
+    ///
+    /// Only a command that stored events is remembered: one the domain
+    /// refused, or that had nothing to do, is decided again by a retry.
+    /// The same `id` on another aggregate is another command. The same
+    /// `id` with another command (another `Debug` text) fails with
+    /// [`CommandError::CommandIdReused`] and stores nothing.
+    pub fn with_command_id(mut self, id: Uuid) -> Self {
+        self.command_id = Some(id);
         self
     }
 
@@ -189,6 +223,10 @@ struct Core {
     /// The projections started through the runtime (or adopted), stopped by
     /// its shutdown before the store.
     services: Mutex<Vec<ProjectionHandle>>,
+    /// The workflows started through the runtime, stopped first by its
+    /// shutdown (they send commands).
+    /// `None` once shutdown has collected them: no workflow may start.
+    workflows: Mutex<Option<Vec<crate::workflow::WorkflowHandle>>>,
     /// The first shutdown's result, returned again to later calls. A tokio
     /// mutex: concurrent calls wait for the first, across its awaits.
     shutdown: tokio::sync::Mutex<Option<Result<(), StoreError>>>,
@@ -239,6 +277,7 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
                 actors_alive: Mutex::new(Some(alive)),
                 actors_gone: tokio::sync::Mutex::new(gone),
                 services: Mutex::new(Vec::new()),
+                workflows: Mutex::new(Some(Vec::new())),
                 shutdown: tokio::sync::Mutex::new(None),
             }),
             store,
@@ -338,7 +377,86 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
         Ok(())
     }
 
+    /// Starts the process manager `manager` on this runtime (see
+    /// [`crate::workflow::ProcessManager`]): it follows the log from its
+    /// checkpoint `workflow:NAME`, and the runtime owns it, so that
+    /// [`Runtime::shutdown`] stops it before anything else. One runner per
+    /// workflow name and store: two processes running the same workflow on
+    /// one PostgreSQL store would both decide (each command still runs
+    /// once per command id, but their records would conflict).
+    ///
+    /// # Errors
+    /// [`crate::workflow::WorkflowError::InvalidName`] for a name that is
+    /// not a category without `-`;
+    /// [`crate::workflow::WorkflowError::AlreadyRunning`] when one of that
+    /// name runs on this runtime; [`crate::workflow::WorkflowError::Stopped`]
+    /// after shutdown has begun; the store's, while loading its instances.
+    pub async fn start_workflow<P: crate::workflow::ProcessManager>(
+        &self,
+        manager: P,
+        config: crate::workflow::WorkflowConfig,
+    ) -> Result<crate::workflow::WorkflowHandle, crate::workflow::WorkflowError> {
+        use crate::workflow::WorkflowError;
+        let stopped = || WorkflowError::Stopped {
+            name: P::NAME.to_owned(),
+        };
+        if self.core.registry.is_shut_down() {
+            return Err(stopped());
+        }
+        if self.workflow(P::NAME).is_ok() {
+            return Err(WorkflowError::AlreadyRunning {
+                name: P::NAME.to_owned(),
+            });
+        }
+        let handle =
+            crate::workflow::start(manager, Arc::clone(&self.core.store), config).await?;
+        // Decided under the lock that shutdown takes to collect them.
+        let refused = {
+            match &mut *lock(&self.core.workflows) {
+                Some(workflows) if workflows.iter().any(|w| crate::workflow::same_name(w, P::NAME)) => {
+                    Some(true)
+                }
+                Some(workflows) => {
+                    workflows.push(handle.clone());
+                    None
+                }
+                None => Some(false),
+            }
+        };
+        if let Some(taken) = refused {
+            handle.shutdown().await;
+            return Err(if taken {
+                WorkflowError::AlreadyRunning {
+                    name: P::NAME.to_owned(),
+                }
+            } else {
+                stopped()
+            });
+        }
+        Ok(handle)
+    }
+
+    /// The handle of the workflow named `name` that this runtime runs.
+    ///
+    /// # Errors
+    /// [`crate::workflow::WorkflowError::Unknown`] when none of that name
+    /// was started on it.
+    pub fn workflow(
+        &self,
+        name: &str,
+    ) -> Result<crate::workflow::WorkflowHandle, crate::workflow::WorkflowError> {
+        lock(&self.core.workflows)
+            .iter()
+            .flatten()
+            .find(|w| crate::workflow::same_name(w, name))
+            .cloned()
+            .ok_or_else(|| crate::workflow::WorkflowError::Unknown {
+                name: name.to_owned(),
+            })
+    }
+
     /// Stops the runtime, in order:
+    /// 0. each workflow it runs stops (its page in hand finishes);
     /// 1. new commands fail with [`CommandError::ShutDown`];
     /// 2. commands already accepted run to the end and every actor stops
     ///    (finishing its snapshot in flight);
@@ -406,6 +524,11 @@ impl Core {
     }
 
     async fn shut_down(&self) -> Result<(), StoreError> {
+        // Workflows first: they send commands, which must still run.
+        let workflows = lock(&self.workflows).take().unwrap_or_default();
+        for workflow in workflows {
+            workflow.shutdown().await;
+        }
         let asked = self.registry.shut_down();
         debug!(asked, "runtime shutting down");
         // Actors with pending commands stop by themselves after the last.

@@ -105,6 +105,33 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
         filter: &EventFilter,
     ) -> Result<Vec<RecordedEvent>, ReadError>;
 
+    /// The committed event whose id is `event_id`, if any (an event of an
+    /// append still on its way to the disk is not found). The runtime uses
+    /// it to recognise a command that already ran
+    /// ([`crate::CommandContext::with_command_id`]).
+    ///
+    /// The default scans the whole log from the end, which costs what the
+    /// log's length does; every backend of this crate answers from its
+    /// event-id index instead, and an outside backend should too.
+    ///
+    /// # Errors
+    /// The store's.
+    async fn read_event(&self, event_id: Uuid) -> Result<Option<RecordedEvent>, ReadError> {
+        let mut from = Position::END;
+        loop {
+            let page = self
+                .read_all(from, ReadDirection::Backward, 1024, &EventFilter::All)
+                .await?;
+            if let Some(found) = page.iter().find(|event| event.event_id == event_id) {
+                return Ok(Some(found.clone()));
+            }
+            match page.last() {
+                Some(last) if last.position > Position(1) => from = Position(last.position.0 - 1),
+                _ => return Ok(None),
+            }
+        }
+    }
+
     /// The position of the last committed event ([`Position::START`] when
     /// the log is empty). Every event up to it is readable.
     fn head_position(&self) -> Position;

@@ -103,6 +103,9 @@ use crate::projection::{Projection, ProjectionContext, Typed, TypedProjection};
 
 pub use crate::faults::{FaultCounts, FaultPlan, FaultyStore, InjectedFault};
 
+mod process_manager;
+pub use self::process_manager::{ProcessManagerTest, ProcessManagerTestResult};
+
 /// The "given" step: an aggregate rebuilt from past events.
 #[derive(Debug)]
 pub struct AggregateTest<A: Aggregate> {

@@ -21,6 +21,9 @@ use crate::error::{panic_message, AppendError, CodecError, CommandError, QueryEr
 use crate::event::{ExpectedVersion, Metadata, ReadDirection, Snapshot, StreamId, Version};
 use crate::runtime::config::TypeSettings;
 use crate::runtime::registry::{Registry, Slot, SlotKey};
+use crate::runtime::command_id::{
+    command_fingerprint, derived_event_id, COMMAND_FINGERPRINT_KEY, COMMAND_ID_KEY,
+};
 use crate::runtime::{CommandContext, Executed, RuntimeConfig};
 use crate::store::EventStore;
 
@@ -442,6 +445,18 @@ impl<A: Aggregate> AggregateActor<A> {
             expected: context.expected_version.unwrap_or(Version::NONE),
             actual,
         };
+        // With a command id, a command that already ran answers with its
+        // stored outcome, whatever the stream's version now.
+        let fingerprint = context.command_id.map(|_| command_fingerprint(&command));
+        let once = context.command_id.zip(fingerprint.as_deref());
+        if let Some((id, fingerprint)) = once {
+            if let Some(done) = self
+                .already_ran(myself, state, id, fingerprint, context.return_state)
+                .await?
+            {
+                return Ok(done);
+            }
+        }
         if let Some(expected) = context.expected_version {
             // The actor may be behind another writer: it only knows the
             // stream has moved past `expected` once it has caught up.
@@ -457,6 +472,16 @@ impl<A: Aggregate> AggregateActor<A> {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
+            if let Some((id, fingerprint)) = once.filter(|_| attempts > 1) {
+                // The conflict may have been this very command, run by
+                // another process (or an earlier attempt whose answer was lost).
+                if let Some(done) = self
+                    .already_ran(myself, state, id, fingerprint, context.return_state)
+                    .await?
+                {
+                    return Ok(done);
+                }
+            }
             let decided = catch_unwind(AssertUnwindSafe(|| state.aggregate.handle(&command)));
             let events = match decided {
                 Ok(Ok(events)) if !events.is_empty() => events,
@@ -505,17 +530,49 @@ impl<A: Aggregate> AggregateActor<A> {
                     return Err(self.retire(myself, state, "apply", Box::new(message)));
                 }
             }
-            let metadata = Metadata {
+            let mut metadata = Metadata {
                 correlation_id: context.correlation_id,
                 causation_id: context.causation_id,
                 extra: context.metadata.clone(),
             };
+            if let Some((id, fingerprint)) = once {
+                metadata.extra.insert(COMMAND_ID_KEY.to_owned(), id.to_string());
+                metadata
+                    .extra
+                    .insert(COMMAND_FINGERPRINT_KEY.to_owned(), fingerprint.to_owned());
+            }
             let encoded = events
                 .iter()
-                .map(|event| encode_event(event).map(|e| e.with_metadata(metadata.clone())))
-                .collect::<Result<Vec<_>, _>>()?;
+                .zip(0u32..)
+                .map(|(event, index)| {
+                    let encoded = encode_event(event)?.with_metadata(metadata.clone());
+                    Ok(match once {
+                        Some((id, _)) => encoded.with_id(derived_event_id(id, stream, index)),
+                        None => encoded,
+                    })
+                })
+                .collect::<Result<Vec<_>, CodecError>>()?;
             let expected = ExpectedVersion::Exact(state.version);
             match self.store.append(stream, expected, encoded).await {
+                Ok(appended) if once.is_some() && appended.first_version != state.version.next() => {
+                    // The store answered a retry: these ids were stored by
+                    // another run of this command (another process), whose
+                    // events may differ from the ones decided here.
+                    let (id, fingerprint) = once.unwrap_or_default();
+                    self.catch_up(myself, state)
+                        .await
+                        .map_err(|e| e.into_command_error(stream))?;
+                    return match self
+                        .already_ran(myself, state, id, fingerprint, context.return_state)
+                        .await?
+                    {
+                        Some(done) => Ok(done),
+                        None => Err(CommandError::Append(AppendError::DuplicateEventId {
+                            event_id: derived_event_id(id, stream, 0),
+                            reason: "the store answered a retry the log does not show",
+                        })),
+                    };
+                }
                 Ok(appended) => {
                     state.aggregate = next;
                     state.version = appended.last_version;
@@ -538,6 +595,14 @@ impl<A: Aggregate> AggregateActor<A> {
                         self.catch_up(myself, state)
                             .await
                             .map_err(|e| e.into_command_error(stream))?;
+                        if let Some((id, fingerprint)) = once {
+                            if let Some(done) = self
+                                .already_ran(myself, state, id, fingerprint, context.return_state)
+                                .await?
+                            {
+                                return Ok(done);
+                            }
+                        }
                         return Err(moved(actual));
                     }
                     if attempts > self.config.max_conflict_retries() {
@@ -553,11 +618,94 @@ impl<A: Aggregate> AggregateActor<A> {
                         .await
                         .map_err(|e| e.into_command_error(stream))?;
                 }
+                Err(AppendError::DuplicateEventId { .. })
+                    if once.is_some() && attempts <= self.config.max_conflict_retries() =>
+                {
+                    // Another run of this command (another process) stored a
+                    // different number of events: look again at the top.
+                    self.catch_up(myself, state)
+                        .await
+                        .map_err(|e| e.into_command_error(stream))?;
+                }
                 Err(AppendError::InvalidInput(e)) => return Err(CommandError::InvalidInput(e)),
                 Err(AppendError::Store(e)) => return Err(CommandError::Store(e)),
                 Err(other) => return Err(CommandError::Append(other)),
             }
         }
+    }
+
+    /// The stored outcome of command `id` on this stream, if it ran: its
+    /// events (those with the ids derived from `id`, in order), last
+    /// version and position, and the current state if asked. `None` when
+    /// its first event id is not stored.
+    ///
+    /// # Errors
+    /// [`CommandError::CommandIdReused`] when the stored fingerprint is not
+    /// `fingerprint`; the store's and codec's.
+    async fn already_ran(
+        &self,
+        myself: &ActorRef<AggregateMessage<A>>,
+        state: &mut ActorState<A>,
+        id: uuid::Uuid,
+        fingerprint: &str,
+        return_state: bool,
+    ) -> Result<Option<Executed<A>>, CommandError<A::Error>> {
+        let stream = &self.key.stream;
+        let read = |e: ReadError| -> CommandError<A::Error> {
+            LoadError::Read(e).into_command_error(stream)
+        };
+        let Some(first) = self
+            .store
+            .read_event(derived_event_id(id, stream, 0))
+            .await
+            .map_err(read)?
+        else {
+            return Ok(None);
+        };
+        let stored = first.metadata.extra.get(COMMAND_FINGERPRINT_KEY);
+        if &first.stream_id != stream || stored.map(String::as_str) != Some(fingerprint) {
+            return Err(CommandError::CommandIdReused {
+                stream: stream.clone(),
+                command_id: id,
+            });
+        }
+        let mut recorded = vec![first];
+        'pages: loop {
+            let from = recorded.last().map_or(Version::FIRST, |e| e.version.next());
+            let page = self
+                .store
+                .read_stream(stream, from, ReadDirection::Forward, REPLAY_PAGE)
+                .await
+                .map_err(read)?;
+            if page.is_empty() {
+                break;
+            }
+            for event in page {
+                let index = u32::try_from(recorded.len()).unwrap_or(u32::MAX);
+                if event.event_id != derived_event_id(id, stream, index) {
+                    break 'pages;
+                }
+                recorded.push(event);
+            }
+        }
+        let events = recorded
+            .iter()
+            .map(decode_event::<A::Event>)
+            .collect::<Result<Vec<_>, _>>()?;
+        let last = recorded.last().map_or((Version::NONE, None), |e| (e.version, Some(e.position)));
+        if state.version < last.0 {
+            // It ran in another process: this actor has not seen it yet.
+            self.catch_up(myself, state)
+                .await
+                .map_err(|e| e.into_command_error(stream))?;
+        }
+        debug!(%stream, command_id = %id, version = %last.0, "command already ran: its stored outcome");
+        Ok(Some(Executed {
+            events,
+            version: last.0,
+            position: last.1,
+            state: return_state.then(|| state.aggregate.clone()),
+        }))
     }
 
     /// Applies the events another writer appended after our version. A

@@ -92,6 +92,7 @@ macro_rules! conformance_suite {
             expected_exact,
             multi_event_append_is_atomic_and_contiguous,
             idempotent_retry_returns_original_result,
+            read_event_finds_committed_events_by_id,
             partial_overlap_is_a_duplicate,
             id_on_another_stream_is_a_duplicate,
             reordered_retry_is_a_duplicate,
@@ -460,6 +461,27 @@ pub(crate) mod cases {
             before,
             "a refused append wrote something"
         );
+    }
+
+    pub(crate) async fn read_event_finds_committed_events_by_id(open: Open) {
+        let backend = open(Limits::default()).await;
+        let store = &*backend.store;
+        let id = stream("by-id-1");
+        let other = stream("by-id-2");
+        append(store, &other, ExpectedVersion::Any, events("other", 2)).await;
+        let request = events("mine", 3);
+        let wanted = request[1].event_id;
+        append(store, &id, ExpectedVersion::NoStream, request).await;
+        append(store, &other, ExpectedVersion::Any, events("later", 1)).await;
+        let found = store
+            .read_event(wanted)
+            .await
+            .expect("read_event")
+            .expect("a committed event is found by its id");
+        let in_log = whole_stream(store, &id).await;
+        assert_eq!(found, in_log[1], "the same record as a stream read gives");
+        assert_eq!((found.version, found.position), (Version(2), Position(4)));
+        assert_eq!(store.read_event(Uuid::now_v7()).await.expect("read_event"), None);
     }
 
     pub(crate) async fn idempotent_retry_returns_original_result(open: Open) {

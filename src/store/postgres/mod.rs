@@ -447,6 +447,25 @@ impl EventStore for PostgresStore {
             .await?)
     }
 
+    async fn read_event(&self, event_id: uuid::Uuid) -> Result<Option<RecordedEvent>, ReadError> {
+        let shared = Arc::clone(&self.shared);
+        // Built here rather than in `Statements`: one lookup by the unique
+        // index, bounded by the head row like every read.
+        let s = &self.config.schema;
+        let text = format!(
+            "SELECT {} FROM {s}.events WHERE event_id = $1 \
+             AND position <= (SELECT position FROM {s}.head)",
+            schema::EVENT_COLUMNS
+        );
+        Ok(self
+            .run(async move {
+                let params: [&(dyn ToSql + Sync); 1] = [&event_id];
+                let rows = query(&shared, &text, &params).await?;
+                rows.first().map(reads::decode_row).transpose()
+            })
+            .await?)
+    }
+
     async fn stream_version(&self, stream: &StreamId) -> Result<Version, ReadError> {
         let shared = Arc::clone(&self.shared);
         let stream = stream.clone();

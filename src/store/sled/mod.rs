@@ -459,6 +459,10 @@ impl EventStore for SledStore {
         })
     }
 
+    async fn read_event(&self, event_id: uuid::Uuid) -> Result<Option<RecordedEvent>, ReadError> {
+        self.with_handles(|handles| reads::read_by_id(handles, self.feed.head(), event_id))
+    }
+
     async fn stream_version(&self, stream: &StreamId) -> Result<Version, ReadError> {
         self.with_handles(|handles| reads::stream_version(handles, self.feed.head(), stream))
     }

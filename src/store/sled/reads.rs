@@ -8,7 +8,7 @@
 use tracing::warn;
 
 use super::format::{
-    corrupt, decode_u64, event_key, stream_head, stream_key, stream_prefix, RecordDecoder,
+    corrupt, decode_u64, event_key, id_key, stream_head, stream_key, stream_prefix, RecordDecoder,
     StoredSnapshot,
 };
 use super::{sled_error, Handles};
@@ -17,6 +17,27 @@ use crate::event::{
     EventFilter, Position, ReadDirection, RecordedEvent, Snapshot, StreamId, Version,
 };
 use crate::store::validate_limit;
+
+/// The event stored under `event_id`, through the id index, if it is at
+/// or before `head`.
+pub(super) fn read_by_id(
+    handles: &Handles,
+    head: Position,
+    event_id: uuid::Uuid,
+) -> Result<Option<RecordedEvent>, ReadError> {
+    let Some(position) = handles.log.get(id_key(event_id)).map_err(sled_error)? else {
+        return Ok(None);
+    };
+    let position = Position(decode_u64(&position)?);
+    if position > head {
+        return Ok(None);
+    }
+    let found = read_all(handles, head, position, ReadDirection::Forward, 1, &EventFilter::All)?;
+    match found.into_iter().next() {
+        Some(event) if event.event_id == event_id => Ok(Some(event)),
+        _ => Err(corrupt(format_args!("event id {event_id} points at {position}, which holds another")).into()),
+    }
+}
 
 /// Up to `limit` events of `stream` from version `from` in `direction`,
 /// none past `head`.
