@@ -2,7 +2,9 @@
 //! recovers in `pre_start` (latest snapshot, then the events after it), runs
 //! that stream's commands one at a time (decide, try the events on a copy,
 //! append with the expected version, catch up and retry on a conflict),
-//! snapshots every N events in the background, and stops when idle.
+//! snapshots every N events in the background, and stops when the
+//! registry's sweep passivates it, leaving its state idle in the registry
+//! (a [`WarmState`]) for the next actor of the stream to start from.
 //! Panics in the user's code become errors for the caller and retire the
 //! actor; the next command gets a fresh one that reloads from the store.
 
@@ -20,7 +22,7 @@ use crate::codec::{decode_event, decode_value, encode_event, encode_value};
 use crate::error::{panic_message, AppendError, CodecError, CommandError, QueryError, ReadError};
 use crate::event::{ExpectedVersion, Metadata, ReadDirection, Snapshot, StreamId, Version};
 use crate::runtime::config::TypeSettings;
-use crate::runtime::registry::{Registry, Slot, SlotKey};
+use crate::runtime::registry::{Registry, Slot, SlotKey, WarmState as Parked};
 use crate::runtime::{CommandContext, Executed, RuntimeConfig};
 use crate::store::EventStore;
 
@@ -33,8 +35,6 @@ pub(crate) enum AggregateMessage<A: Aggregate> {
     Execute(ExecuteRequest<A>, ReplyPort<A, ExecuteRequest<A>>),
     /// A copy of the current state and its version.
     State(StateRequest, ReplyPort<A, StateRequest>),
-    /// The idle timer fired.
-    IdleCheck,
 }
 
 /// Where the actor answers request `R`.
@@ -141,18 +141,15 @@ impl Drop for Unregister {
     }
 }
 
-/// The pending idle check's timer task, cancelled when the actor's state
-/// goes (it stopped, failed or was passivated). Left running, the task
-/// would hold the stopped actor's cell, with its mailboxes, about 7 KB,
-/// until the idle timeout: minutes, for every actor evicted meanwhile.
-struct IdleTimer(Option<tokio::task::AbortHandle>);
-
-impl Drop for IdleTimer {
-    fn drop(&mut self) {
-        if let Some(timer) = self.0.take() {
-            timer.abort();
-        }
-    }
+/// What a passivated actor leaves in the registry, and the next actor of
+/// the stream starts from without reading the store. It carries its
+/// version: if another writer (another process) appended meanwhile, the
+/// first append with that expected version conflicts and the actor
+/// catches up, as a live actor would.
+pub(crate) struct WarmState<A> {
+    aggregate: A,
+    version: Version,
+    snapshot_version: Version,
 }
 
 /// The mutable side of an [`AggregateActor`].
@@ -162,8 +159,6 @@ pub(crate) struct ActorState<A> {
     /// The version of the last snapshot saved or being saved.
     snapshot_version: Version,
     snapshot_task: Option<JoinHandle<()>>,
-    idle_timer: IdleTimer,
-    last_activity: Instant,
     /// Set after a panic: the state is suspect, the slot is closed, and the
     /// commands still queued are bounced to the replacement actor.
     retiring: bool,
@@ -290,21 +285,36 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         myself: ActorRef<Self::Msg>,
         (): (),
     ) -> Result<Self::State, ActorProcessingErr> {
-        let rebuilt = rebuild::<A>(&*self.store, &self.key.stream, None).await?;
+        let warm = self
+            .slot
+            .take_warm()
+            .and_then(|parked| parked.downcast::<WarmState<A>>().ok());
+        let rebuilt = match warm {
+            // Idle in the registry: no store read.
+            Some(warm) => Rebuilt {
+                aggregate: warm.aggregate,
+                version: warm.version,
+                snapshot_version: warm.snapshot_version,
+            },
+            // Boxed: the recovery's future is large and only lives here.
+            None => Box::pin(rebuild::<A>(&*self.store, &self.key.stream, None)).await?,
+        };
         // Registered only once recovery succeeded: a failed start is not an
         // actor the supervisor will hear of.
-        self.registry
-            .actor_started(myself.get_id(), self.key.clone(), Arc::clone(&self.slot));
+        self.registry.actor_started(
+            myself.get_id(),
+            self.key.clone(),
+            Arc::clone(&self.slot),
+            self.settings.idle_timeout,
+        );
         let _ = self.unregister.id.set(myself.get_id());
         debug!(stream = %self.key.stream, version = %rebuilt.version,
-            snapshot = %rebuilt.snapshot_version, "aggregate recovered");
+            snapshot = %rebuilt.snapshot_version, "aggregate started");
         Ok(ActorState {
             aggregate: rebuilt.aggregate,
             version: rebuilt.version,
             snapshot_version: rebuilt.snapshot_version,
             snapshot_task: None,
-            idle_timer: IdleTimer(None),
-            last_activity: Instant::now(),
             retiring: false,
         })
     }
@@ -316,7 +326,6 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
     ) -> Result<(), ActorProcessingErr> {
         // A long replay is worth a snapshot even before the next command.
         self.maybe_snapshot(state);
-        self.schedule_idle_check(&myself, state, self.settings.idle_timeout);
         self.stop_if_done(&myself);
         Ok(())
     }
@@ -331,7 +340,19 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         if let Some(task) = state.snapshot_task.take() {
             let _ = task.await;
         }
-        self.registry.remove(&self.key, &self.slot);
+        if state.retiring {
+            // After a panic the state is suspect: the next actor reloads.
+            self.registry.remove(&self.key, &self.slot);
+        } else {
+            // Passivated (or shutting down, where the registry drops it):
+            // the state stays warm for the stream's next command.
+            let warm: Parked = Box::new(WarmState {
+                aggregate: std::mem::take(&mut state.aggregate),
+                version: state.version,
+                snapshot_version: state.snapshot_version,
+            });
+            self.registry.park(&self.key, &self.slot, warm);
+        }
         debug!(stream = %self.key.stream, version = %state.version, "aggregate actor stopped");
         Ok(())
     }
@@ -355,7 +376,6 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                         after: self.config.command_timeout(),
                     }))
                 } else {
-                    state.last_activity = Instant::now();
                     let ExecuteRequest {
                         command,
                         context,
@@ -375,6 +395,7 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                 };
                 // Released before replying, so that a caller that got its
                 // answer never finds its own command still counted.
+                self.registry.touch(&self.slot);
                 self.slot.release();
                 let _ = reply.send(answer);
             }
@@ -387,7 +408,6 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                         after: self.config.command_timeout(),
                     }))
                 } else {
-                    state.last_activity = Instant::now();
                     // Another writer (another process) may have appended
                     // since our last command: the state answered is the
                     // stream's, not just this actor's view of it.
@@ -397,21 +417,9 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                         Err(error) => Reply::Done(Err(error.into_query_error(&self.key.stream))),
                     }
                 };
+                self.registry.touch(&self.slot);
                 self.slot.release();
                 let _ = reply.send(answer);
-            }
-            AggregateMessage::IdleCheck => {
-                let idle_for = state.last_activity.elapsed();
-                let timeout = self.settings.idle_timeout;
-                if idle_for < timeout {
-                    self.schedule_idle_check(&myself, state, timeout - idle_for);
-                } else if !state.retiring && self.slot.close_if_idle() {
-                    self.registry.remove(&self.key, &self.slot);
-                    debug!(stream = %self.key.stream, version = %state.version, ?idle_for, "aggregate passivated: idle");
-                    myself.stop(Some("passivated: idle".to_owned()));
-                } else {
-                    self.schedule_idle_check(&myself, state, timeout);
-                }
             }
         }
         self.stop_if_done(&myself);
@@ -614,23 +622,6 @@ impl<A: Aggregate> AggregateActor<A> {
         if self.slot.is_closed() && self.slot.pending() == 0 {
             myself.stop(None);
         }
-    }
-
-    fn schedule_idle_check(
-        &self,
-        myself: &ActorRef<AggregateMessage<A>>,
-        state: &mut ActorState<A>,
-        after: std::time::Duration,
-    ) {
-        // At least a millisecond: a zero timeout must not turn a busy actor's
-        // rescheduled checks into a spin.
-        let after = after.max(std::time::Duration::from_millis(1));
-        let timer = ractor::time::send_after(after, myself.get_cell(), || {
-            AggregateMessage::<A>::IdleCheck
-        });
-        // The previous check has fired (only a check schedules the next):
-        // overwrite its handle, without the abort a dropped `IdleTimer` does.
-        state.idle_timer.0 = Some(timer.abort_handle());
     }
 
     /// Snapshots every `snapshot_every` events. The state is encoded here,
