@@ -1,8 +1,8 @@
 //! The runtime that hosts aggregates: a [`Runtime`] over an
 //! [`EventStore`], and per aggregate type an [`Aggregates`] handle whose
 //! `execute` routes each command to the one actor of its stream (spawned on
-//! first use, recovered from snapshot plus tail, passivated when idle). The
-//! runtime also owns the projections it started, and stops everything in
+//! first use, recovered from snapshot plus tail, passivated when idle into
+//! a warm state that the next command starts from). The runtime also owns the projections it started, and stops everything in
 //! order at [`Runtime::shutdown`]. The actors and their messages stay
 //! private; callers only hold handles.
 
@@ -34,10 +34,10 @@ use crate::projection::{Projection, ProjectionConfig, ProjectionHandle, Projecti
 use crate::store::sled::SledStore;
 use crate::store::EventStore;
 
+pub(crate) use self::command_id::derived_id;
 pub use self::command_id::{
     command_fingerprint, derived_event_id, COMMAND_FINGERPRINT_KEY, COMMAND_ID_KEY,
 };
-pub(crate) use self::command_id::derived_id;
 pub use self::config::{AggregateSettings, RuntimeConfig, RuntimeConfigBuilder};
 pub use crate::aggregate::Aggregate;
 pub use crate::error::{CategoryError, CommandError, QueryError};
@@ -212,6 +212,9 @@ struct Core {
     config: Arc<RuntimeConfig>,
     registry: Arc<Registry>,
     supervisor: OnceCell<ActorRef<()>>,
+    /// The one task that passivates idle actors, started with the first
+    /// actor (it needs a tokio runtime, which `Runtime::new` may lack).
+    sweep: std::sync::OnceLock<tokio::task::AbortHandle>,
     /// Category to (aggregate type, its name), for the checks done when a
     /// type is first used. A std mutex: no await while it is held.
     categories: Mutex<HashMap<&'static str, (TypeId, &'static str)>>,
@@ -238,6 +241,7 @@ impl<S: ?Sized + fmt::Debug> fmt::Debug for Runtime<S> {
             .field("store", &self.store)
             .field("config", &self.core.config)
             .field("live_aggregates", &self.core.registry.live())
+            .field("idle_aggregates", &self.core.registry.idle())
             .finish()
     }
 }
@@ -267,12 +271,14 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
     /// conflict. It ends with the store's feed, at shutdown.
     pub fn new(store: Arc<S>, config: RuntimeConfig) -> Self {
         let (alive, gone) = mpsc::channel(1);
+        let max_idle = config.max_idle_aggregates();
         let runtime = Self {
             core: Arc::new(Core {
                 store: Arc::clone(&store).into_dyn(),
                 config: Arc::new(config),
-                registry: Arc::new(Registry::default()),
+                registry: Arc::new(Registry::new(max_idle)),
                 supervisor: OnceCell::new(),
+                sweep: std::sync::OnceLock::new(),
                 categories: Mutex::new(HashMap::new()),
                 actors_alive: Mutex::new(Some(alive)),
                 actors_gone: tokio::sync::Mutex::new(gone),
@@ -327,6 +333,14 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
     /// How many aggregate actors are live (taking commands) now.
     pub fn live_aggregates(&self) -> usize {
         self.core.registry.live()
+    }
+
+    /// How many aggregates are idle: held as their warm state with no
+    /// actor (see [`RuntimeConfig::max_idle_aggregates`]). Their next
+    /// command or query starts an actor from that state without reading
+    /// the store.
+    pub fn idle_aggregates(&self) -> usize {
+        self.core.registry.idle()
     }
 
     /// Starts `projection` on the runtime's store (as
@@ -408,12 +422,15 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
                 name: P::NAME.to_owned(),
             });
         }
-        let handle =
-            crate::workflow::start(manager, Arc::clone(&self.core.store), config).await?;
+        let handle = crate::workflow::start(manager, Arc::clone(&self.core.store), config).await?;
         // Decided under the lock that shutdown takes to collect them.
         let refused = {
             match &mut *lock(&self.core.workflows) {
-                Some(workflows) if workflows.iter().any(|w| crate::workflow::same_name(w, P::NAME)) => {
+                Some(workflows)
+                    if workflows
+                        .iter()
+                        .any(|w| crate::workflow::same_name(w, P::NAME)) =>
+                {
                     Some(true)
                 }
                 Some(workflows) => {
@@ -530,6 +547,9 @@ impl Core {
             workflow.shutdown().await;
         }
         let asked = self.registry.shut_down();
+        if let Some(sweep) = self.sweep.get() {
+            sweep.abort();
+        }
         debug!(asked, "runtime shutting down");
         // Actors with pending commands stop by themselves after the last.
         // Each holds a clone of the sender: once ours is dropped, `recv`
@@ -670,6 +690,8 @@ impl Core {
         let Some(alive) = lock(&self.actors_alive).clone() else {
             return Err(NoActor::ShutDown);
         };
+        self.sweep
+            .get_or_init(|| registry::start_sweep(&self.registry, self.config.sweep_period()));
         // Not cached: the slot stays open, and the next caller tries the
         // supervisor's spawn again.
         let supervisor = self
@@ -1021,7 +1043,14 @@ impl<A: Aggregate> Aggregates<A> {
         Ok(rebuilt.aggregate)
     }
 
-    /// Whether aggregate `id` has a live actor now (it is in memory).
+    /// Whether aggregate `id` is idle: its actor was passivated and its
+    /// state is held warm, with no actor (see
+    /// [`RuntimeConfig::max_idle_aggregates`]).
+    pub fn is_idle(&self, id: &str) -> bool {
+        Self::key(id).is_ok_and(|key| self.core.registry.is_idle(&key))
+    }
+
+    /// Whether aggregate `id` has a live actor now (taking commands).
     pub fn is_live(&self, id: &str) -> bool {
         Self::key(id).is_ok_and(|key| {
             self.core

@@ -5,8 +5,8 @@
 //! Backends: [`SledStore`](crate::SledStore) on disk and
 //! [`MemoryStore`](crate::MemoryStore) for tests.
 
-mod lease;
 pub(crate) mod bulk;
+mod lease;
 pub(crate) mod memory;
 pub(crate) mod postgres;
 mod read_model;

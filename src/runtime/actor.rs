@@ -2,7 +2,9 @@
 //! recovers in `pre_start` (latest snapshot, then the events after it), runs
 //! that stream's commands one at a time (decide, try the events on a copy,
 //! append with the expected version, catch up and retry on a conflict),
-//! snapshots every N events in the background, and stops when idle.
+//! snapshots every N events in the background, and stops when the
+//! registry's sweep passivates it, leaving its state idle in the registry
+//! (a [`WarmState`]) for the next actor of the stream to start from.
 //! Panics in the user's code become errors for the caller and retire the
 //! actor; the next command gets a fresh one that reloads from the store.
 
@@ -19,11 +21,11 @@ use crate::aggregate::Aggregate;
 use crate::codec::{decode_event, decode_value, encode_event, encode_value};
 use crate::error::{panic_message, AppendError, CodecError, CommandError, QueryError, ReadError};
 use crate::event::{ExpectedVersion, Metadata, ReadDirection, Snapshot, StreamId, Version};
-use crate::runtime::config::TypeSettings;
-use crate::runtime::registry::{Registry, Slot, SlotKey};
 use crate::runtime::command_id::{
     command_fingerprint, derived_event_id, COMMAND_FINGERPRINT_KEY, COMMAND_ID_KEY,
 };
+use crate::runtime::config::TypeSettings;
+use crate::runtime::registry::{Registry, Slot, SlotKey, WarmState as Parked};
 use crate::runtime::{CommandContext, Executed, RuntimeConfig};
 use crate::store::EventStore;
 
@@ -36,8 +38,6 @@ pub(crate) enum AggregateMessage<A: Aggregate> {
     Execute(ExecuteRequest<A>, ReplyPort<A, ExecuteRequest<A>>),
     /// A copy of the current state and its version.
     State(StateRequest, ReplyPort<A, StateRequest>),
-    /// The idle timer fired.
-    IdleCheck,
 }
 
 /// Where the actor answers request `R`.
@@ -144,18 +144,15 @@ impl Drop for Unregister {
     }
 }
 
-/// The pending idle check's timer task, cancelled when the actor's state
-/// goes (it stopped, failed or was passivated). Left running, the task
-/// would hold the stopped actor's cell, with its mailboxes, about 7 KB,
-/// until the idle timeout: minutes, for every actor evicted meanwhile.
-struct IdleTimer(Option<tokio::task::AbortHandle>);
-
-impl Drop for IdleTimer {
-    fn drop(&mut self) {
-        if let Some(timer) = self.0.take() {
-            timer.abort();
-        }
-    }
+/// What a passivated actor leaves in the registry, and the next actor of
+/// the stream starts from without reading the store. It carries its
+/// version: if another writer (another process) appended meanwhile, the
+/// first append with that expected version conflicts and the actor
+/// catches up, as a live actor would.
+pub(crate) struct WarmState<A> {
+    aggregate: A,
+    version: Version,
+    snapshot_version: Version,
 }
 
 /// The mutable side of an [`AggregateActor`].
@@ -165,8 +162,6 @@ pub(crate) struct ActorState<A> {
     /// The version of the last snapshot saved or being saved.
     snapshot_version: Version,
     snapshot_task: Option<JoinHandle<()>>,
-    idle_timer: IdleTimer,
-    last_activity: Instant,
     /// Set after a panic: the state is suspect, the slot is closed, and the
     /// commands still queued are bounced to the replacement actor.
     retiring: bool,
@@ -293,24 +288,39 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         myself: ActorRef<Self::Msg>,
         (): (),
     ) -> Result<Self::State, ActorProcessingErr> {
-        let rebuilt = rebuild::<A>(&*self.store, &self.key.stream, None).await?;
+        let warm = self
+            .slot
+            .take_warm()
+            .and_then(|parked| parked.downcast::<WarmState<A>>().ok());
+        let rebuilt = match warm {
+            // Idle in the registry: no store read.
+            Some(warm) => Rebuilt {
+                aggregate: warm.aggregate,
+                version: warm.version,
+                snapshot_version: warm.snapshot_version,
+            },
+            // Boxed: the recovery's future is large and only lives here.
+            None => Box::pin(rebuild::<A>(&*self.store, &self.key.stream, None)).await?,
+        };
         // Registered only once recovery succeeded: a failed start is not an
         // actor the supervisor will hear of.
-        self.registry
-            .actor_started(myself.get_id(), self.key.clone(), Arc::clone(&self.slot));
+        self.registry.actor_started(
+            myself.get_id(),
+            self.key.clone(),
+            Arc::clone(&self.slot),
+            self.settings.idle_timeout,
+        );
         let _ = self.unregister.id.set(myself.get_id());
         self.slot
             .version
             .store(rebuilt.version.0, std::sync::atomic::Ordering::Release);
         debug!(stream = %self.key.stream, version = %rebuilt.version,
-            snapshot = %rebuilt.snapshot_version, "aggregate recovered");
+            snapshot = %rebuilt.snapshot_version, "aggregate started");
         Ok(ActorState {
             aggregate: rebuilt.aggregate,
             version: rebuilt.version,
             snapshot_version: rebuilt.snapshot_version,
             snapshot_task: None,
-            idle_timer: IdleTimer(None),
-            last_activity: Instant::now(),
             retiring: false,
         })
     }
@@ -322,7 +332,6 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
     ) -> Result<(), ActorProcessingErr> {
         // A long replay is worth a snapshot even before the next command.
         self.maybe_snapshot(state);
-        self.schedule_idle_check(&myself, state, self.settings.idle_timeout);
         self.stop_if_done(&myself);
         Ok(())
     }
@@ -337,7 +346,19 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         if let Some(task) = state.snapshot_task.take() {
             let _ = task.await;
         }
-        self.registry.remove(&self.key, &self.slot);
+        if state.retiring {
+            // After a panic the state is suspect: the next actor reloads.
+            self.registry.remove(&self.key, &self.slot);
+        } else {
+            // Passivated (or shutting down, where the registry drops it):
+            // the state stays warm for the stream's next command.
+            let warm: Parked = Box::new(WarmState {
+                aggregate: std::mem::take(&mut state.aggregate),
+                version: state.version,
+                snapshot_version: state.snapshot_version,
+            });
+            self.registry.park(&self.key, &self.slot, warm);
+        }
         debug!(stream = %self.key.stream, version = %state.version, "aggregate actor stopped");
         Ok(())
     }
@@ -361,7 +382,6 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                         after: self.config.command_timeout(),
                     }))
                 } else {
-                    state.last_activity = Instant::now();
                     let ExecuteRequest {
                         command,
                         context,
@@ -381,6 +401,7 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                 };
                 // Released before replying, so that a caller that got its
                 // answer never finds its own command still counted.
+                self.registry.touch(&self.slot);
                 self.slot.release();
                 let _ = reply.send(answer);
             }
@@ -393,7 +414,6 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                         after: self.config.command_timeout(),
                     }))
                 } else {
-                    state.last_activity = Instant::now();
                     // Another writer (another process) may have appended
                     // since our last command: the state answered is the
                     // stream's, not just this actor's view of it.
@@ -403,21 +423,9 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                         Err(error) => Reply::Done(Err(error.into_query_error(&self.key.stream))),
                     }
                 };
+                self.registry.touch(&self.slot);
                 self.slot.release();
                 let _ = reply.send(answer);
-            }
-            AggregateMessage::IdleCheck => {
-                let idle_for = state.last_activity.elapsed();
-                let timeout = self.settings.idle_timeout;
-                if idle_for < timeout {
-                    self.schedule_idle_check(&myself, state, timeout - idle_for);
-                } else if !state.retiring && self.slot.close_if_idle() {
-                    self.registry.remove(&self.key, &self.slot);
-                    debug!(stream = %self.key.stream, version = %state.version, ?idle_for, "aggregate passivated: idle");
-                    myself.stop(Some("passivated: idle".to_owned()));
-                } else {
-                    self.schedule_idle_check(&myself, state, timeout);
-                }
             }
         }
         self.stop_if_done(&myself);
@@ -536,7 +544,9 @@ impl<A: Aggregate> AggregateActor<A> {
                 extra: context.metadata.clone(),
             };
             if let Some((id, fingerprint)) = once {
-                metadata.extra.insert(COMMAND_ID_KEY.to_owned(), id.to_string());
+                metadata
+                    .extra
+                    .insert(COMMAND_ID_KEY.to_owned(), id.to_string());
                 metadata
                     .extra
                     .insert(COMMAND_FINGERPRINT_KEY.to_owned(), fingerprint.to_owned());
@@ -554,7 +564,9 @@ impl<A: Aggregate> AggregateActor<A> {
                 .collect::<Result<Vec<_>, CodecError>>()?;
             let expected = ExpectedVersion::Exact(state.version);
             match self.store.append(stream, expected, encoded).await {
-                Ok(appended) if once.is_some() && appended.first_version != state.version.next() => {
+                Ok(appended)
+                    if once.is_some() && appended.first_version != state.version.next() =>
+                {
                     // The store answered a retry: these ids were stored by
                     // another run of this command (another process), whose
                     // events may differ from the ones decided here.
@@ -692,7 +704,9 @@ impl<A: Aggregate> AggregateActor<A> {
             .iter()
             .map(decode_event::<A::Event>)
             .collect::<Result<Vec<_>, _>>()?;
-        let last = recorded.last().map_or((Version::NONE, None), |e| (e.version, Some(e.position)));
+        let last = recorded
+            .last()
+            .map_or((Version::NONE, None), |e| (e.version, Some(e.position)));
         if state.version < last.0 {
             // It ran in another process: this actor has not seen it yet.
             self.catch_up(myself, state)
@@ -771,23 +785,6 @@ impl<A: Aggregate> AggregateActor<A> {
         if self.slot.is_closed() && self.slot.pending() == 0 {
             myself.stop(None);
         }
-    }
-
-    fn schedule_idle_check(
-        &self,
-        myself: &ActorRef<AggregateMessage<A>>,
-        state: &mut ActorState<A>,
-        after: std::time::Duration,
-    ) {
-        // At least a millisecond: a zero timeout must not turn a busy actor's
-        // rescheduled checks into a spin.
-        let after = after.max(std::time::Duration::from_millis(1));
-        let timer = ractor::time::send_after(after, myself.get_cell(), || {
-            AggregateMessage::<A>::IdleCheck
-        });
-        // The previous check has fired (only a check schedules the next):
-        // overwrite its handle, without the abort a dropped `IdleTimer` does.
-        state.idle_timer.0 = Some(timer.abort_handle());
     }
 
     /// Snapshots every `snapshot_every` events. The state is encoded here,

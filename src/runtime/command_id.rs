@@ -92,8 +92,14 @@ mod tests {
 
     #[test]
     fn fingerprints_tell_commands_apart() {
-        assert_eq!(command_fingerprint(&("pay", 5)), command_fingerprint(&("pay", 5)));
-        assert_ne!(command_fingerprint(&("pay", 5)), command_fingerprint(&("pay", 6)));
+        assert_eq!(
+            command_fingerprint(&("pay", 5)),
+            command_fingerprint(&("pay", 5))
+        );
+        assert_ne!(
+            command_fingerprint(&("pay", 5)),
+            command_fingerprint(&("pay", 6))
+        );
         assert_eq!(command_fingerprint(&1u8).len(), 32);
     }
 }

@@ -18,6 +18,8 @@ pub struct RuntimeConfig {
     snapshot_every: u64,
     idle_timeout: Duration,
     max_live_aggregates: usize,
+    max_idle_aggregates: usize,
+    sweep_interval: Option<Duration>,
     max_pending_commands: usize,
     command_timeout: Duration,
     max_conflict_retries: u32,
@@ -30,6 +32,8 @@ impl Default for RuntimeConfig {
             snapshot_every: 100,
             idle_timeout: Duration::from_secs(300),
             max_live_aggregates: 100_000,
+            max_idle_aggregates: 100_000,
+            sweep_interval: None,
             max_pending_commands: 1024,
             command_timeout: Duration::from_secs(10),
             max_conflict_retries: 3,
@@ -60,16 +64,60 @@ impl RuntimeConfig {
     }
 
     /// An aggregate's actor stops after this long without a command, unless
-    /// the aggregate type overrides it; the next command reloads it.
-    /// Default 5 minutes.
+    /// the aggregate type overrides it; its state stays idle (see
+    /// [`RuntimeConfig::max_idle_aggregates`]), or the next command reloads
+    /// it from the store. Checked by one sweep per runtime (see
+    /// [`RuntimeConfig::sweep_interval`]), so an actor stops between this
+    /// long and this long plus the sweep interval. Default 5 minutes.
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout
     }
 
     /// Past this many live actors, the least recently used idle ones stop
-    /// (down to 90% of it). Default 100,000.
+    /// (down to 90% of it), their states staying idle (see
+    /// [`RuntimeConfig::max_idle_aggregates`]). Default 100,000.
     pub fn max_live_aggregates(&self) -> usize {
         self.max_live_aggregates
+    }
+
+    /// How many idle aggregates the runtime keeps warm. An actor that stops
+    /// for being idle or least recently used leaves its state and version
+    /// in memory, with no actor (a few hundred bytes beyond the state
+    /// itself, against about 10 KB for a live actor); the aggregate's next
+    /// command or query starts an actor from that state without reading the
+    /// store. Past this many, the longest idle states are dropped (down to
+    /// 90% of it), and those aggregates reload from the store: the states
+    /// are only a cache. A state made stale by another writer (another
+    /// process on a shared store) is caught by the append's expected
+    /// version and caught up, as for a live actor. 0 keeps none: every
+    /// stopped aggregate reloads. A panicked actor's state is never kept.
+    /// Default 100,000.
+    pub fn max_idle_aggregates(&self) -> usize {
+        self.max_idle_aggregates
+    }
+
+    /// How often the runtime's one sweep looks for actors idle past their
+    /// timeout, if set; otherwise (the default) a quarter of the shortest
+    /// idle timeout (the runtime's or an aggregate type's), between 1 ms
+    /// and 1 second. See [`RuntimeConfig::sweep_period`] for the period
+    /// used.
+    pub fn sweep_interval(&self) -> Option<Duration> {
+        self.sweep_interval
+    }
+
+    /// The period of the idle sweep: [`RuntimeConfig::sweep_interval`] if
+    /// set, else a quarter of the shortest idle timeout, between 1 ms and
+    /// 1 second.
+    pub fn sweep_period(&self) -> Duration {
+        if let Some(interval) = self.sweep_interval {
+            return interval;
+        }
+        let shortest = self
+            .per_type
+            .values()
+            .filter_map(|settings| settings.idle_timeout)
+            .fold(self.idle_timeout, Duration::min);
+        (shortest / 4).clamp(Duration::from_millis(1), Duration::from_secs(1))
     }
 
     /// Commands (and `state` queries, which queue behind them) one
@@ -146,6 +194,20 @@ impl RuntimeConfigBuilder {
         self
     }
 
+    /// Sets how many idle aggregates stay warm (0: none; see
+    /// [`RuntimeConfig::max_idle_aggregates`]).
+    pub fn max_idle_aggregates(mut self, max: usize) -> Self {
+        self.config.max_idle_aggregates = max;
+        self
+    }
+
+    /// Sets the period of the idle sweep (at least 1 ms; see
+    /// [`RuntimeConfig::sweep_interval`]).
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.config.sweep_interval = Some(interval);
+        self
+    }
+
     /// Sets the maximum of pending commands per aggregate (at least 1).
     pub fn max_pending_commands(mut self, max: usize) -> Self {
         self.config.max_pending_commands = max;
@@ -178,14 +240,18 @@ impl RuntimeConfigBuilder {
     /// # Errors
     /// [`InvalidInput::TooSmall`] naming the first setting below its
     /// minimum: `max_live_aggregates` and `max_pending_commands` at least
-    /// 1, `command_timeout` and every `idle_timeout` (the runtime's and
-    /// each aggregate type's) at least 1 ms.
+    /// 1, `command_timeout`, `sweep_interval` (if set) and every
+    /// `idle_timeout` (the runtime's and each aggregate type's) at least
+    /// 1 ms.
     pub fn build(self) -> Result<RuntimeConfig, InvalidInput> {
         let config = self.config;
         at_least_one("max_live_aggregates", config.max_live_aggregates as u64)?;
         at_least_one("max_pending_commands", config.max_pending_commands as u64)?;
         at_least_one("command_timeout_ms", millis(config.command_timeout))?;
         at_least_one("idle_timeout_ms", millis(config.idle_timeout))?;
+        if let Some(interval) = config.sweep_interval {
+            at_least_one("sweep_interval_ms", millis(interval))?;
+        }
         for settings in config.per_type.values() {
             if let Some(timeout) = settings.idle_timeout {
                 at_least_one("idle_timeout_ms", millis(timeout))?;
@@ -271,6 +337,10 @@ mod tests {
                 RuntimeConfig::builder().idle_timeout(Duration::from_micros(10)),
                 "idle_timeout_ms",
             ),
+            (
+                RuntimeConfig::builder().sweep_interval(Duration::from_micros(999)),
+                "sweep_interval_ms",
+            ),
         ];
         for (builder, setting) in cases {
             match builder.build() {
@@ -285,5 +355,33 @@ mod tests {
             .unwrap();
         assert_eq!(built.max_live_aggregates(), 1, "no silent clamp");
         assert_eq!(built.snapshot_every(), 0);
+        let no_cache = RuntimeConfig::builder()
+            .max_idle_aggregates(0)
+            .build()
+            .unwrap();
+        assert_eq!(no_cache.max_idle_aggregates(), 0, "0 is valid: no cache");
+    }
+
+    #[test]
+    fn the_sweep_period_follows_the_shortest_idle_timeout() {
+        let default = RuntimeConfig::default();
+        assert_eq!(default.sweep_period(), Duration::from_secs(1), "capped");
+        let mut short = RuntimeConfig::builder()
+            .idle_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        assert_eq!(short.sweep_period(), Duration::from_millis(500));
+        // An aggregate type's shorter timeout sets the pace.
+        short.per_type.insert(
+            TypeId::of::<u8>(),
+            AggregateSettings::new().idle_timeout(Duration::from_millis(2)),
+        );
+        assert_eq!(short.sweep_period(), Duration::from_millis(1), "floor");
+        let explicit = short
+            .to_builder()
+            .sweep_interval(Duration::from_millis(70))
+            .build()
+            .unwrap();
+        assert_eq!(explicit.sweep_period(), Duration::from_millis(70));
     }
 }

@@ -9,8 +9,8 @@
 mod config;
 mod feed;
 mod lease;
-mod read_model;
 mod ops;
+mod read_model;
 mod reads;
 mod schema;
 mod writer;
