@@ -100,6 +100,7 @@ pub mod codec;
 mod error;
 mod event;
 mod faults;
+pub mod metrics;
 pub mod projection;
 pub mod runtime;
 pub mod store;

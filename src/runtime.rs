@@ -8,6 +8,7 @@
 
 mod actor;
 mod config;
+mod health;
 mod registry;
 
 use std::any::{type_name, TypeId};
@@ -33,6 +34,7 @@ use crate::store::sled::SledStore;
 use crate::store::EventStore;
 
 pub use self::config::{AggregateSettings, RuntimeConfig, RuntimeConfigBuilder};
+pub use self::health::{Health, ObservedError, StoreHealth};
 pub use crate::aggregate::Aggregate;
 pub use crate::error::{CategoryError, CommandError, QueryError};
 
@@ -191,6 +193,8 @@ struct Core {
     /// The first shutdown's result, returned again to later calls. A tokio
     /// mutex: concurrent calls wait for the first, across its awaits.
     shutdown: tokio::sync::Mutex<Option<Result<(), StoreError>>>,
+    /// Metric handles per aggregate type, and what the health reports.
+    metrics: crate::metrics::AggregateMetricsCache,
 }
 
 impl<S: ?Sized + fmt::Debug> fmt::Debug for Runtime<S> {
@@ -232,6 +236,7 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
                 actors_gone: tokio::sync::Mutex::new(gone),
                 services: Mutex::new(Vec::new()),
                 shutdown: tokio::sync::Mutex::new(None),
+                metrics: crate::metrics::AggregateMetricsCache::default(),
             }),
             store,
         }
@@ -255,6 +260,7 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
     pub fn aggregates<A: Aggregate>(&self) -> Aggregates<A> {
         let settings = self.core.register::<A>();
         Aggregates {
+            metrics: self.core.metrics.aggregate(A::CATEGORY),
             core: Arc::clone(&self.core),
             settings,
             aggregate: PhantomData,
@@ -550,6 +556,7 @@ impl Core {
             key: key.clone(),
             slot: Arc::clone(slot),
             aggregate: PhantomData,
+            metrics: crate::metrics::ActorMetrics::new(self.metrics.aggregate(A::CATEGORY)),
             unregister: actor::Unregister {
                 registry: Arc::clone(&self.registry),
                 id: std::sync::OnceLock::new(),
@@ -648,11 +655,14 @@ pub struct Aggregates<A> {
     /// The type's settings, or why the runtime refused the type.
     settings: Result<TypeSettings, CategoryError>,
     aggregate: PhantomData<fn() -> A>,
+    /// The type's metric handles, registered once per runtime and type.
+    metrics: Arc<crate::metrics::AggregateMetrics>,
 }
 
 impl<A> Clone for Aggregates<A> {
     fn clone(&self) -> Self {
         Self {
+            metrics: Arc::clone(&self.metrics),
             core: Arc::clone(&self.core),
             settings: self.settings.clone(),
             aggregate: PhantomData,
@@ -753,6 +763,18 @@ impl<A: Aggregate> Aggregates<A> {
     #[instrument(name = "command", skip_all,
         fields(stream = %format_args!("{}-{id}", A::CATEGORY), version = field::Empty))]
     pub async fn execute_with(
+        &self,
+        id: &str,
+        command: A::Command,
+        context: CommandContext,
+    ) -> Result<Executed<A>, CommandError<A::Error>> {
+        let started = std::time::Instant::now();
+        let result = self.run(id, command, context).await;
+        self.metrics.command(&result, started);
+        result
+    }
+
+    async fn run(
         &self,
         id: &str,
         command: A::Command,

@@ -116,6 +116,8 @@ pub(crate) struct AggregateActor<A> {
     pub(crate) key: SlotKey,
     pub(crate) slot: Arc<Slot>,
     pub(crate) aggregate: PhantomData<fn() -> A>,
+    /// The type's metric handles; counts this actor as live once recovered.
+    pub(crate) metrics: crate::metrics::ActorMetrics,
     /// Declared last so that it drops last, after the store handle.
     pub(crate) unregister: Unregister,
 }
@@ -290,7 +292,10 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         myself: ActorRef<Self::Msg>,
         (): (),
     ) -> Result<Self::State, ActorProcessingErr> {
+        let started = std::time::Instant::now();
         let rebuilt = rebuild::<A>(&*self.store, &self.key.stream, None).await?;
+        let replayed = rebuilt.version.0 - rebuilt.snapshot_version.0;
+        self.metrics.recovered(replayed, started.elapsed());
         // Registered only once recovery succeeded: a failed start is not an
         // actor the supervisor will hear of.
         self.registry
@@ -332,6 +337,10 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
             let _ = task.await;
         }
         self.registry.remove(&self.key, &self.slot);
+        if !state.retiring && !self.registry.is_shut_down() {
+            // Neither retired after a panic nor stopped by shutdown: idle.
+            self.metrics.passivated();
+        }
         debug!(stream = %self.key.stream, version = %state.version, "aggregate actor stopped");
         Ok(())
     }
@@ -473,6 +482,7 @@ impl<A: Aggregate> AggregateActor<A> {
                     if current > state.version && attempts <= self.config.max_conflict_retries() {
                         debug!(%stream, known = %state.version, %current,
                             "decided on a stale state: catching up and deciding again");
+                        self.metrics.retried_on_stale_state();
                         self.catch_up(myself, state)
                             .await
                             .map_err(|e| e.into_command_error(stream))?;
@@ -514,6 +524,7 @@ impl<A: Aggregate> AggregateActor<A> {
             let expected = ExpectedVersion::Exact(state.version);
             match self.store.append(stream, expected, encoded).await {
                 Ok(appended) => {
+                    self.metrics.append_succeeded();
                     state.aggregate = next;
                     state.version = appended.last_version;
                     Span::current().record("version", appended.last_version.0);
@@ -543,12 +554,16 @@ impl<A: Aggregate> AggregateActor<A> {
                     }
                     debug!(%stream, expected = %state.version, %actual, attempts,
                         "conflict: catching up and deciding again");
+                    self.metrics.retried_after_conflict();
                     self.catch_up(myself, state)
                         .await
                         .map_err(|e| e.into_command_error(stream))?;
                 }
                 Err(AppendError::InvalidInput(e)) => return Err(CommandError::InvalidInput(e)),
-                Err(AppendError::Store(e)) => return Err(CommandError::Store(e)),
+                Err(AppendError::Store(e)) => {
+                    self.metrics.append_failed(&e);
+                    return Err(CommandError::Store(e));
+                }
                 Err(other) => return Err(CommandError::Append(other)),
             }
         }
@@ -600,6 +615,7 @@ impl<A: Aggregate> AggregateActor<A> {
         warn!(stream = %self.key.stream, during, panic = %message,
             "the aggregate panicked; retiring its actor");
         state.retiring = true;
+        self.metrics.panicked();
         self.slot.close();
         self.registry.remove(&self.key, &self.slot);
         self.stop_if_done(myself);
@@ -666,13 +682,20 @@ impl<A: Aggregate> AggregateActor<A> {
         match encoded {
             Ok(payload) => {
                 let store = Arc::clone(&self.store);
+                let metrics = self.metrics.shared();
                 state.snapshot_task = Some(tokio::spawn(async move {
                     match store
                         .save_snapshot(&stream, Snapshot { version, payload })
                         .await
                     {
-                        Ok(()) => debug!(%stream, %version, "snapshot saved"),
-                        Err(error) => warn!(%stream, %version, %error, "snapshot not saved"),
+                        Ok(()) => {
+                            metrics.snapshot_saved();
+                            debug!(%stream, %version, "snapshot saved");
+                        }
+                        Err(error) => {
+                            metrics.snapshot_failed();
+                            warn!(%stream, %version, %error, "snapshot not saved");
+                        }
                     }
                 }));
             }

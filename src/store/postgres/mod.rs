@@ -241,6 +241,7 @@ impl PostgresStore {
                 max_group_commit: config.max_group_commit,
                 retries: config.retries,
                 counters: Arc::clone(&counters),
+                metrics: crate::metrics::StoreMetrics::new("postgres"),
             }
             .run(),
         );
@@ -451,6 +452,14 @@ impl EventStore for PostgresStore {
                 decode_rows(&query(&shared, text, &params).await?)
             })
             .await?)
+    }
+
+    fn writer_status(&self) -> crate::store::WriterStatus {
+        if self.sender.is_closed() {
+            crate::store::WriterStatus::Closed
+        } else {
+            crate::store::WriterStatus::Running
+        }
     }
 
     fn head_position(&self) -> Position {
