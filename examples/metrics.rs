@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use annals::projection::{ProjectionContext, ProjectionError};
 use annals::{
-    Aggregate, CommandError, DomainEvent, Projection, ProjectionConfig, RecordedEvent, Runtime,
-    RuntimeConfig, SledStore,
+    Aggregate, CommandError, DomainEvent, EventStore, Projection, ProjectionConfig, RecordedEvent,
+    Runtime, RuntimeConfig, SledStore,
 };
 use metrics_exporter_prometheus::PrometheusBuilder;
 use serde::{Deserialize, Serialize};
