@@ -438,6 +438,8 @@ async fn exhausted_conflicts_and_failed_appends_are_recorded_and_in_the_health()
     // is retried up to the limit, then reported as a conflict.
     let interfering = Arc::new(Interfering {
         inner: MemoryStore::new(),
+        gate: None,
+        appends: AtomicU64::new(0),
     });
     let contested = Runtime::new(interfering, RuntimeConfig::default());
     category!(Contested, "meteredcontested");
@@ -595,6 +597,60 @@ async fn projection_failures_and_skips_are_counted() {
     runtime.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn overloaded_and_timed_out_commands_are_counted() {
+    category!(Busy, "meteredbusy");
+    let _ = recorder();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let store = Arc::new(Interfering {
+        inner: MemoryStore::new(),
+        gate: Some(Arc::clone(&gate)),
+        appends: AtomicU64::new(0),
+    });
+    let config = RuntimeConfig::builder()
+        .max_pending_commands(1)
+        .command_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let runtime = Runtime::new(Arc::clone(&store), config);
+    let meters = runtime.aggregates::<Meter<Busy>>();
+    // The first command holds the meter's only pending place, stuck in
+    // its append behind the closed gate.
+    let first = {
+        let meters = meters.clone();
+        tokio::spawn(async move { meters.execute("b", MeterCommand::Add(1)).await })
+    };
+    while store.appends.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let second = meters.execute("b", MeterCommand::Add(1)).await;
+    assert!(
+        matches!(second, Err(CommandError::Overloaded { .. })),
+        "{second:?}"
+    );
+    let first = first.await.unwrap();
+    assert!(
+        matches!(first, Err(CommandError::Timeout { .. })),
+        "{first:?}"
+    );
+    gate.add_permits(1_000);
+    runtime.shutdown().await.unwrap();
+
+    let recorded = Recorded::take();
+    let outcome = |outcome| {
+        recorded.counter(
+            names::COMMANDS_TOTAL,
+            &[
+                (names::LABEL_AGGREGATE, "meteredbusy"),
+                (names::LABEL_OUTCOME, outcome),
+            ],
+        )
+    };
+    assert_eq!(outcome("overloaded"), 1);
+    assert_eq!(outcome("timeout"), 1);
+    assert_eq!(outcome("committed"), 0);
+}
+
 /// A sink that keeps what it was given.
 struct Collect(Arc<AtomicU64>);
 
@@ -638,10 +694,13 @@ async fn relay_progress_and_lag_are_recorded() {
 }
 
 /// A memory store where another writer appends to the stream just before
-/// every append, so that every append conflicts.
+/// every append, so that every append conflicts; or, with a gate, where
+/// every append first waits for a permit.
 #[derive(Debug)]
 struct Interfering {
     inner: MemoryStore,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+    appends: AtomicU64,
 }
 
 #[async_trait::async_trait]
@@ -652,9 +711,15 @@ impl EventStore for Interfering {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<annals::store::AppendResult, annals::store::AppendError> {
-        self.inner
-            .append(stream, ExpectedVersion::Any, vec![outside_event(1)])
-            .await?;
+        self.appends.fetch_add(1, Ordering::SeqCst);
+        match &self.gate {
+            Some(gate) => gate.acquire().await.unwrap().forget(),
+            None => {
+                self.inner
+                    .append(stream, ExpectedVersion::Any, vec![outside_event(1)])
+                    .await?;
+            }
+        }
         self.inner.append(stream, expected, events).await
     }
 
