@@ -101,6 +101,7 @@ mod error;
 mod event;
 mod faults;
 pub mod ops;
+pub mod metrics;
 pub mod projection;
 pub mod runtime;
 pub mod store;

@@ -10,6 +10,7 @@ mod actor;
 mod command_id;
 mod config;
 mod foreign;
+mod health;
 mod registry;
 
 use std::any::{type_name, TypeId};
@@ -39,6 +40,7 @@ pub use self::command_id::{
     command_fingerprint, derived_event_id, COMMAND_FINGERPRINT_KEY, COMMAND_ID_KEY,
 };
 pub use self::config::{AggregateSettings, RuntimeConfig, RuntimeConfigBuilder};
+pub use self::health::{Health, ObservedError, StoreHealth};
 pub use crate::aggregate::Aggregate;
 pub use crate::error::{CategoryError, CommandError, QueryError};
 
@@ -233,6 +235,8 @@ struct Core {
     /// The first shutdown's result, returned again to later calls. A tokio
     /// mutex: concurrent calls wait for the first, across its awaits.
     shutdown: tokio::sync::Mutex<Option<Result<(), StoreError>>>,
+    /// Metric handles per aggregate type, and what the health reports.
+    metrics: crate::metrics::AggregateMetricsCache,
 }
 
 impl<S: ?Sized + fmt::Debug> fmt::Debug for Runtime<S> {
@@ -285,6 +289,7 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
                 services: Mutex::new(Vec::new()),
                 workflows: Mutex::new(Some(Vec::new())),
                 shutdown: tokio::sync::Mutex::new(None),
+                metrics: crate::metrics::AggregateMetricsCache::default(),
             }),
             store,
         };
@@ -311,6 +316,7 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
     pub fn aggregates<A: Aggregate>(&self) -> Aggregates<A> {
         let settings = self.core.register::<A>();
         Aggregates {
+            metrics: self.core.metrics.aggregate(A::CATEGORY),
             core: Arc::clone(&self.core),
             settings,
             aggregate: PhantomData,
@@ -706,6 +712,7 @@ impl Core {
             key: key.clone(),
             slot: Arc::clone(slot),
             aggregate: PhantomData,
+            metrics: crate::metrics::ActorMetrics::new(self.metrics.aggregate(A::CATEGORY)),
             unregister: actor::Unregister {
                 registry: Arc::clone(&self.registry),
                 id: std::sync::OnceLock::new(),
@@ -804,11 +811,14 @@ pub struct Aggregates<A> {
     /// The type's settings, or why the runtime refused the type.
     settings: Result<TypeSettings, CategoryError>,
     aggregate: PhantomData<fn() -> A>,
+    /// The type's metric handles, registered once per runtime and type.
+    metrics: Arc<crate::metrics::AggregateMetrics>,
 }
 
 impl<A> Clone for Aggregates<A> {
     fn clone(&self) -> Self {
         Self {
+            metrics: Arc::clone(&self.metrics),
             core: Arc::clone(&self.core),
             settings: self.settings.clone(),
             aggregate: PhantomData,
@@ -909,6 +919,18 @@ impl<A: Aggregate> Aggregates<A> {
     #[instrument(name = "command", skip_all,
         fields(stream = %format_args!("{}-{id}", A::CATEGORY), version = field::Empty))]
     pub async fn execute_with(
+        &self,
+        id: &str,
+        command: A::Command,
+        context: CommandContext,
+    ) -> Result<Executed<A>, CommandError<A::Error>> {
+        let started = std::time::Instant::now();
+        let result = self.run(id, command, context).await;
+        self.metrics.command(&result, started);
+        result
+    }
+
+    async fn run(
         &self,
         id: &str,
         command: A::Command,

@@ -208,6 +208,37 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     fn shared_by_processes(&self) -> bool {
         false
     }
+
+    /// Whether the store's writer takes appends now, for health checks
+    /// ([`crate::Runtime::health`]). It answers from memory, at once, and
+    /// writes nothing. The default, for a backend that cannot tell, is
+    /// [`WriterStatus::Unknown`].
+    fn writer_status(&self) -> WriterStatus {
+        WriterStatus::Unknown
+    }
+}
+
+/// Whether a store's writer takes appends, from
+/// [`EventStore::writer_status`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WriterStatus {
+    /// The writer runs and its last write went through.
+    Running,
+    /// A write failed: the store refuses every write until it is reopened
+    /// (the sled store's poisoned state). Carries the failure.
+    Failed(String),
+    /// The store was shut down, or its writer stopped.
+    Closed,
+    /// The backend does not say.
+    Unknown,
+}
+
+impl WriterStatus {
+    /// Whether appends can succeed now (`Unknown` counts as writable).
+    pub fn is_writable(&self) -> bool {
+        matches!(self, WriterStatus::Running | WriterStatus::Unknown)
+    }
 }
 
 /// Checks a checkpoint name as every backend must before saving or loading

@@ -96,6 +96,7 @@ pub(crate) struct ActorState {
     feed_closed: bool,
     /// A `Process` message is queued (at most one at a time).
     process_scheduled: bool,
+    metrics: crate::metrics::ProjectionMetrics,
 }
 
 impl ActorState {
@@ -123,6 +124,7 @@ impl ActorState {
         });
         let state = Self {
             store,
+            metrics: crate::metrics::ProjectionMetrics::new(&config.name),
             config,
             runner,
             subscription,
@@ -243,6 +245,9 @@ impl ActorState {
     }
 
     pub(super) fn publish(&self) {
+        let head = self.store.head_position();
+        self.metrics
+            .progress(self.position, self.checkpoint, head, self.events_handled);
         let state = match self.phase {
             Phase::Stopped => ProjectionState::Stopped,
             Phase::Failed => ProjectionState::Failed,
@@ -364,6 +369,7 @@ impl ActorState {
             }
             Err(error) => {
                 warn!(projection = %self.config.name, %error, "reading the log failed; retrying");
+                self.metrics.failed();
                 self.last_error = Some(ProjectionFailure {
                     position: self.position,
                     error: error.to_string(),
@@ -397,6 +403,7 @@ impl ActorState {
             let attempt = if applied.count > 0 { 1 } else { attempt };
             let failing = &self.pending[0];
             let failing_position = failing.position;
+            self.metrics.failed();
             if applied.store_failed {
                 error!(projection = %self.config.name, %error, position = %failing_position,
                     "committing the read model failed; the projection stops");
@@ -436,6 +443,7 @@ impl ActorState {
                         let excess = status.skipped.len().saturating_sub(max);
                         status.skipped.drain(..excess);
                     });
+                    self.metrics.skipped();
                     self.pending.pop_front();
                     self.position = failing_position;
                     self.unsaved += 1;
@@ -560,6 +568,7 @@ impl ActorState {
             }
             Err(error) => {
                 warn!(projection = %self.config.name, %position, %error, "saving the checkpoint failed");
+                self.metrics.failed();
                 self.last_error = Some(ProjectionFailure {
                     position,
                     error: error.to_string(),

@@ -119,6 +119,8 @@ pub(crate) struct AggregateActor<A> {
     pub(crate) key: SlotKey,
     pub(crate) slot: Arc<Slot>,
     pub(crate) aggregate: PhantomData<fn() -> A>,
+    /// The type's metric handles; counts this actor as live once recovered.
+    pub(crate) metrics: crate::metrics::ActorMetrics,
     /// Declared last so that it drops last, after the store handle.
     pub(crate) unregister: Unregister,
 }
@@ -300,7 +302,14 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                 snapshot_version: warm.snapshot_version,
             },
             // Boxed: the recovery's future is large and only lives here.
-            None => Box::pin(rebuild::<A>(&*self.store, &self.key.stream, None)).await?,
+            None => {
+                let started = std::time::Instant::now();
+                let rebuilt =
+                    Box::pin(rebuild::<A>(&*self.store, &self.key.stream, None)).await?;
+                let replayed = rebuilt.version.0 - rebuilt.snapshot_version.0;
+                self.metrics.recovered(replayed, started.elapsed());
+                rebuilt
+            }
         };
         // Registered only once recovery succeeded: a failed start is not an
         // actor the supervisor will hear of.
@@ -350,6 +359,10 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
             // After a panic the state is suspect: the next actor reloads.
             self.registry.remove(&self.key, &self.slot);
         } else {
+            if !self.registry.is_shut_down() {
+                // Neither retired after a panic nor stopped by shutdown: idle.
+                self.metrics.passivated();
+            }
             // Passivated (or shutting down, where the registry drops it):
             // the state stays warm for the stream's next command.
             let warm: Parked = Box::new(WarmState {
@@ -509,6 +522,7 @@ impl<A: Aggregate> AggregateActor<A> {
                     if current > state.version && attempts <= self.config.max_conflict_retries() {
                         debug!(%stream, known = %state.version, %current,
                             "decided on a stale state: catching up and deciding again");
+                        self.metrics.retried_on_stale_state();
                         self.catch_up(myself, state)
                             .await
                             .map_err(|e| e.into_command_error(stream))?;
@@ -586,6 +600,7 @@ impl<A: Aggregate> AggregateActor<A> {
                     };
                 }
                 Ok(appended) => {
+                    self.metrics.append_succeeded();
                     state.aggregate = next;
                     state.version = appended.last_version;
                     self.slot
@@ -626,6 +641,7 @@ impl<A: Aggregate> AggregateActor<A> {
                     }
                     debug!(%stream, expected = %state.version, %actual, attempts,
                         "conflict: catching up and deciding again");
+                    self.metrics.retried_after_conflict();
                     self.catch_up(myself, state)
                         .await
                         .map_err(|e| e.into_command_error(stream))?;
@@ -640,7 +656,10 @@ impl<A: Aggregate> AggregateActor<A> {
                         .map_err(|e| e.into_command_error(stream))?;
                 }
                 Err(AppendError::InvalidInput(e)) => return Err(CommandError::InvalidInput(e)),
-                Err(AppendError::Store(e)) => return Err(CommandError::Store(e)),
+                Err(AppendError::Store(e)) => {
+                    self.metrics.append_failed(&e);
+                    return Err(CommandError::Store(e));
+                }
                 Err(other) => return Err(CommandError::Append(other)),
             }
         }
@@ -771,6 +790,7 @@ impl<A: Aggregate> AggregateActor<A> {
         warn!(stream = %self.key.stream, during, panic = %message,
             "the aggregate panicked; retiring its actor");
         state.retiring = true;
+        self.metrics.panicked();
         self.slot.close();
         self.registry.remove(&self.key, &self.slot);
         self.stop_if_done(myself);
@@ -820,13 +840,20 @@ impl<A: Aggregate> AggregateActor<A> {
         match encoded {
             Ok(payload) => {
                 let store = Arc::clone(&self.store);
+                let metrics = self.metrics.shared();
                 state.snapshot_task = Some(tokio::spawn(async move {
                     match store
                         .save_snapshot(&stream, Snapshot { version, payload })
                         .await
                     {
-                        Ok(()) => debug!(%stream, %version, "snapshot saved"),
-                        Err(error) => warn!(%stream, %version, %error, "snapshot not saved"),
+                        Ok(()) => {
+                            metrics.snapshot_saved();
+                            debug!(%stream, %version, "snapshot saved");
+                        }
+                        Err(error) => {
+                            metrics.snapshot_failed();
+                            warn!(%stream, %version, %error, "snapshot not saved");
+                        }
                     }
                 }));
             }

@@ -306,6 +306,7 @@ impl Relay {
             unsaved_events: 0,
             checkpoint_due: None,
             ended: false,
+            metrics: crate::metrics::RelayMetrics::new(&config.name),
             config: config.clone(),
         };
         let join = tokio::spawn(worker.run());
@@ -430,6 +431,7 @@ struct Worker<S> {
     checkpoint_due: Option<Instant>,
     /// The store shut down and everything was published.
     ended: bool,
+    metrics: crate::metrics::RelayMetrics,
 }
 
 /// What interrupted a publish that was being retried.
@@ -577,6 +579,8 @@ impl<S: EventSink> Worker<S> {
         self.position = position;
         self.unsaved_events += events;
         self.status.send_modify(|status| status.position = position);
+        self.metrics
+            .advanced(position, self.store.head_position(), events);
         if self.unsaved_events >= self.config.checkpoint_every_events {
             self.save_checkpoint().await;
         } else if self.checkpoint_due.is_none() && self.position > self.checkpoint {
@@ -662,6 +666,7 @@ impl<S: EventSink> Worker<S> {
     }
 
     fn record_error(&self, error: String, state: RelayState) {
+        self.metrics.failed();
         self.status.send_modify(|status| {
             status.last_error = Some(error);
             status.state = state;

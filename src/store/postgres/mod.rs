@@ -256,6 +256,7 @@ impl PostgresStore {
                     "BEGIN; SET LOCAL synchronous_commit = on; SET LOCAL lock_timeout = '{}ms'",
                     config.lock_timeout.as_millis()
                 ),
+                metrics: crate::metrics::StoreMetrics::new("postgres"),
             }
             .run(),
         );
@@ -511,6 +512,14 @@ impl EventStore for PostgresStore {
                 decode_rows(&query(&shared, text, &params).await?)
             })
             .await?)
+    }
+
+    fn writer_status(&self) -> crate::store::WriterStatus {
+        if self.sender.is_closed() {
+            crate::store::WriterStatus::Closed
+        } else {
+            crate::store::WriterStatus::Running
+        }
     }
 
     fn head_position(&self) -> Position {

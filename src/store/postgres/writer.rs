@@ -135,6 +135,7 @@ pub(super) struct Writer {
     pub(super) counters: Arc<Counters>,
     /// `BEGIN` with the transaction's settings (durability, lock timeout).
     pub(super) begin: String,
+    pub(super) metrics: crate::metrics::StoreMetrics,
 }
 
 impl Writer {
@@ -192,8 +193,10 @@ impl Writer {
         let mut maybe_committed = false;
         let mut attempt = 0;
         let failure = loop {
+            let started = std::time::Instant::now();
             match self.transaction(&group).await {
                 Ok(committed) => {
+                    self.metrics.synced(started.elapsed());
                     self.answer(group, committed).await;
                     return;
                 }
@@ -219,6 +222,7 @@ impl Writer {
             return;
         }
         warn!(error = %failure.error, maybe_committed, "write transaction failed");
+        self.metrics.group_failed();
         for append in group {
             let error = if maybe_committed {
                 StoreError::OutcomeUnknown(failure.error.to_string())
@@ -269,6 +273,8 @@ impl Writer {
         }
         let appended = answers.iter().filter(|(_, o)| o.is_ok()).count() as u64;
         self.counters.appends.fetch_add(appended, Ordering::Relaxed);
+        self.metrics
+            .group_committed(appended, committed.len() as u64);
         if !committed.is_empty() {
             self.counters.transactions.fetch_add(1, Ordering::Relaxed);
         }

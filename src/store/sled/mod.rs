@@ -67,6 +67,8 @@ struct Counters {
     appends: AtomicU64,
     group_commits: AtomicU64,
     durable_syncs: AtomicU64,
+    /// Why the writer refuses writes, once it does (for `writer_status`).
+    poisoned: OnceLock<String>,
 }
 
 /// The embedded event store on sled.
@@ -184,6 +186,7 @@ impl SledStore {
             min_free_bytes: config.min_free_bytes,
             heads: HashMap::new(),
             head_cache_capacity: config.head_cache_capacity,
+            metrics: crate::metrics::StoreMetrics::new(BACKEND),
         };
         let writer = std::thread::Builder::new()
             .name("annals-writer".into())
@@ -477,6 +480,17 @@ impl EventStore for SledStore {
         self.with_handles(|handles| {
             reads::read_all(handles, self.feed.head(), from, direction, limit, filter)
         })
+    }
+
+    fn writer_status(&self) -> crate::store::WriterStatus {
+        use crate::store::WriterStatus;
+        if let Some(why) = self.counters.poisoned.get() {
+            WriterStatus::Failed(why.clone())
+        } else if self.sender.is_closed() {
+            WriterStatus::Closed
+        } else {
+            WriterStatus::Running
+        }
     }
 
     fn head_position(&self) -> Position {

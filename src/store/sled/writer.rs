@@ -63,6 +63,7 @@ pub(super) struct Writer {
     /// asks for it, synced; never by a failed one.
     pub(super) heads: HashMap<StreamId, u64>,
     pub(super) head_cache_capacity: usize,
+    pub(super) metrics: crate::metrics::StoreMetrics,
 }
 
 /// One append of a group, decided but not yet durable.
@@ -118,6 +119,7 @@ impl Writer {
     }
 
     fn flush_and_sync(&mut self) -> Result<(), String> {
+        let _timer = self.metrics.time_sync();
         self.db.flush().map_err(|e| e.to_string())?;
         self.syncer.sync().map_err(|e| e.to_string())
     }
@@ -213,6 +215,8 @@ impl Writer {
                 // Publish (which moves the head) before answering, so that a
                 // caller whose append returned sees it in `head_position()`
                 // and a subscriber has it on the feed, as with MemoryStore.
+                self.metrics
+                    .group_committed(appended, committed.len() as u64);
                 if wrote {
                     self.feed.publish(committed.into());
                 }
@@ -232,6 +236,7 @@ impl Writer {
                 }
             }
             Err(why) => {
+                self.metrics.group_failed();
                 self.poison(why.clone());
                 for Decided { reply, outcome } in decided {
                     let outcome = outcome.and(Err(StoreError::Poisoned(why.clone()).into()));
@@ -249,6 +254,7 @@ impl Writer {
     fn poison(&mut self, why: String) {
         if self.poisoned.is_none() {
             error!(error = %why, "a write failed; the store refuses writes until reopened");
+            let _ = self.syncer.counters.poisoned.set(why.clone());
             self.poisoned = Some(why);
         }
     }
