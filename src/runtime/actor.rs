@@ -304,8 +304,7 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
             // Boxed: the recovery's future is large and only lives here.
             None => {
                 let started = std::time::Instant::now();
-                let rebuilt =
-                    Box::pin(rebuild::<A>(&*self.store, &self.key.stream, None)).await?;
+                let rebuilt = Box::pin(rebuild::<A>(&*self.store, &self.key.stream, None)).await?;
                 let replayed = rebuilt.version.0 - rebuilt.snapshot_version.0;
                 self.metrics.recovered(replayed, started.elapsed());
                 rebuilt
