@@ -8,6 +8,7 @@
 pub(crate) mod memory;
 pub(crate) mod postgres;
 mod read_model;
+mod request;
 pub(crate) mod sled;
 
 use std::fmt;
@@ -20,6 +21,8 @@ use uuid::Uuid;
 
 use crate::error::InvalidInput;
 use crate::event::validate_name;
+
+pub(crate) use self::request::ask;
 
 pub use self::memory::MemoryStore;
 pub use self::postgres::{

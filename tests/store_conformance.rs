@@ -21,7 +21,8 @@ use conformance::{Backend, Limits, Opening};
 use outside_store::OutsideStore;
 
 fn memory(limits: Limits) -> Opening {
-    let store = MemoryStore::with_limits(limits.max_event_size, limits.live_feed_capacity);
+    let store = MemoryStore::with_limits(limits.max_event_size, limits.live_feed_capacity)
+        .expect("the suite's limits are valid");
     Box::pin(async move { Backend::new(store, None) })
 }
 
