@@ -3,7 +3,7 @@
 //! from the store, other aggregates do not notice, and a stream that panics
 //! on every load fails each command without a restart loop.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

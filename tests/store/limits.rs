@@ -4,7 +4,7 @@
 //! refusal writes nothing, not even after the sled store is reopened.
 //! Each answer is the documented typed error (docs/design.md, "Limits").
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

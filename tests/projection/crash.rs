@@ -8,7 +8,7 @@
 //! checkpoint exactly once and nothing above it. Cycles:
 //! `ANNALS_PROJECTION_CRASH_CYCLES` (default 3).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! positions and versions continue with no gap and no reuse; and paths that
 //! do not hold a store of this format are typed errors.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -455,7 +455,8 @@ async fn a_store_open_in_another_process_is_in_use() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let held = lines.any(|line| line.is_ok_and(|line| line == "holding"));
+    // libtest may print `test <name> ... ` before it on the same line.
+    let held = lines.any(|line| line.is_ok_and(|line| line.ends_with("holding")));
     assert!(held, "the child never opened the store");
     match SledStore::open(&path) {
         Err(StoreError::InUse { path: reported }) => assert_eq!(reported, path),
