@@ -1,6 +1,8 @@
 //! Errors, one enum per boundary, so that a caller can tell apart bad input,
 //! a concurrency conflict, a failing store, undecodable data and the
-//! domain's own rejections. Every enum converts into the umbrella [`Error`].
+//! domain's own rejections. Every enum converts into the umbrella
+//! [`Error`](crate::Error). Nothing here names a type of a layer above the
+//! store (the projection handle's error is beside the projection).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +10,6 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::event::{ExpectedVersion, Position, StreamId, Version};
-use crate::projection::ProjectionState;
 
 /// Input refused before anything was written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -661,97 +662,6 @@ impl ProjectionError {
     pub fn handler(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         ProjectionError::Handler(error.into())
     }
-}
-
-/// Why an operation on a [`ProjectionHandle`](crate::ProjectionHandle)
-/// failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ProjectionControlError {
-    /// `wait_for` gave up: the projection had not processed the position in
-    /// time. It keeps running.
-    #[error("projection {name:?} did not reach position {target} within {timeout:?} (it is at {reached})")]
-    Timeout {
-        /// The projection's name.
-        name: String,
-        /// The position waited for.
-        target: Position,
-        /// The position it had reached.
-        reached: Position,
-        /// How long the caller waited.
-        timeout: std::time::Duration,
-    },
-    /// The projection is stopped or failed, so it will not get there (or
-    /// cannot do what was asked) until it is resumed or restarted.
-    #[error("projection {name:?} is {state:?}{}", last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
-    NotRunning {
-        /// The projection's name.
-        name: String,
-        /// Its state.
-        state: ProjectionState,
-        /// Its last error, if any.
-        last_error: Option<String>,
-    },
-    /// The name or configuration was refused.
-    #[error(transparent)]
-    InvalidInput(#[from] InvalidInput),
-    /// The checkpoint could not be loaded.
-    #[error(transparent)]
-    Read(#[from] ReadError),
-    /// The checkpoint or read model could not be saved.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The projection's own reset hook failed.
-    #[error(transparent)]
-    Projection(#[from] ProjectionError),
-    /// A projection of this name already runs on this store in this process,
-    /// or (on a store that several processes share, such as PostgreSQL) in
-    /// another process, which holds the checkpoint's lease; two would
-    /// overwrite each other's checkpoint.
-    #[error("a projection named {name:?} already runs on this store")]
-    AlreadyRunning {
-        /// The name.
-        name: String,
-    },
-    /// The actor could not be started.
-    #[error("cannot start the projection actor: {0}")]
-    Spawn(String),
-}
-
-/// The umbrella error: any of the above.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// See [`InvalidInput`].
-    #[error(transparent)]
-    InvalidInput(#[from] InvalidInput),
-    /// See [`StoreError`].
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// See [`AppendError`].
-    #[error(transparent)]
-    Append(#[from] AppendError),
-    /// See [`ReadError`].
-    #[error(transparent)]
-    Read(#[from] ReadError),
-    /// See [`CodecError`].
-    #[error(transparent)]
-    Codec(#[from] CodecError),
-    /// See [`QueryError`].
-    #[error(transparent)]
-    Query(#[from] QueryError),
-    /// See [`SubscriptionError`].
-    #[error(transparent)]
-    Subscription(#[from] SubscriptionError),
-    /// See [`ProjectionError`].
-    #[error(transparent)]
-    Projection(#[from] ProjectionError),
-    /// See [`ProjectionControlError`].
-    #[error(transparent)]
-    ProjectionControl(#[from] ProjectionControlError),
-    /// See [`ReadModelError`].
-    #[error(transparent)]
-    ReadModel(#[from] ReadModelError),
 }
 
 #[cfg(test)]

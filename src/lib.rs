@@ -106,11 +106,12 @@ pub mod projection;
 pub mod runtime;
 pub mod store;
 pub mod testing;
+mod umbrella;
 pub mod workflow;
 
 // What most users need; everything else is in its layer's namespace.
 pub use crate::codec::DomainEvent;
-pub use crate::error::{Error, InvalidInput};
+pub use crate::error::InvalidInput;
 pub use crate::projection::{Projection, ProjectionConfig, ProjectionHandle, TypedProjection};
 pub use crate::runtime::{
     Aggregate, Aggregates, CommandContext, CommandError, Executed, QueryError, Runtime,
@@ -120,3 +121,4 @@ pub use crate::store::{
     EventStore, ExpectedVersion, MemoryStore, NewEvent, Position, RecordedEvent, SledStore,
     StoreError, StreamId, Version,
 };
+pub use crate::umbrella::Error;

@@ -8,6 +8,7 @@
 //! transaction, so each event takes effect exactly once, even across a crash.
 
 mod actor;
+mod error;
 mod handle;
 mod lease;
 mod read_model;
@@ -23,13 +24,15 @@ use std::time::Duration;
 use crate::codec::{decode_event, DomainEvent};
 use crate::error::InvalidInput;
 use crate::event::{EventFilter, Position, RecordedEvent};
+use crate::projection::runner::caught;
 use crate::store::ReadModelStore;
 
+pub use self::error::{BatchFailure, ProjectionControlError};
 pub use self::handle::ProjectionHandle;
 pub use self::sled::{SledProjection, TypedSledProjection};
 pub(crate) use self::subscription::Delivery;
 pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE};
-pub use crate::error::{ProjectionControlError, ProjectionError, SubscriptionError};
+pub use crate::error::{ProjectionError, SubscriptionError};
 pub use crate::store::{ReadModelBatch, ReadModelView};
 
 /// A read model fed by the log, one raw event at a time.
@@ -51,6 +54,34 @@ pub trait Projection: Send + 'static {
         event: &RecordedEvent,
         context: &ProjectionContext,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Applies several events, in order: the projection actor calls it once
+    /// per batch (up to the configured batch size), in catch-up and live
+    /// alike. `context` is the last event's, with the attempt of the first.
+    /// Override it where one call for many events saves work (one write to
+    /// an outside database per batch). Default: [`Projection::handle`] per
+    /// event, stopping at the first failure or panic.
+    ///
+    /// # Errors
+    /// [`BatchFailure`]: the events before the failing one count as
+    /// handled, the failing one goes to the failure policy. A panic that
+    /// escapes an override counts as a failure of the first event, so the
+    /// whole batch is handled again (at least once).
+    fn handle_batch(
+        &mut self,
+        events: &[RecordedEvent],
+        context: &ProjectionContext,
+    ) -> impl Future<Output = Result<(), BatchFailure>> + Send {
+        async move {
+            for (index, event) in events.iter().enumerate() {
+                let context = context.for_event(index, event);
+                caught(self.handle(event, &context))
+                    .await
+                    .map_err(|error| BatchFailure::new(index, error))?;
+            }
+            Ok(())
+        }
+    }
 
     /// Erases the read model, before a rebuild from the start of the log
     /// ([`ProjectionHandle::reset`]). The checkpoint is already back at the
@@ -77,6 +108,29 @@ pub trait TypedProjection: Send + 'static {
         context: &ProjectionContext,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
+    /// Applies several decoded events, in order, each with its raw event;
+    /// as [`Projection::handle_batch`] (the batch ends before the first
+    /// event that does not decode). Default: [`TypedProjection::handle`]
+    /// per event, stopping at the first failure or panic.
+    ///
+    /// # Errors
+    /// As [`Projection::handle_batch`].
+    fn handle_batch(
+        &mut self,
+        events: Vec<(Self::Event, &RecordedEvent)>,
+        context: &ProjectionContext,
+    ) -> impl Future<Output = Result<(), BatchFailure>> + Send {
+        async move {
+            for (index, (event, recorded)) in events.into_iter().enumerate() {
+                let context = context.for_event(index, recorded);
+                caught(self.handle(event, recorded, &context))
+                    .await
+                    .map_err(|error| BatchFailure::new(index, error))?;
+            }
+            Ok(())
+        }
+    }
+
     /// As [`Projection::reset`].
     fn reset(&mut self) -> impl Future<Output = Result<(), ProjectionError>> + Send {
         async { Ok(()) }
@@ -98,6 +152,28 @@ impl<P: TypedProjection> Projection for Typed<P> {
     ) -> Result<(), ProjectionError> {
         let decoded = decode_event::<P::Event>(event)?;
         self.0.handle(decoded, event, context).await
+    }
+
+    async fn handle_batch(
+        &mut self,
+        events: &[RecordedEvent],
+        context: &ProjectionContext,
+    ) -> Result<(), BatchFailure> {
+        let mut decoded = Vec::with_capacity(events.len());
+        let mut undecodable = None;
+        for (index, event) in events.iter().enumerate() {
+            match decode_event::<P::Event>(event) {
+                Ok(typed) => decoded.push((typed, event)),
+                Err(error) => {
+                    undecodable = Some(BatchFailure::new(index, error));
+                    break;
+                }
+            }
+        }
+        if !decoded.is_empty() {
+            self.0.handle_batch(decoded, context).await?;
+        }
+        undecodable.map_or(Ok(()), Err)
     }
 
     async fn reset(&mut self) -> Result<(), ProjectionError> {
@@ -146,9 +222,7 @@ pub trait ReadModel<S: ReadModelStore>: Send + 'static {
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
         async move {
             for (index, event) in events.iter().enumerate() {
-                let attempt = if index == 0 { context.attempt } else { 1 };
-                let context =
-                    ProjectionContext::new(Arc::clone(&context.name), event.position, attempt);
+                let context = context.for_event(index, event);
                 self.handle(event, transaction, &context).await?;
             }
             Ok(())
@@ -200,6 +274,14 @@ impl ProjectionContext {
     /// 1 for the first try of this event, more when retried.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// The context of the batch's event at `index`: the batch's attempt
+    /// for the first event, the first attempt for the others (an earlier
+    /// try stopped at the first).
+    pub(crate) fn for_event(&self, index: usize, event: &RecordedEvent) -> Self {
+        let attempt = if index == 0 { self.attempt } else { 1 };
+        Self::new(Arc::clone(&self.name), event.position, attempt)
     }
 }
 

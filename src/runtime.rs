@@ -29,8 +29,9 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, field, instrument, warn, Span};
 use uuid::Uuid;
 
-use crate::error::{ProjectionControlError, StoreError};
+use crate::error::StoreError;
 use crate::event::{Position, StreamId, Version};
+use crate::projection::ProjectionControlError;
 use crate::projection::{Projection, ProjectionConfig, ProjectionHandle, ProjectionState};
 use crate::store::sled::SledStore;
 use crate::store::EventStore;

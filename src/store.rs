@@ -10,6 +10,7 @@ mod lease;
 pub(crate) mod memory;
 pub(crate) mod postgres;
 mod read_model;
+mod request;
 pub(crate) mod sled;
 
 use std::fmt;
@@ -24,6 +25,8 @@ use crate::error::InvalidInput;
 use crate::event::validate_name;
 
 pub use self::lease::CheckpointLease;
+pub(crate) use self::request::ask;
+
 pub use self::memory::MemoryStore;
 pub use self::postgres::{
     PostgresConfig, PostgresStats, PostgresStore, PostgresTransaction, MAX_SCHEMA_NAME_LEN,

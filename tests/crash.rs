@@ -30,10 +30,8 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +43,7 @@ use annals::{
     ProjectionConfig, ProjectionHandle, RecordedEvent, Runtime, RuntimeConfig, SledStore, StreamId,
     Version,
 };
+use common::child::{self, Child};
 use common::{Ledger, LedgerCommand, LedgerEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -442,45 +441,17 @@ fn run_and_kill(
     run_for: Duration,
     wait_for_load: bool,
 ) -> (HashMap<Uuid, Ack>, u64) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "crash_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let mut command = child::ignored_test(module_path!(), "crash_child");
+    command
         .env(CHILD_DIR, dir)
         .env(CHILD_SEED, seed.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (lines, received) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut first = None;
+        .stderr(Stdio::null());
+    let mut child = Child::spawn(command);
     if wait_for_load {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        first = std::iter::from_fn(|| {
-            received
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .ok()
-        })
-        .find(|line| marker(line).is_some());
+        child.wait_for_line(Duration::from_secs(60), |line| marker(line).is_some());
     }
     std::thread::sleep(run_for);
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    reader.join().unwrap();
-    let lines: Vec<String> = first.into_iter().chain(received.try_iter()).collect();
+    let lines = child.kill(); // SIGKILL
     let failures: Vec<&String> = lines.iter().filter(|l| l.starts_with("FAIL")).collect();
     assert!(failures.is_empty(), "the child reported: {failures:?}");
     let commands = lines

@@ -7,9 +7,10 @@
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::error::{ProjectionControlError, StoreError};
+use crate::error::StoreError;
 use crate::event::Position;
 use crate::projection::state::ActorState;
+use crate::projection::ProjectionControlError;
 
 /// The actor's messages. Private to the crate: users hold a
 /// [`ProjectionHandle`](crate::ProjectionHandle).
@@ -103,9 +104,10 @@ mod tests {
     use async_trait::async_trait;
     use tokio::sync::Semaphore;
 
-    use crate::error::{ProjectionControlError, ProjectionError, StoreError};
+    use crate::error::{ProjectionError, StoreError};
     use crate::event::{ExpectedVersion, NewEvent, Position, RecordedEvent, StreamId};
     use crate::projection::runner::{Applied, Runner, SaveCheckpoint};
+    use crate::projection::ProjectionControlError;
     use crate::projection::{ProjectionConfig, ProjectionState};
     use crate::store::memory::MemoryStore;
     use crate::store::EventStore;

@@ -12,7 +12,7 @@ use ractor::{Actor, ActorRef, RpcReplyPort};
 use tokio::sync::{watch, Notify};
 use tracing::instrument;
 
-use crate::error::{ProjectionControlError, StoreError};
+use crate::error::StoreError;
 use crate::event::Position;
 use crate::projection::actor::{ProjectionActor, ProjectionMessage};
 use crate::projection::lease::NameLease;
@@ -20,6 +20,7 @@ use crate::projection::read_model::ReadModelRunner;
 use crate::projection::runner::{PlainRunner, Runner};
 use crate::projection::sled::SledReadModel;
 use crate::projection::state::ActorState;
+use crate::projection::ProjectionControlError;
 use crate::projection::{
     Projection, ProjectionConfig, ProjectionFailure, ProjectionState, ProjectionStatus, ReadModel,
     SledProjection,

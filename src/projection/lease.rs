@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
-use crate::error::ProjectionControlError;
+use crate::projection::ProjectionControlError;
 use crate::store::{CheckpointLease, EventStore};
 
 /// The projection names running in this process, per store: two actors with

@@ -3,14 +3,14 @@
 //! the handler's writes and the checkpoint are committed together, fenced on
 //! the checkpoint the runner last committed.
 
-use std::pin::pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::error::{panic_message, ProjectionControlError, ProjectionError, StoreError};
+use crate::error::StoreError;
 use crate::event::{Position, RecordedEvent};
-use crate::projection::runner::{Applied, CatchUnwind, Runner, SaveCheckpoint};
+use crate::projection::runner::{caught, Applied, Runner, SaveCheckpoint};
+use crate::projection::ProjectionControlError;
 use crate::projection::{ProjectionContext, ReadModel};
 use crate::store::ReadModelStore;
 
@@ -33,13 +33,6 @@ fn store_failed(error: StoreError) -> Applied {
         error: Some(error.into()),
         store_failed: true,
     }
-}
-
-/// Turns a caught panic or the handler's error into one error.
-fn handler_result<T>(
-    result: Result<Result<T, ProjectionError>, Box<dyn std::any::Any + Send>>,
-) -> Result<T, ProjectionError> {
-    result.unwrap_or_else(|panic| Err(ProjectionError::Panicked(panic_message(&*panic))))
 }
 
 impl<S: ReadModelStore, P: ReadModel<S>> ReadModelRunner<S, P> {
@@ -101,13 +94,8 @@ impl<S: ReadModelStore, P: ReadModel<S>> ReadModelRunner<S, P> {
                     return store_failed(error);
                 }
             }
-            let handled = CatchUnwind(pin!(self.projection.handle(
-                event,
-                &mut transaction,
-                &context
-            )))
-            .await;
-            if let Err(failure) = handler_result(handled) {
+            let handled = caught(self.projection.handle(event, &mut transaction, &context)).await;
+            if let Err(failure) = handled {
                 if let Err(error) = self.store.rollback_to_savepoint(&mut transaction).await {
                     return store_failed(error);
                 }
@@ -144,13 +132,12 @@ impl<S: ReadModelStore, P: ReadModel<S>> Runner for ReadModelRunner<S, P> {
             Err(error) => return store_failed(error),
         };
         let context = ProjectionContext::new(Arc::clone(&self.name), last.position, attempt);
-        let handled = CatchUnwind(pin!(self.projection.handle_batch(
-            events,
-            &mut transaction,
-            &context
-        )))
+        let handled = caught(
+            self.projection
+                .handle_batch(events, &mut transaction, &context),
+        )
         .await;
-        match handler_result(handled) {
+        match handled {
             Ok(()) => match self.commit(transaction, last.position).await {
                 Ok(()) => Applied {
                     count: events.len(),
@@ -191,8 +178,8 @@ impl<S: ReadModelStore, P: ReadModel<S>> Runner for ReadModelRunner<S, P> {
         };
         // The hook writes the erasure into the transaction: if it fails,
         // nothing was erased.
-        let erased = CatchUnwind(pin!(self.projection.reset(&mut transaction))).await;
-        if let Err(error) = handler_result(erased) {
+        let erased = caught(self.projection.reset(&mut transaction)).await;
+        if let Err(error) = erased {
             return (false, Err(error.into()));
         }
         // One commit erases the read model and moves the checkpoint to the

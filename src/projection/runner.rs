@@ -11,8 +11,9 @@ use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 
-use crate::error::{panic_message, ProjectionControlError, ProjectionError, StoreError};
+use crate::error::{panic_message, ProjectionError, StoreError};
 use crate::event::{Position, RecordedEvent};
+use crate::projection::ProjectionControlError;
 use crate::projection::{Projection, ProjectionContext};
 use crate::store::EventStore;
 
@@ -76,24 +77,25 @@ impl<P: Projection> PlainRunner<P> {
 #[async_trait]
 impl<P: Projection> Runner for PlainRunner<P> {
     async fn apply(&mut self, events: &[RecordedEvent], attempt: u32) -> Applied {
-        for (index, event) in events.iter().enumerate() {
-            let attempt = if index == 0 { attempt } else { 1 };
-            let context = ProjectionContext::new(Arc::clone(&self.name), event.position, attempt);
-            let result = CatchUnwind(pin!(self.projection.handle(event, &context))).await;
-            let error = match result {
-                Ok(Ok(())) => continue,
-                Ok(Err(error)) => error,
-                Err(panic) => ProjectionError::Panicked(panic_message(&*panic)),
-            };
+        let Some(last) = events.last() else {
             return Applied {
-                count: index,
-                error: Some(error),
+                count: 0,
+                error: None,
                 store_failed: false,
             };
-        }
+        };
+        // One call per batch: the projection decides how to go through it.
+        let context = ProjectionContext::new(Arc::clone(&self.name), last.position, attempt);
+        let (count, error) =
+            match CatchUnwind(pin!(self.projection.handle_batch(events, &context))).await {
+                Ok(Ok(())) => (events.len(), None),
+                // The failing event is one of the batch.
+                Ok(Err(failure)) => (failure.applied.min(events.len() - 1), Some(failure.error)),
+                Err(panic) => (0, Some(ProjectionError::Panicked(panic_message(&*panic)))),
+            };
         Applied {
-            count: events.len(),
-            error: None,
+            count,
+            error,
             store_failed: false,
         }
     }
@@ -120,18 +122,26 @@ impl<P: Projection> Runner for PlainRunner<P> {
         {
             return (false, Err(error.into()));
         }
-        let result = match CatchUnwind(pin!(self.projection.reset())).await {
-            Ok(result) => result.map_err(Into::into),
-            Err(panic) => Err(ProjectionError::Panicked(panic_message(&*panic)).into()),
-        };
+        let result = caught(self.projection.reset()).await.map_err(Into::into);
         (true, result)
+    }
+}
+
+/// Runs a handler's future, a panic in it turned into
+/// [`ProjectionError::Panicked`].
+pub(crate) async fn caught<T>(
+    future: impl Future<Output = Result<T, ProjectionError>>,
+) -> Result<T, ProjectionError> {
+    match CatchUnwind(pin!(future)).await {
+        Ok(result) => result,
+        Err(panic) => Err(ProjectionError::Panicked(panic_message(&*panic))),
     }
 }
 
 /// Polls a (pinned) future, turning a panic into an `Err`. The projection's
 /// state may be half-updated after a panic, as after any caught panic; the
 /// failure policy decides whether it is tried again.
-pub(crate) struct CatchUnwind<F>(pub(crate) F);
+struct CatchUnwind<F>(F);
 
 impl<F: Future + Unpin> Future for CatchUnwind<F> {
     type Output = Result<F::Output, Box<dyn Any + Send>>;

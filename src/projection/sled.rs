@@ -56,9 +56,7 @@ pub trait SledProjection: Send + 'static {
         context: &ProjectionContext,
     ) -> Result<(), ProjectionError> {
         for (index, event) in events.iter().enumerate() {
-            let attempt = if index == 0 { context.attempt() } else { 1 };
-            let context = ProjectionContext::new(context.name.clone(), event.position, attempt);
-            self.handle(event, batch, &context)?;
+            self.handle(event, batch, &context.for_event(index, event))?;
         }
         Ok(())
     }
@@ -170,10 +168,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::error::{InvalidInput, ProjectionControlError};
+    use crate::error::InvalidInput;
     use crate::event::{ExpectedVersion, NewEvent, Position, StreamId};
     use crate::projection::read_model::ReadModelRunner;
     use crate::projection::runner::Runner;
+    use crate::projection::ProjectionControlError;
     use crate::store::EventStore;
 
     /// Adds 1 to a counter per event; fails (after staging a write) on

@@ -13,12 +13,13 @@ use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
-use crate::error::{ProjectionControlError, StoreError, SubscriptionError};
+use crate::error::{StoreError, SubscriptionError};
 use crate::event::{Position, RecordedEvent};
 use crate::projection::actor::ProjectionMessage;
 use crate::projection::lease::NameLease;
 use crate::projection::runner::{Runner, SaveCheckpoint};
 use crate::projection::subscription::{subscribe, Delivery, Subscription};
+use crate::projection::ProjectionControlError;
 use crate::projection::{
     FailurePolicy, ProjectionConfig, ProjectionFailure, ProjectionState, ProjectionStatus,
     SkippedEvent,
@@ -47,16 +48,23 @@ struct Saving {
     rest: SaveCheckpoint,
 }
 
-/// Where the actor is in its life: one value, so that paused, failed and
-/// stopped cannot hold at once. (That the live feed closed is apart from it:
-/// a paused or failed projection can have events left to apply after it.)
+/// Where the actor is in its life, and whether its next step is already
+/// asked for: one value, so that paused, failed and stopped cannot hold at
+/// once, and a `Process` message can be queued only where one can be
+/// handled. (That the store's live feed closed is the subscription's to
+/// say: a paused or failed projection can have events left to apply after
+/// it.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Handling events as they come.
-    Running,
-    /// Paused by its handle.
-    Paused,
-    /// Its handler kept failing, or the read model's commit failed.
+    /// Handling events as they come. `queued`: a `Process` message is in
+    /// the mailbox (at most one is).
+    Running { queued: bool },
+    /// Paused by its handle. `queued`: the `Process` message sent while it
+    /// ran is still in the mailbox; a resume before it arrives needs no
+    /// other.
+    Paused { queued: bool },
+    /// Its handler kept failing, or the read model's commit failed. Entered
+    /// while handling a `Process` message, so none is queued.
     Failed,
     /// Shut down; the actor stops.
     Stopped,
@@ -92,10 +100,6 @@ pub(crate) struct ActorState {
     read_retry_at: Option<Instant>,
     last_error: Option<ProjectionFailure>,
     phase: Phase,
-    /// The store's live feed closed: nothing more will arrive.
-    feed_closed: bool,
-    /// A `Process` message is queued (at most one at a time).
-    process_scheduled: bool,
     metrics: crate::metrics::ProjectionMetrics,
 }
 
@@ -141,9 +145,7 @@ impl ActorState {
             retry: None,
             read_retry_at: None,
             last_error: None,
-            phase: Phase::Running,
-            feed_closed: false,
-            process_scheduled: false,
+            phase: Phase::Running { queued: false },
             _lease: lease,
         };
         (state, receiver)
@@ -162,7 +164,9 @@ impl ActorState {
 
     /// Handles one `Process` message: one step, if the projection runs.
     pub(super) async fn on_process(&mut self) {
-        self.process_scheduled = false;
+        if let Phase::Running { queued } | Phase::Paused { queued } = &mut self.phase {
+            *queued = false;
+        }
         if self.runnable() {
             self.process().await;
             if self.finished() {
@@ -177,11 +181,10 @@ impl ActorState {
     /// Pauses a running projection (a failed one stays failed: its status
     /// says more) and saves its checkpoint.
     pub(super) async fn pause(&mut self) {
-        if self.phase == Phase::Stopped {
-            return;
-        }
-        if self.phase == Phase::Running {
-            self.phase = Phase::Paused;
+        match self.phase {
+            Phase::Stopped => return,
+            Phase::Running { queued } => self.phase = Phase::Paused { queued },
+            Phase::Paused { .. } | Phase::Failed => {}
         }
         if self.position > self.checkpoint {
             self.save_checkpoint().await;
@@ -192,12 +195,14 @@ impl ActorState {
     /// Resumes a paused projection; a failed one gets a fresh series of tries
     /// of its failing event.
     pub(super) fn resume(&mut self) {
-        match self.phase {
-            Phase::Stopped | Phase::Running => return,
-            Phase::Failed => self.retry = None,
-            Phase::Paused => {}
-        }
-        self.phase = Phase::Running;
+        self.phase = match self.phase {
+            Phase::Stopped | Phase::Running { .. } => return,
+            Phase::Failed => {
+                self.retry = None;
+                Phase::Running { queued: false }
+            }
+            Phase::Paused { queued } => Phase::Running { queued },
+        };
         debug!(projection = %self.config.name, position = %self.position, "resumed");
     }
 
@@ -226,20 +231,20 @@ impl ActorState {
     }
 
     fn runnable(&self) -> bool {
-        self.phase == Phase::Running && !self.finished()
+        matches!(self.phase, Phase::Running { .. }) && !self.finished()
     }
 
     /// The live feed closed and nothing taken from the subscription is left
     /// to apply (a batch being retried is still retried).
     fn finished(&self) -> bool {
-        self.feed_closed && self.pending.is_empty() && self.pending_passed.is_none()
+        self.subscription.ended() && self.pending.is_empty() && self.pending_passed.is_none()
     }
 
     pub(super) fn schedule(&mut self, myself: &ActorRef<ProjectionMessage>) {
-        if self.runnable() && !self.process_scheduled {
+        if self.runnable() && self.phase == (Phase::Running { queued: false }) {
             // Fails only if the actor is stopping, when there is nothing to do.
             if myself.cast(ProjectionMessage::Process).is_ok() {
-                self.process_scheduled = true;
+                self.phase = Phase::Running { queued: true };
             }
         }
     }
@@ -252,8 +257,8 @@ impl ActorState {
             Phase::Stopped => ProjectionState::Stopped,
             Phase::Failed => ProjectionState::Failed,
             _ if self.finished() => ProjectionState::Ended,
-            Phase::Paused => ProjectionState::Paused,
-            Phase::Running => ProjectionState::Running,
+            Phase::Paused { .. } => ProjectionState::Paused,
+            Phase::Running { .. } => ProjectionState::Running,
         };
         self.status.send_if_modified(|status| {
             let changed = status.state != state
@@ -363,8 +368,8 @@ impl ActorState {
                 true
             }
             Ok(Delivery::End) => {
+                // The subscription now reports it ended (`finished`).
                 info!(projection = %self.config.name, "the store's live feed closed and every event was handled; the projection ended");
-                self.feed_closed = true;
                 false
             }
             Err(error) => {
@@ -608,9 +613,9 @@ impl ActorState {
         self.read_retry_at = None;
         self.last_error = None;
         if self.phase == Phase::Failed {
-            self.phase = Phase::Running;
+            // Failed while handling a `Process` message: none is queued.
+            self.phase = Phase::Running { queued: false };
         }
-        self.feed_closed = false;
         self.status.send_modify(|status| {
             status.skipped_total = 0;
             status.skipped.clear();

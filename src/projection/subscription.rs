@@ -131,6 +131,16 @@ impl Subscription {
         self.position
     }
 
+    /// Whether the store's live feed closed and every event was delivered
+    /// (the last delivery was the end, and every later one is too).
+    pub(crate) fn ended(&self) -> bool {
+        // While a step is in flight it owns the cursor: not ended, or the
+        // step would have completed with the end at once.
+        self.cursor
+            .as_ref()
+            .is_some_and(|cursor| matches!(cursor.mode, Mode::Ended))
+    }
+
     /// The next matching event, in position order; `None` once the store's
     /// live feed closed and every event was delivered.
     ///

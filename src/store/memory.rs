@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use crate::error::{AppendError, ReadError, StoreError};
+use crate::error::{at_least_one, AppendError, InvalidInput, ReadError, StoreError};
 use crate::event::{
     now_micros, validate_append, AppendResult, EventFilter, ExpectedVersion, NewEvent, Position,
     ReadDirection, RecordedEvent, Snapshot, StreamId, Version, DEFAULT_MAX_EVENT_SIZE,
@@ -50,15 +50,28 @@ impl MemoryStore {
     /// An empty store with the default limits.
     pub fn new() -> Self {
         Self::with_limits(DEFAULT_MAX_EVENT_SIZE, DEFAULT_LIVE_FEED_CAPACITY)
+            .expect("the default limits are valid")
     }
 
-    /// An empty store with this maximum event size and live feed capacity.
-    pub fn with_limits(max_event_size: usize, live_feed_capacity: usize) -> Self {
-        Self {
+    /// An empty store with this maximum event size (bytes of one event's
+    /// payload and names) and live feed capacity (commits a subscriber may
+    /// fall behind before it re-reads from the store).
+    ///
+    /// # Errors
+    /// [`InvalidInput::TooSmall`] naming the first of the two that is 0,
+    /// as [`SledStoreConfig::validate`](crate::store::SledStoreConfig::validate)
+    /// does: nothing is raised silently.
+    pub fn with_limits(
+        max_event_size: usize,
+        live_feed_capacity: usize,
+    ) -> Result<Self, InvalidInput> {
+        at_least_one("max_event_size", max_event_size as u64)?;
+        at_least_one("live_feed_capacity", live_feed_capacity as u64)?;
+        Ok(Self {
             inner: Mutex::new(Inner::default()),
             feed: LivePublisher::new(live_feed_capacity, Position::START),
             max_event_size,
-        }
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -259,7 +272,11 @@ impl EventStore for MemoryStore {
 
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         validate_checkpoint_name(name)?;
-        self.lock().checkpoints.insert(name.to_owned(), position);
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(StoreError::Closed);
+        }
+        inner.checkpoints.insert(name.to_owned(), position);
         Ok(())
     }
 
@@ -274,5 +291,50 @@ impl EventStore for MemoryStore {
         // Under the lock, so that no append publishes after the feed closed.
         self.feed.close();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_limit_is_a_typed_error() {
+        for (max_event_size, live_feed_capacity, what) in [
+            (0, 16, "max_event_size"),
+            (1024, 0, "live_feed_capacity"),
+            (0, 0, "max_event_size"),
+        ] {
+            match MemoryStore::with_limits(max_event_size, live_feed_capacity) {
+                Err(InvalidInput::TooSmall {
+                    what: named,
+                    value: 0,
+                    min: 1,
+                }) => assert_eq!(named, what),
+                other => panic!("expected TooSmall for {what}, got {other:?}"),
+            }
+        }
+        MemoryStore::with_limits(1, 1).expect("1 and 1 are valid");
+    }
+
+    #[tokio::test]
+    async fn checkpoints_are_refused_after_shutdown() {
+        let store = MemoryStore::new();
+        store.save_checkpoint("kept", Position(3)).await.unwrap();
+        store.shutdown().await.unwrap();
+        assert!(matches!(
+            store.save_checkpoint("kept", Position(9)).await,
+            Err(StoreError::Closed)
+        ));
+        assert!(matches!(
+            store.save_checkpoint("new", Position(1)).await,
+            Err(StoreError::Closed)
+        ));
+        // Nothing of the refused saves was kept.
+        assert_eq!(
+            store.load_checkpoint("kept").await.unwrap(),
+            Some(Position(3))
+        );
+        assert_eq!(store.load_checkpoint("new").await.unwrap(), None);
     }
 }

@@ -411,18 +411,15 @@ impl EventStore for PostgresStore {
             self.config.max_event_size,
             "PostgresConfig::max_event_size",
         )?;
-        let (reply, answer) = oneshot::channel();
-        let request = Request::Append(Append {
-            stream: stream.clone(),
-            expected,
-            events,
-            reply,
-        });
-        self.sender
-            .send(request)
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        crate::store::ask(&self.sender, |reply| {
+            Request::Append(Append {
+                stream: stream.clone(),
+                expected,
+                events,
+                reply,
+            })
+        })
+        .await
     }
 
     async fn read_stream(

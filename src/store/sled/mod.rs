@@ -37,7 +37,7 @@ use crate::event::{
     validate_append, AppendResult, EventFilter, ExpectedVersion, NewEvent, Position, ReadDirection,
     RecordedEvent, Snapshot, StreamId, Version,
 };
-use crate::store::{validate_checkpoint_name, EventStore, LiveFeed, LivePublisher};
+use crate::store::{ask, validate_checkpoint_name, EventStore, LiveFeed, LivePublisher};
 
 /// The name [`BackendError`]s of this backend carry.
 const BACKEND: &str = "sled";
@@ -97,9 +97,6 @@ pub struct SledStore {
     /// to take them from a store that is still shared. A read takes the
     /// lock shared, uncontended but for shutdown.
     handles: RwLock<Option<Handles>>,
-    /// The database handed out by [`SledStore::database`], which borrows
-    /// it from the store: once handed out it lives as long as the store.
-    lent_database: OnceLock<sled::Db>,
     sender: mpsc::Sender<WriteRequest>,
     feed: Arc<LivePublisher>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -199,7 +196,6 @@ impl SledStore {
                 snapshots,
                 checkpoints,
             })),
-            lent_database: OnceLock::new(),
             sender,
             feed,
             writer: Mutex::new(Some(writer)),
@@ -221,32 +217,6 @@ impl SledStore {
     /// The configuration the store was opened with.
     pub fn config(&self) -> &SledStoreConfig {
         &self.config
-    }
-
-    /// The sled database, for read models that commit atomically with their
-    /// checkpoint (see [`crate::projection::SledProjection`]). Trees whose names start with
-    /// `log`, `snapshots` or `checkpoints` belong to the store.
-    ///
-    /// The database is lent for as long as the store lives, so a store
-    /// whose database was handed out keeps its directory locked after
-    /// [`EventStore::shutdown`] until it is dropped.
-    ///
-    /// # Panics
-    /// When first called after [`EventStore::shutdown`].
-    pub fn database(&self) -> &sled::Db {
-        self.lent_database.get_or_init(|| {
-            self.db()
-                .expect("SledStore::database called after shutdown")
-        })
-    }
-
-    /// A clone of the sled database, for the layers that keep their own
-    /// trees in the store's directory.
-    ///
-    /// # Errors
-    /// [`StoreError::Closed`] after [`EventStore::shutdown`].
-    pub(crate) fn db(&self) -> Result<sled::Db, StoreError> {
-        self.with_handles(|handles| Ok(handles.db.clone()))
     }
 
     /// The tree `name` of the store's database, opened (created) if needed.
@@ -281,12 +251,7 @@ impl SledStore {
     /// # Errors
     /// [`StoreError`] when the flush fails or the store is shut down.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.sender
-            .send(WriteRequest::Sync { reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        ask(&self.sender, |reply| WriteRequest::Sync { reply }).await
     }
 }
 
@@ -436,18 +401,13 @@ impl EventStore for SledStore {
             self.config.max_event_size,
             "SledStoreConfig::max_event_size",
         )?;
-        let (reply, answer) = oneshot::channel();
-        let request = WriteRequest::Append {
+        ask(&self.sender, |reply| WriteRequest::Append {
             stream: stream.clone(),
             expected,
             events,
             reply,
-        };
-        self.sender
-            .send(request)
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        })
+        .await
     }
 
     async fn read_stream(
@@ -543,8 +503,8 @@ impl EventStore for SledStore {
 
     /// Commits what is queued, flushes, stops the writer and drops the
     /// store's sled handles: once it returns, the directory is free for
-    /// another open (unless [`SledStore::database`] lent the database, or
-    /// other layers still hold trees of it), and every later call on this
+    /// another open (unless other layers still hold trees of it), and
+    /// every later call on this
     /// store fails with [`StoreError::Closed`].
     async fn shutdown(&self) -> Result<(), StoreError> {
         let _one_at_a_time = self.shutting_down.lock().await;
@@ -564,15 +524,12 @@ impl EventStore for SledStore {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let lent = self.lent_database.get().is_some();
         let path = self.config.path.clone();
         // The last handle's drop flushes (nothing is left to write) and
         // stops sled's own threads: blocking work, off the async workers.
         let _ = tokio::task::spawn_blocking(move || {
             drop(handles);
-            if !lent {
-                wait_for_release(&path);
-            }
+            wait_for_release(&path);
         })
         .await;
         result

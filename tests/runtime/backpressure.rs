@@ -2,7 +2,7 @@
 //! once with Overloaded; a command past its timeout gets Timeout, and one
 //! that had not started by then never runs.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -10,7 +10,7 @@
 //!
 //! `ANNALS_MODEL_CASES=N` runs N cases (default 24, a few seconds).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! commands to one aggregate run in arrival order; domain refusals store
 //! nothing; correlation ids reach the events; time travel is read-only.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

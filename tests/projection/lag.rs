@@ -81,10 +81,9 @@ async fn slow_subscriber(store: Arc<dyn EventStore>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_slow_subscriber_with_tiny_feed() {
-    slow_subscriber(Arc::new(MemoryStore::with_limits(
-        DEFAULT_MAX_EVENT_SIZE,
-        2,
-    )))
+    slow_subscriber(Arc::new(
+        MemoryStore::with_limits(DEFAULT_MAX_EVENT_SIZE, 2).unwrap(),
+    ))
     .await;
 }
 
@@ -127,7 +126,8 @@ impl Projection for Recorder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_stuck_projections_never_hold_up_appends_or_each_other() {
-    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::with_limits(DEFAULT_MAX_EVENT_SIZE, 2));
+    let store: Arc<dyn EventStore> =
+        Arc::new(MemoryStore::with_limits(DEFAULT_MAX_EVENT_SIZE, 2).unwrap());
     let gate = Arc::new(Notify::new());
     let spawn = |name: &str, delay: Duration, gate: Option<Arc<Notify>>| {
         let store = Arc::clone(&store);

@@ -8,13 +8,17 @@
 //! checkpoint exactly once and nothing above it. Cycles:
 //! `ANNALS_PROJECTION_CRASH_CYCLES` (default 3).
 
+use crate::common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
+
+use common::child;
 
 use annals::projection::{ProjectionContext, ProjectionError, SledProjection};
 use annals::store::{Durability, EventFilter, ReadDirection, ReadModelBatch, SledStoreConfig};
@@ -189,17 +193,14 @@ fn kill_9_during_sled_projection_never_loses_or_repeats_an_event() {
         .unwrap();
     let mut checkpoints = Vec::new();
     for cycle in 0..cycles {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "kill_9_during_sled_projection_never_loses_or_repeats_an_event",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the child");
+        let mut child = child::test(
+            module_path!(),
+            "kill_9_during_sled_projection_never_loses_or_repeats_an_event",
+        )
+        .env(CHILD_ENV, dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the child");
         std::thread::sleep(Duration::from_millis(300 + random_below(700)));
         child.kill().expect("SIGKILL the child"); // SIGKILL on Unix
         let status = child.wait().unwrap();

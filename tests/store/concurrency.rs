@@ -3,7 +3,7 @@
 //! (I2), `$all` must hold positions 1..N with no gap (I3), and every
 //! acknowledged event must be where its acknowledgement says.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

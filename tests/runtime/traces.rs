@@ -1,7 +1,7 @@
 //! Tracing: one span per command, named `command`, with the stream id and
 //! the resulting version.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -287,6 +287,15 @@ fn valid_payloads_decode_to_what_was_encoded() {
 
 // ---------------------------------------------------------------------------
 // Stored records, through the store's own reads.
+//
+// A store's trees can only be written behind its back while it is shut
+// down (it lends no sled handle), so the cases are damaged in batches: one
+// store holds `BATCH` blocks of the same small log (or `BATCH` aggregates),
+// each block gets its own damaged record, and sled is opened once per batch
+// instead of once per case.
+
+/// Cases per opening of the store.
+const BATCH: usize = 50;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -301,23 +310,56 @@ fn event_key(position: u64) -> Vec<u8> {
     key
 }
 
-/// A small store with one event of every shape and full metadata.
-fn filled_store(
-    rt: &tokio::runtime::Runtime,
-    dir: &std::path::Path,
-) -> (SledStore, Vec<RecordedEvent>) {
+/// The rounds of a batched property: `cases()` cases in batches of `BATCH`.
+fn batched_config() -> ProptestConfig {
+    ProptestConfig {
+        cases: cases().div_ceil(BATCH as u32).max(1),
+        ..config()
+    }
+}
+
+/// Opens the store at `path`, which sled may hold for a few milliseconds
+/// after the raw handle of the last round was dropped.
+async fn open_store(path: &std::path::Path) -> SledStore {
+    for _ in 0..1000 {
+        match SledStore::open(path) {
+            Ok(store) => return store,
+            Err(annals::StoreError::InUse { .. }) => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await
+            }
+            Err(e) => panic!("open: {e}"),
+        }
+    }
+    panic!("{} stayed locked", path.display())
+}
+
+/// Runs `write` on the trees of the shut-down store at `path`, through sled
+/// itself, and closes sled again.
+fn behind_its_back(path: &std::path::Path, write: impl FnOnce(&sled::Db)) {
+    // `SledStore::shutdown` returns once the directory is free.
+    let db = sled::Config::new().path(path).open().unwrap();
+    write(&db);
+    db.flush().unwrap();
+}
+
+/// A store with `BATCH` blocks of the same small log: in block `b`, one
+/// event of every shape and full metadata on streams `shop-b-0..3`. Shut
+/// down on return, with every event it holds.
+fn filled_store(rt: &tokio::runtime::Runtime, path: &std::path::Path) -> Vec<RecordedEvent> {
     rt.block_on(async {
-        let store = SledStore::open(dir).unwrap();
-        for (i, event) in valid_events().iter().enumerate() {
-            let mut new: NewEvent = encode_event(event).unwrap();
-            let mut metadata = Metadata::new(Some(Uuid::now_v7()), Some(Uuid::now_v7()));
-            metadata.extra.insert("k".into(), format!("v{i}"));
-            new = new.with_metadata(metadata);
-            let id = StreamId::new(format!("shop-{}", i % 3)).unwrap();
-            store
-                .append(&id, ExpectedVersion::Any, vec![new])
-                .await
-                .unwrap();
+        let store = SledStore::open(path).unwrap();
+        for block in 0..BATCH {
+            for (i, event) in valid_events().iter().enumerate() {
+                let mut new: NewEvent = encode_event(event).unwrap();
+                let mut metadata = Metadata::new(Some(Uuid::now_v7()), Some(Uuid::now_v7()));
+                metadata.extra.insert("k".into(), format!("v{i}"));
+                new = new.with_metadata(metadata);
+                let id = StreamId::new(format!("shop-{block}-{}", i % 3)).unwrap();
+                store
+                    .append(&id, ExpectedVersion::Any, vec![new])
+                    .await
+                    .unwrap();
+            }
         }
         let log = store
             .read_all(
@@ -328,7 +370,8 @@ fn filled_store(
             )
             .await
             .unwrap();
-        (store, log)
+        store.shutdown().await.unwrap();
+        log
     })
 }
 
@@ -388,17 +431,17 @@ fn structured_record() -> impl Strategy<Value = Vec<u8>> {
 fn damaged_event_records_are_typed_errors() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let (store, log) = filled_store(&rt, dir.path());
-    // The store's own tree, written behind its back: the same bytes a raw
-    // sled open of the directory would change, without reopening per case.
-    let tree = store.database().open_tree("log").unwrap();
-    let originals: Vec<Vec<u8>> = (1..=log.len() as u64)
-        .map(|p| tree.get(event_key(p)).unwrap().unwrap().to_vec())
-        .collect();
-    let n = log.len() as u64;
-    let streams: Vec<StreamId> = (0..3)
-        .map(|i| StreamId::new(format!("shop-{i}")).unwrap())
-        .collect();
+    let path = dir.path().join("store");
+    let log = filled_store(&rt, &path);
+    let mut originals: Vec<Vec<u8>> = Vec::new();
+    behind_its_back(&path, |db| {
+        let tree = db.open_tree("log").unwrap();
+        originals = (1..=log.len() as u64)
+            .map(|p| tree.get(event_key(p)).unwrap().unwrap().to_vec())
+            .collect();
+    });
+    // Events per block.
+    let n = (log.len() / BATCH) as u64;
 
     // The structured records follow the stored layout: the first event,
     // re-encoded field by field, is byte for byte what the store wrote.
@@ -418,16 +461,34 @@ fn damaged_event_records_are_typed_errors() {
     .unwrap();
     assert_eq!(relaid, originals[0], "docs/design.md's record layout");
 
-    let mut runner = proptest::test_runner::TestRunner::new(config());
+    // A case: a position in a block and the bytes written there.
+    let case = (
+        1..=n,
+        prop_oneof![3 => input_from(originals.clone()), 1 => structured_record()],
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(batched_config());
     runner
         .run(
-            &(
-                1..=n,
-                prop_oneof![3 => input_from(originals.clone()), 1 => structured_record()],
-            ),
-            |(position, bytes)| {
-                tree.insert(event_key(position), bytes.clone()).unwrap();
+            &proptest::collection::vec(case, BATCH),
+            |cases: Vec<(u64, Vec<u8>)>| {
+                // Block `b` is damaged at log position `b * n + p`.
+                let damaged: Vec<u64> = cases
+                    .iter()
+                    .enumerate()
+                    .map(|(block, (p, _))| block as u64 * n + p)
+                    .collect();
+                behind_its_back(&path, |db| {
+                    let tree = db.open_tree("log").unwrap();
+                    for (index, original) in originals.iter().enumerate() {
+                        tree.insert(event_key(index as u64 + 1), original.clone())
+                            .unwrap();
+                    }
+                    for (position, (_, bytes)) in damaged.iter().zip(&cases) {
+                        tree.insert(event_key(*position), bytes.clone()).unwrap();
+                    }
+                });
                 rt.block_on(async {
+                    let store = open_store(&path).await;
                     let all = store
                         .read_all(
                             Position::START,
@@ -439,7 +500,7 @@ fn damaged_event_records_are_typed_errors() {
                     if let Ok(events) = &all {
                         // Decoded: the other events are untouched.
                         for (read, original) in events.iter().zip(&log) {
-                            if read.position.0 != position {
+                            if !damaged.contains(&read.position.0) {
                                 prop_assert_eq!(read, original);
                             }
                         }
@@ -452,117 +513,158 @@ fn damaged_event_records_are_typed_errors() {
                             &EventFilter::Category("shop".into()),
                         )
                         .await;
-                    for id in &streams {
+                    for (block, &position) in damaged.iter().enumerate() {
+                        let base = block as u64 * n;
+                        for i in 0..3 {
+                            let id = StreamId::new(format!("shop-{block}-{i}")).unwrap();
+                            let _ = store
+                                .read_stream(
+                                    &id,
+                                    Version::FIRST,
+                                    ReadDirection::Forward,
+                                    usize::MAX,
+                                )
+                                .await;
+                        }
+                        // The neighbours in its block, read alone, are
+                        // exactly as written.
+                        if position > base + 1 {
+                            let before = store
+                                .read_all(
+                                    Position(base + 1),
+                                    ReadDirection::Forward,
+                                    (position - base - 1) as usize,
+                                    &EventFilter::All,
+                                )
+                                .await
+                                .unwrap();
+                            prop_assert_eq!(
+                                &before[..],
+                                &log[base as usize..position as usize - 1]
+                            );
+                        }
+                        if position < base + n {
+                            let after = store
+                                .read_all(
+                                    Position(position + 1),
+                                    ReadDirection::Forward,
+                                    (base + n - position) as usize,
+                                    &EventFilter::All,
+                                )
+                                .await
+                                .unwrap();
+                            prop_assert_eq!(
+                                &after[..],
+                                &log[position as usize..(base + n) as usize]
+                            );
+                        }
+                        // A retry of a stored event looks its record up by id.
+                        let original = &log[position as usize - 1];
+                        let retry =
+                            NewEvent::new(original.event_type.clone(), original.payload.clone())
+                                .with_id(original.event_id);
                         let _ = store
-                            .read_stream(id, Version::FIRST, ReadDirection::Forward, usize::MAX)
+                            .append(&original.stream_id, ExpectedVersion::Any, vec![retry])
                             .await;
                     }
-                    // The neighbours read alone are exactly as written.
-                    if position > 1 {
-                        let before = store
-                            .read_all(
-                                Position::START,
-                                ReadDirection::Forward,
-                                position as usize - 1,
-                                &EventFilter::All,
-                            )
-                            .await
-                            .unwrap();
-                        prop_assert_eq!(&before[..], &log[..position as usize - 1]);
-                    }
-                    let after = store
-                        .read_all(
-                            Position(position + 1),
-                            ReadDirection::Forward,
-                            usize::MAX,
-                            &EventFilter::All,
-                        )
-                        .await
-                        .unwrap();
-                    prop_assert_eq!(&after[..], &log[position as usize..]);
-                    // A retry of a stored event looks its record up by id.
-                    let original = &log[position as usize - 1];
-                    let retry =
-                        NewEvent::new(original.event_type.clone(), original.payload.clone())
-                            .with_id(original.event_id);
-                    let _ = store
-                        .append(&original.stream_id, ExpectedVersion::Any, vec![retry])
-                        .await;
+                    store.shutdown().await.unwrap();
                     Ok(())
                 })?;
-                tree.insert(
-                    event_key(position),
-                    originals[position as usize - 1].clone(),
-                )
-                .unwrap();
                 Ok(())
             },
         )
         .unwrap();
-    rt.block_on(store.shutdown()).unwrap();
 }
 
 #[test]
 fn damaged_snapshots_never_panic_and_recovery_still_works() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let path = dir.path().join("store");
     let runtime_config = RuntimeConfig::builder().snapshot_every(0).build().unwrap();
-    let aggregates = Runtime::new(store.clone(), runtime_config);
-    let shops = aggregates.aggregates::<Shop>();
+    let ids: Vec<String> = (1..=BATCH).map(|b| b.to_string()).collect();
+    // Every aggregate of the batch has the same events; three of them
+    // get a valid snapshot, at versions 0, 3 and 7.
     let expected = rt.block_on(async {
-        for event in valid_events() {
-            shops.execute("1", event).await.unwrap();
+        let store = Arc::new(SledStore::open(&path).unwrap());
+        let aggregates = Runtime::new(store.clone(), runtime_config.clone());
+        let shops = aggregates.aggregates::<Shop>();
+        for id in &ids {
+            for event in valid_events() {
+                shops.execute(id, event).await.unwrap();
+            }
         }
-        shops.state("1").await.unwrap()
-    });
-    let stream = StreamId::new("shop-1").unwrap();
-    let valid_state = encode_value(&expected).unwrap();
-    let mut valid_records = Vec::new();
-    for version in [0u64, 3, 7] {
-        rt.block_on(store.save_snapshot(
-            &stream,
-            Snapshot {
-                version: Version(version),
-                payload: valid_state.clone(),
-            },
-        ))
-        .unwrap();
-        valid_records.push(
+        let expected = shops.state("1").await.unwrap();
+        let valid_state = encode_value(&expected).unwrap();
+        for (id, version) in ids.iter().zip([0u64, 3, 7]) {
             store
-                .database()
-                .open_tree("snapshots")
-                .unwrap()
-                .get("shop-1")
-                .unwrap()
-                .unwrap()
-                .to_vec(),
-        );
-    }
-    let snapshots = store.database().open_tree("snapshots").unwrap();
+                .save_snapshot(
+                    &StreamId::new(format!("shop-{id}")).unwrap(),
+                    Snapshot {
+                        version: Version(version),
+                        payload: valid_state.clone(),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        aggregates.shutdown().await.unwrap();
+        expected
+    });
+    let mut valid_records = Vec::new();
+    behind_its_back(&path, |db| {
+        let snapshots = db.open_tree("snapshots").unwrap();
+        for id in &ids[..3] {
+            let record = snapshots.get(format!("shop-{id}")).unwrap().unwrap();
+            valid_records.push(record.to_vec());
+        }
+    });
 
-    let mut runner = proptest::test_runner::TestRunner::new(config());
+    let mut runner = proptest::test_runner::TestRunner::new(batched_config());
     runner
-        .run(&input_from(valid_records), |bytes| {
-            snapshots.insert("shop-1", bytes).unwrap();
-            rt.block_on(async {
-                let _ = store.load_snapshot(&stream).await;
-                // Recovery (of a version in the past, read-only) meets the
-                // damaged snapshot: a state or a typed error, never a panic.
-                match shops.state_at("1", Version(7)).await {
-                    Ok(_) | Err(QueryError::Codec(_) | QueryError::Store(_)) => {}
-                    Err(other) => prop_assert!(false, "unexpected error {other}"),
-                }
+        .run(
+            &proptest::collection::vec(input_from(valid_records), BATCH),
+            |records: Vec<Vec<u8>>| {
+                behind_its_back(&path, |db| {
+                    let snapshots = db.open_tree("snapshots").unwrap();
+                    for (id, bytes) in ids.iter().zip(records) {
+                        snapshots.insert(format!("shop-{id}"), bytes).unwrap();
+                    }
+                });
+                rt.block_on(async {
+                    let store = Arc::new(open_store(&path).await);
+                    let aggregates = Runtime::new(store.clone(), runtime_config.clone());
+                    let shops = aggregates.aggregates::<Shop>();
+                    for id in &ids {
+                        let stream = StreamId::new(format!("shop-{id}")).unwrap();
+                        let _ = store.load_snapshot(&stream).await;
+                        // Recovery (of a version in the past, read-only)
+                        // meets the damaged snapshot: a state or a typed
+                        // error, never a panic.
+                        match shops.state_at(id, Version(7)).await {
+                            Ok(_) | Err(QueryError::Codec(_) | QueryError::Store(_)) => {}
+                            Err(other) => prop_assert!(false, "unexpected error {other}"),
+                        }
+                    }
+                    aggregates.shutdown().await.unwrap();
+                    Ok(())
+                })?;
                 Ok(())
-            })?;
-            Ok(())
-        })
+            },
+        )
         .unwrap();
 
-    // With the snapshot gone the state is the full replay again (I5).
-    snapshots.remove("shop-1").unwrap();
+    // With the snapshots gone the state is the full replay again (I5).
+    behind_its_back(&path, |db| {
+        db.open_tree("snapshots").unwrap().clear().unwrap();
+    });
     rt.block_on(async {
-        assert_eq!(shops.state_at("1", Version(7)).await.unwrap(), expected);
+        let store = Arc::new(open_store(&path).await);
+        let aggregates = Runtime::new(store, runtime_config);
+        let shops = aggregates.aggregates::<Shop>();
+        for id in &ids {
+            assert_eq!(shops.state_at(id, Version(7)).await.unwrap(), expected);
+        }
         let late: Result<_, CommandError<Never>> = shops.execute("1", ShopEvent::Opened).await;
         late.unwrap();
         aggregates.shutdown().await.unwrap();

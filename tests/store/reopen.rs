@@ -3,10 +3,9 @@
 //! positions and versions continue with no gap and no reuse; and paths that
 //! do not hold a store of this format are typed errors.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use annals::store::{
@@ -17,6 +16,7 @@ use annals::{
     EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, SledStore, StoreError,
     StreamId, Version,
 };
+use common::child;
 use common::{until_unlocked, whole_log, whole_stream};
 use tokio::sync::Barrier;
 use uuid::Uuid;
@@ -448,19 +448,15 @@ async fn a_store_open_in_another_process_is_in_use() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_store_open_in_another_process_is_in_use",
-            "--nocapture",
-        ])
+    let mut child = child::test(module_path!(), "a_store_open_in_another_process_is_in_use")
         .env(CHILD_HOLDER, &path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let held = lines.any(|line| line.is_ok_and(|line| line == "holding"));
+    // libtest may print `test <name> ... ` before it on the same line.
+    let held = lines.any(|line| line.is_ok_and(|line| line.ends_with("holding")));
     assert!(held, "the child never opened the store");
     match SledStore::open(&path) {
         Err(StoreError::InUse { path: reported }) => assert_eq!(reported, path),
@@ -557,8 +553,7 @@ async fn drop_then_exit_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     for round in 0..3 {
-        let status = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "drop_then_exit_loses_nothing", "--nocapture"])
+        let status = child::test(module_path!(), "drop_then_exit_loses_nothing")
             .env(CHILD_STORE, &path)
             .status()
             .unwrap();

@@ -3,7 +3,7 @@
 //! with a command, command metadata on stored events, the caller's
 //! expected version, `try_state`, and the category checks.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! stopped aggregate comes back with the same state; memory follows the
 //! live actors, not every aggregate ever touched.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -30,7 +30,8 @@ impl Projection for Recorder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_reads_and_checkpoint_saves_lose_and_repeat_nothing() {
-    let inner: Arc<dyn EventStore> = Arc::new(MemoryStore::with_limits(DEFAULT_MAX_EVENT_SIZE, 2));
+    let inner: Arc<dyn EventStore> =
+        Arc::new(MemoryStore::with_limits(DEFAULT_MAX_EVENT_SIZE, 2).unwrap());
     let mut plan = FaultPlan::none();
     plan.read_failed = 0.3;
     plan.write_failed = 0.5;

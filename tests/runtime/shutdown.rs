@@ -2,7 +2,7 @@
 //! `shutdown` lets accepted commands finish, then refuses new ones, stops
 //! every actor and shuts the store down.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

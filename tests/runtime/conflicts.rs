@@ -3,7 +3,7 @@
 //! decides the same command again on the new state, up to the retry limit,
 //! then reports the conflict.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

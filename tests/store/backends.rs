@@ -4,24 +4,20 @@
 //! the public API (`common/outside_store.rs`), and PostgreSQL (bare and
 //! wrapped; `ANNALS_PG=off` skips those).
 
-mod common;
-#[macro_use]
-#[path = "common/conformance.rs"]
-mod conformance;
-#[path = "common/outside_store.rs"]
-mod outside_store;
-mod pg_support;
+use crate::outside_store;
+use crate::pg_support;
 
 use std::sync::Arc;
 
+use crate::conformance::{Backend, Limits, Opening};
 use annals::store::SledStoreConfig;
 use annals::testing::{FaultPlan, FaultyStore};
 use annals::{MemoryStore, SledStore};
-use conformance::{Backend, Limits, Opening};
 use outside_store::OutsideStore;
 
 fn memory(limits: Limits) -> Opening {
-    let store = MemoryStore::with_limits(limits.max_event_size, limits.live_feed_capacity);
+    let store = MemoryStore::with_limits(limits.max_event_size, limits.live_feed_capacity)
+        .expect("the suite's limits are valid");
     Box::pin(async move { Backend::new(store, None) })
 }
 
@@ -72,17 +68,17 @@ fn postgres_fault_free_wrapper(limits: Limits) -> Opening {
     Box::pin(async move { Backend::new(store, None) })
 }
 
-conformance_suite!(memory_store, crate::memory);
-conformance_suite!(sled_store, crate::sled);
-conformance_suite!(fault_free_wrapper, crate::fault_free_wrapper);
-conformance_suite!(outside_store_conformance, crate::outside);
+conformance_suite!(memory_store, super::memory);
+conformance_suite!(sled_store, super::sled);
+conformance_suite!(fault_free_wrapper, super::fault_free_wrapper);
+conformance_suite!(outside_store_conformance, super::outside);
 conformance_suite!(
     postgres_store,
-    crate::postgres,
+    super::postgres,
     skip_if = crate::pg_support::disabled
 );
 conformance_suite!(
     postgres_fault_free_wrapper_conformance,
-    crate::postgres_fault_free_wrapper,
+    super::postgres_fault_free_wrapper,
     skip_if = crate::pg_support::disabled
 );

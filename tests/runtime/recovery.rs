@@ -2,7 +2,7 @@
 //! events after it (and only those), equal to a full replay; a snapshot that
 //! no longer decodes is ignored with a warning; snapshots are only a cache.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,7 @@
 //! once, a refused one never, and once the store heals every actor agrees
 //! with a full replay.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,0 +1,24 @@
+//! The runtime's tests, one binary (one link step) for the area:
+//! backpressure, concurrency, conflicts, features, panics, passivation,
+//! recovery, shutdown and tracing.
+
+mod common;
+
+#[path = "runtime/backpressure.rs"]
+mod backpressure;
+#[path = "runtime/concurrency.rs"]
+mod concurrency;
+#[path = "runtime/conflicts.rs"]
+mod conflicts;
+#[path = "runtime/features.rs"]
+mod features;
+#[path = "runtime/panics.rs"]
+mod panics;
+#[path = "runtime/passivation.rs"]
+mod passivation;
+#[path = "runtime/recovery.rs"]
+mod recovery;
+#[path = "runtime/shutdown.rs"]
+mod shutdown;
+#[path = "runtime/traces.rs"]
+mod traces;

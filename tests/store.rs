@@ -1,0 +1,26 @@
+//! The store's tests, one binary (one link step) for the area: the
+//! conformance suite on every backend (`backends`), concurrency, reopening,
+//! limits, decoders fed damaged records, damaged files, and a model check.
+
+mod common;
+#[macro_use]
+#[path = "common/conformance.rs"]
+mod conformance;
+#[path = "common/outside_store.rs"]
+mod outside_store;
+mod pg_support;
+
+#[path = "store/backends.rs"]
+mod backends;
+#[path = "store/concurrency.rs"]
+mod concurrency;
+#[path = "store/corruption.rs"]
+mod corruption;
+#[path = "store/decoders.rs"]
+mod decoders;
+#[path = "store/limits.rs"]
+mod limits;
+#[path = "store/model.rs"]
+mod model;
+#[path = "store/reopen.rs"]
+mod reopen;
