@@ -284,7 +284,10 @@ pub(crate) async fn run(orders: usize) -> Result<(), Box<dyn std::error::Error>>
     );
     let mut checked = false;
     if let (Some(by_status), Some(revenue)) = (&by_status, &revenue) {
-        tokio::try_join!(by_status.wait_for(head, WAIT), revenue.wait_for(head, WAIT))?;
+        // Longer than on sled: a read model here costs a few statements per
+        // event, and other instances' events count too.
+        let wait = WAIT * 12;
+        tokio::try_join!(by_status.wait_for(head, wait), revenue.wait_for(head, wait))?;
         // This instance's part of the read models against its aggregates.
         let pattern = format!("{tag}\\_%");
         let statuses: BTreeMap<String, String> = client
