@@ -212,11 +212,11 @@ impl Writer {
                 if wrote {
                     counters.group_commits.fetch_add(1, Ordering::Relaxed);
                 }
+                self.metrics
+                    .group_committed(appended, committed.len() as u64);
                 // Publish (which moves the head) before answering, so that a
                 // caller whose append returned sees it in `head_position()`
                 // and a subscriber has it on the feed, as with MemoryStore.
-                self.metrics
-                    .group_committed(appended, committed.len() as u64);
                 if wrote {
                     self.feed.publish(committed.into());
                 }
