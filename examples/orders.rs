@@ -1,8 +1,8 @@
 //! The main job: an order domain with real rules, run as thousands of
 //! concurrent aggregates on the sled store. Shows a command the domain
-//! refuses and a conflict with another writer that the runtime handles, then
-//! compares commands/s through the actors with the raw append rate of the
-//! store measured in the same run. Two projections keep read models in the
+//! refuses and a conflict with another writer that the runtime handles, and
+//! prints commands/s through the actors (the store's own figures, beside an
+//! SQLite baseline, are the `throughput` example's). Two projections keep read models in the
 //! same sled database, each committed with its checkpoint: orders by status
 //! (started before the load, it follows it live) and revenue per customer
 //! (started after it, it catches up from the store). At the end the example
@@ -28,7 +28,7 @@ use annals::projection::{
 };
 use annals::store::{EventFilter, ReadModelBatch};
 use annals::{
-    Aggregate, CommandError, DomainEvent, EventStore, ExpectedVersion, NewEvent, ProjectionConfig,
+    Aggregate, CommandError, DomainEvent, EventStore, ExpectedVersion, ProjectionConfig,
     ProjectionHandle, RecordedEvent, Runtime, RuntimeConfig, SledStore, StreamId,
 };
 use serde::{Deserialize, Serialize};
@@ -703,30 +703,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into());
     }
 
-    // The raw store, same run: single-event appends from as many concurrent
-    // tasks, straight to a second SledStore (no actors, no codec).
-    let raw_store = Arc::new(SledStore::open(temp.path().join("raw"))?);
-    let raw_started = Instant::now();
-    let mut tasks = Vec::with_capacity(orders);
-    for n in 0..orders {
-        let raw_store = raw_store.clone();
-        tasks.push(tokio::spawn(async move {
-            let stream = StreamId::new(format!("raw-{n}"))?;
-            for _ in 0..5 {
-                let event = NewEvent::new("Appended", vec![0u8; 48]);
-                raw_store
-                    .append(&stream, ExpectedVersion::Any, vec![event])
-                    .await?;
-            }
-            Ok::<_, annals::Error>(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    let raw_elapsed = raw_started.elapsed();
-    raw_store.shutdown().await?;
-
     let rate = |count: usize, elapsed: Duration| count as f64 / elapsed.as_secs_f64();
     println!();
     println!(
@@ -747,14 +723,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.group_commits,
         stats.appends,
         stats.appends as f64 / stats.group_commits.max(1) as f64
-    );
-    println!(
-        "raw appends/s:   {:.0} ({commands} single-event appends from {orders} tasks on a second SledStore)",
-        rate(commands, raw_elapsed)
-    );
-    println!(
-        "actors vs raw:   {:.0}%",
-        100.0 * rate(commands, elapsed) / rate(commands, raw_elapsed)
     );
     let count = |status: Status| {
         let count = read_models.status_counts.get(&status.to_string());

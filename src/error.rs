@@ -136,6 +136,22 @@ pub enum StoreError {
         /// Bytes the group commit needed (its size plus the reserve).
         needed: u64,
     },
+    /// The log sled recovered ends before the last position the store had
+    /// acknowledged as durable: its files were damaged (a flipped byte makes
+    /// sled stop recovering at the damaged record) or replaced by an older
+    /// copy. Nothing was changed. Opening with
+    /// `SledStoreConfig::accept_lost_events(true)` accepts the loss.
+    #[error(
+        "the store had acknowledged events up to position {} but only {} were recovered: \
+         its files are damaged; open with accept_lost_events to accept the loss",
+        acknowledged.0, recovered.0
+    )]
+    ShorterThanAcknowledged {
+        /// The last position acknowledged before.
+        acknowledged: Position,
+        /// The last position found in the log.
+        recovered: Position,
+    },
     /// The store was shut down.
     #[error("the store is shut down")]
     Closed,
@@ -192,6 +208,13 @@ impl Clone for StoreError {
             },
             StoreError::InUse { path } => StoreError::InUse { path: path.clone() },
             StoreError::NotAStore(what) => StoreError::NotAStore(what.clone()),
+            StoreError::ShorterThanAcknowledged {
+                acknowledged,
+                recovered,
+            } => StoreError::ShorterThanAcknowledged {
+                acknowledged: *acknowledged,
+                recovered: *recovered,
+            },
             StoreError::DiskFull { available, needed } => StoreError::DiskFull {
                 available: *available,
                 needed: *needed,

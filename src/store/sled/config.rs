@@ -63,6 +63,13 @@ pub struct SledStoreConfig {
     /// emptied and refills; a miss costs one descent of sled's tree.
     /// Default 100,000.
     pub head_cache_capacity: usize,
+    /// Opens a store whose log sled recovered shorter than the position it
+    /// had acknowledged (damaged files), instead of refusing it with
+    /// [`StoreError::ShorterThanAcknowledged`](crate::StoreError::ShorterThanAcknowledged).
+    /// The events after the recovered head are lost for good: the store
+    /// then records the recovered head as acknowledged, and later opens
+    /// check against it. Default `false`.
+    pub accept_lost_events: bool,
 }
 
 impl SledStoreConfig {
@@ -78,6 +85,7 @@ impl SledStoreConfig {
             max_group_commit: 8_192,
             min_free_bytes: 16 << 20,
             head_cache_capacity: 100_000,
+            accept_lost_events: false,
         }
     }
 
@@ -102,6 +110,13 @@ impl SledStoreConfig {
     /// Sets how many stream heads the writer keeps in memory (0: none).
     pub fn head_cache_capacity(mut self, streams: usize) -> Self {
         self.head_cache_capacity = streams;
+        self
+    }
+
+    /// Accepts (or not) opening a store whose log is shorter than it had
+    /// acknowledged: see [`SledStoreConfig::accept_lost_events`] (the field).
+    pub fn accept_lost_events(mut self, accept: bool) -> Self {
+        self.accept_lost_events = accept;
         self
     }
 

@@ -5,6 +5,7 @@
 //! fdatasync workaround in `durability`, the group commit in `writer` and
 //! the read paths in `reads`, as docs/design.md describes them.
 
+mod ack_mark;
 mod config;
 mod durability;
 mod format;
@@ -133,7 +134,10 @@ impl SledStore {
     /// another) has the directory open,
     /// [`StoreError::NotAStore`] when the path holds something else,
     /// [`StoreError::FormatMismatch`] for a store of another format,
-    /// [`StoreError::Corrupt`] when the files are damaged, and
+    /// [`StoreError::Corrupt`] when the files are damaged,
+    /// [`StoreError::ShorterThanAcknowledged`] when sled recovered fewer
+    /// events than the store had acknowledged (damaged files; see
+    /// [`SledStoreConfig::accept_lost_events`]), and
     /// [`StoreError::Backend`] / [`StoreError::Io`] when they cannot be read;
     /// [`StoreError::InvalidInput`] for a setting below its minimum
     /// ([`SledStoreConfig::validate`]), before anything is created.
@@ -162,6 +166,7 @@ impl SledStore {
         let snapshots = db.open_tree("snapshots").map_err(sled_error)?;
         let checkpoints = db.open_tree("checkpoints").map_err(sled_error)?;
         let head = check_format(&path, &db, &log)?;
+        let mark = check_acknowledged(&path, head, &config)?;
 
         let counters = Arc::new(Counters::default());
         let syncer = Syncer::new(&path, config.durability, Arc::clone(&counters))?;
@@ -184,6 +189,7 @@ impl SledStore {
             heads: HashMap::new(),
             head_cache_capacity: config.head_cache_capacity,
             metrics: crate::metrics::StoreMetrics::new(BACKEND),
+            mark,
         };
         let writer = std::thread::Builder::new()
             .name("annals-writer".into())
@@ -345,6 +351,40 @@ fn check_format(path: &Path, db: &sled::Db, log: &sled::Tree) -> Result<u64, Sto
         )));
     }
     Ok(head)
+}
+
+/// Refuses a log that sled recovered shorter than the store had
+/// acknowledged (docs/design.md, "The acknowledged mark"), unless the
+/// config accepts the loss, which then lowers the mark durably. Returns the
+/// mark for the writer to keep up to date (`None` under
+/// [`Durability::Buffered`], whose acknowledgements promise no durability).
+fn check_acknowledged(
+    path: &Path,
+    head: u64,
+    config: &SledStoreConfig,
+) -> Result<Option<ack_mark::AckMark>, StoreError> {
+    let acknowledged = ack_mark::read(path);
+    if let Some(acknowledged) = acknowledged.filter(|&a| a > head) {
+        if !config.accept_lost_events {
+            return Err(StoreError::ShorterThanAcknowledged {
+                acknowledged: Position(acknowledged),
+                recovered: Position(head),
+            });
+        }
+        tracing::warn!(
+            path = %path.display(), acknowledged, recovered = head,
+            "opening a store that lost acknowledged events, as the config accepts"
+        );
+        let mut mark = ack_mark::AckMark::open(path, acknowledged)?;
+        mark.record_durably(head)?;
+    }
+    match config.durability {
+        Durability::Buffered { .. } => Ok(None),
+        Durability::Fsync | Durability::Flush => Ok(Some(ack_mark::AckMark::open(
+            path,
+            acknowledged.map_or(0, |a| a.min(head)),
+        )?)),
+    }
 }
 
 /// Refuses paths that hold something other than a sled directory.

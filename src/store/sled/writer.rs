@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 use uuid::Uuid;
 
+use super::ack_mark::AckMark;
 use super::durability::Syncer;
 use super::format::{
     corrupt, decode_record, decode_u64, event_key, id_key, record_utf8, stream_head, stream_key,
@@ -64,6 +65,9 @@ pub(super) struct Writer {
     pub(super) heads: HashMap<StreamId, u64>,
     pub(super) head_cache_capacity: usize,
     pub(super) metrics: crate::metrics::StoreMetrics,
+    /// The acknowledged mark, kept at the last durable position (`None`
+    /// under [`Durability::Buffered`]).
+    pub(super) mark: Option<AckMark>,
 }
 
 /// One append of a group, decided but not yet durable.
@@ -96,6 +100,11 @@ impl Writer {
             None => self.flush_and_sync(),
             Some(why) => Err(why.clone()),
         };
+        if let (Ok(()), Some(mark)) = (&result, &mut self.mark) {
+            if let Err(e) = mark.record_durably(self.last_position) {
+                warn!(error = %e, "could not sync the acknowledged mark");
+            }
+        }
         if let Err(why) = &result {
             error!(error = %why, "final flush of the event store failed");
             // What reached the disk is unknown, as after any failed write;
@@ -206,6 +215,15 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.last_position = next_position - 1;
+                // After the group's sync, before its answers: the mark never
+                // runs ahead of the durable log, and covers every answer.
+                if let (true, Some(mark)) = (wrote, &mut self.mark) {
+                    if let Err(e) = mark.record(self.last_position) {
+                        // The appends are durable; only the check on the
+                        // next open is weaker.
+                        warn!(error = %e, "could not write the acknowledged mark");
+                    }
+                }
                 let counters = &self.syncer.counters;
                 let appended = decided.iter().filter(|d| d.outcome.is_ok()).count() as u64;
                 counters.appends.fetch_add(appended, Ordering::Relaxed);
