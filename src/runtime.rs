@@ -33,10 +33,10 @@ use crate::projection::{Projection, ProjectionConfig, ProjectionHandle, Projecti
 use crate::store::sled::SledStore;
 use crate::store::EventStore;
 
+pub(crate) use self::command_id::derived_id;
 pub use self::command_id::{
     command_fingerprint, derived_event_id, COMMAND_FINGERPRINT_KEY, COMMAND_ID_KEY,
 };
-pub(crate) use self::command_id::derived_id;
 pub use self::config::{AggregateSettings, RuntimeConfig, RuntimeConfigBuilder};
 pub use crate::aggregate::Aggregate;
 pub use crate::error::{CategoryError, CommandError, QueryError};
@@ -397,12 +397,15 @@ impl<S: ?Sized + RuntimeStore> Runtime<S> {
                 name: P::NAME.to_owned(),
             });
         }
-        let handle =
-            crate::workflow::start(manager, Arc::clone(&self.core.store), config).await?;
+        let handle = crate::workflow::start(manager, Arc::clone(&self.core.store), config).await?;
         // Decided under the lock that shutdown takes to collect them.
         let refused = {
             match &mut *lock(&self.core.workflows) {
-                Some(workflows) if workflows.iter().any(|w| crate::workflow::same_name(w, P::NAME)) => {
+                Some(workflows)
+                    if workflows
+                        .iter()
+                        .any(|w| crate::workflow::same_name(w, P::NAME)) =>
+                {
                     Some(true)
                 }
                 Some(workflows) => {

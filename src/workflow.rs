@@ -21,8 +21,8 @@ pub use self::relay::{
     HEADER_EVENT_TYPE, HEADER_MESSAGE_ID, HEADER_POSITION, HEADER_RECORDED_AT_MICROS,
     HEADER_SCHEMA_VERSION, HEADER_STREAM_ID, HEADER_VERSION, RELAY_CHECKPOINT_PREFIX,
 };
-pub use self::runner::{
-    WorkflowConfig, WorkflowError, WorkflowHandle, WorkflowState, WorkflowStatus,
-    STEP_EVENT_TYPE, WORKFLOW_CHECKPOINT_PREFIX,
-};
 pub(crate) use self::runner::{same_name, start};
+pub use self::runner::{
+    WorkflowConfig, WorkflowError, WorkflowHandle, WorkflowState, WorkflowStatus, STEP_EVENT_TYPE,
+    WORKFLOW_CHECKPOINT_PREFIX,
+};

@@ -19,11 +19,11 @@ use crate::aggregate::Aggregate;
 use crate::codec::{decode_event, decode_value, encode_event, encode_value};
 use crate::error::{panic_message, AppendError, CodecError, CommandError, QueryError, ReadError};
 use crate::event::{ExpectedVersion, Metadata, ReadDirection, Snapshot, StreamId, Version};
-use crate::runtime::config::TypeSettings;
-use crate::runtime::registry::{Registry, Slot, SlotKey};
 use crate::runtime::command_id::{
     command_fingerprint, derived_event_id, COMMAND_FINGERPRINT_KEY, COMMAND_ID_KEY,
 };
+use crate::runtime::config::TypeSettings;
+use crate::runtime::registry::{Registry, Slot, SlotKey};
 use crate::runtime::{CommandContext, Executed, RuntimeConfig};
 use crate::store::EventStore;
 
@@ -533,7 +533,9 @@ impl<A: Aggregate> AggregateActor<A> {
                 extra: context.metadata.clone(),
             };
             if let Some((id, fingerprint)) = once {
-                metadata.extra.insert(COMMAND_ID_KEY.to_owned(), id.to_string());
+                metadata
+                    .extra
+                    .insert(COMMAND_ID_KEY.to_owned(), id.to_string());
                 metadata
                     .extra
                     .insert(COMMAND_FINGERPRINT_KEY.to_owned(), fingerprint.to_owned());
@@ -551,7 +553,9 @@ impl<A: Aggregate> AggregateActor<A> {
                 .collect::<Result<Vec<_>, CodecError>>()?;
             let expected = ExpectedVersion::Exact(state.version);
             match self.store.append(stream, expected, encoded).await {
-                Ok(appended) if once.is_some() && appended.first_version != state.version.next() => {
+                Ok(appended)
+                    if once.is_some() && appended.first_version != state.version.next() =>
+                {
                     // The store answered a retry: these ids were stored by
                     // another run of this command (another process), whose
                     // events may differ from the ones decided here.
@@ -686,7 +690,9 @@ impl<A: Aggregate> AggregateActor<A> {
             .iter()
             .map(decode_event::<A::Event>)
             .collect::<Result<Vec<_>, _>>()?;
-        let last = recorded.last().map_or((Version::NONE, None), |e| (e.version, Some(e.position)));
+        let last = recorded
+            .last()
+            .map_or((Version::NONE, None), |e| (e.version, Some(e.position)));
         if state.version < last.0 {
             // It ran in another process: this actor has not seen it yet.
             self.catch_up(myself, state)

@@ -142,7 +142,10 @@ impl EventStore for MemoryStore {
 
     async fn read_event(&self, event_id: Uuid) -> Result<Option<RecordedEvent>, ReadError> {
         let inner = self.lock();
-        Ok(inner.ids.get(&event_id).map(|&index| inner.log[index].clone()))
+        Ok(inner
+            .ids
+            .get(&event_id)
+            .map(|&index| inner.log[index].clone()))
     }
 
     async fn read_stream(

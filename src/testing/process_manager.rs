@@ -159,7 +159,10 @@ impl<P: ProcessManager> ProcessManagerTest<P> {
             payload: new.payload,
         };
         if self.manager.instance_of(&recorded).is_none() {
-            panic!("workflow {} does not route {event:?} in {stream} to an instance", P::NAME);
+            panic!(
+                "workflow {} does not route {event:?} in {stream} to an instance",
+                P::NAME
+            );
         }
         recorded
     }
@@ -197,9 +200,14 @@ impl<P: ProcessManager> ProcessManagerTestResult<P> {
     /// # Panics
     /// When they differ, naming both.
     #[track_caller]
-    pub fn then_expect_timers<'a>(self, expected: impl IntoIterator<Item = (&'a str, WakeAt)>) -> Self {
-        let expected: Vec<(String, WakeAt)> =
-            expected.into_iter().map(|(n, w)| (n.to_owned(), w)).collect();
+    pub fn then_expect_timers<'a>(
+        self,
+        expected: impl IntoIterator<Item = (&'a str, WakeAt)>,
+    ) -> Self {
+        let expected: Vec<(String, WakeAt)> = expected
+            .into_iter()
+            .map(|(n, w)| (n.to_owned(), w))
+            .collect();
         assert!(
             self.reaction.timers() == expected.as_slice(),
             "expected timers {expected:?}, got {:?}",
@@ -213,10 +221,21 @@ impl<P: ProcessManager> ProcessManagerTestResult<P> {
     /// # Panics
     /// When they differ, naming both.
     #[track_caller]
-    pub fn then_expect_cancelled_timers<'a>(self, expected: impl IntoIterator<Item = &'a str>) -> Self {
+    pub fn then_expect_cancelled_timers<'a>(
+        self,
+        expected: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
         let expected: Vec<&str> = expected.into_iter().collect();
-        let actual: Vec<&str> = self.reaction.cancelled_timers().iter().map(String::as_str).collect();
-        assert!(actual == expected, "expected cancelled timers {expected:?}, got {actual:?}");
+        let actual: Vec<&str> = self
+            .reaction
+            .cancelled_timers()
+            .iter()
+            .map(String::as_str)
+            .collect();
+        assert!(
+            actual == expected,
+            "expected cancelled timers {expected:?}, got {actual:?}"
+        );
         self
     }
 
@@ -226,7 +245,10 @@ impl<P: ProcessManager> ProcessManagerTestResult<P> {
     /// When it does not.
     #[track_caller]
     pub fn then_expect_complete(self) -> Self {
-        assert!(self.reaction.is_complete(), "expected the instance to complete; it goes on");
+        assert!(
+            self.reaction.is_complete(),
+            "expected the instance to complete; it goes on"
+        );
         self
     }
 
@@ -236,7 +258,10 @@ impl<P: ProcessManager> ProcessManagerTestResult<P> {
     /// When it completes it.
     #[track_caller]
     pub fn then_expect_running(self) -> Self {
-        assert!(!self.reaction.is_complete(), "expected the instance to go on; it completes");
+        assert!(
+            !self.reaction.is_complete(),
+            "expected the instance to go on; it completes"
+        );
         self
     }
 

@@ -297,7 +297,12 @@ impl<C: serde::de::DeserializeOwned> Instance<C> {
     }
 
     /// Applies one recorded step.
-    fn apply(&mut self, step: Uuid, version: Version, record: StepRecord) -> Result<(), StoreError> {
+    fn apply(
+        &mut self,
+        step: Uuid,
+        version: Version,
+        record: StepRecord,
+    ) -> Result<(), StoreError> {
         let commands = record
             .commands
             .iter()
@@ -388,7 +393,8 @@ impl<P: ProcessManager> Context<P> {
                         _ => None,
                     };
                     let commands = reaction.commands.clone();
-                    self.record(instance, step, causation, reaction, fired).await?;
+                    self.record(instance, step, causation, reaction, fired)
+                        .await?;
                     commands
                 }
             };
@@ -400,9 +406,8 @@ impl<P: ProcessManager> Context<P> {
         if instance.state.is_empty() {
             return Ok(P::State::default());
         }
-        decode_value(&instance.state).map_err(|e| {
-            StoreError::Corrupt(format!("workflow {} state: {e}", instance.stream))
-        })
+        decode_value(&instance.state)
+            .map_err(|e| StoreError::Corrupt(format!("workflow {} state: {e}", instance.stream)))
     }
 
     /// Appends the step to the instance's stream (its id is the step id,
@@ -432,9 +437,9 @@ impl<P: ProcessManager> Context<P> {
                 .map(|(name, at)| {
                     let due = match at {
                         WakeAt::Time(time) => micros_of(*time),
-                        WakeAt::After(after) => now.saturating_add(
-                            u64::try_from(after.as_micros()).unwrap_or(u64::MAX),
-                        ),
+                        WakeAt::After(after) => {
+                            now.saturating_add(u64::try_from(after.as_micros()).unwrap_or(u64::MAX))
+                        }
                     };
                     (name.clone(), due)
                 })
@@ -461,7 +466,11 @@ impl<P: ProcessManager> Context<P> {
             .with_id(step)
             .with_metadata(Metadata::new(Some(instance.correlation), Some(causation)));
         let expected = ExpectedVersion::Exact(instance.version);
-        match self.store.append(&instance.stream, expected, vec![event]).await {
+        match self
+            .store
+            .append(&instance.stream, expected, vec![event])
+            .await
+        {
             Ok(appended) if appended.first_version == instance.version.next() => {
                 instance.apply(step, appended.last_version, record)
             }
@@ -575,7 +584,12 @@ async fn load_instance<P: ProcessManager>(
         Instance::new(P::NAME, id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     loop {
         let page = store
-            .read_stream(&instance.stream, instance.version.next(), ReadDirection::Forward, 1024)
+            .read_stream(
+                &instance.stream,
+                instance.version.next(),
+                ReadDirection::Forward,
+                1024,
+            )
             .await
             .map_err(read_error)?;
         if page.is_empty() {
@@ -610,7 +624,9 @@ pub(crate) fn validate_workflow_name(name: &str) -> Result<(), WorkflowError> {
         reason,
     };
     if name.contains('-') {
-        return Err(invalid("it contains '-', the category separator".to_owned()));
+        return Err(invalid(
+            "it contains '-', the category separator".to_owned(),
+        ));
     }
     StreamId::new(name).map_err(|e| invalid(e.to_string()))?;
     Ok(())
@@ -652,7 +668,8 @@ pub(crate) async fn start<P: ProcessManager>(
                 .map_or("", |(_, id)| id)
                 .to_owned();
             if !instances.contains_key(&id) {
-                let new = Instance::new(P::NAME, &id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let new =
+                    Instance::new(P::NAME, &id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 instances.insert(id.clone(), new);
             }
             if let Some(instance) = instances.get_mut(&id) {
@@ -685,7 +702,7 @@ pub(crate) async fn start<P: ProcessManager>(
         clock: Clock::new(),
         stop: stop_seen,
     });
-    let driver = Driver {
+    let mut driver = Driver {
         context,
         shared: Arc::clone(&shared),
         checkpoint,
@@ -693,6 +710,13 @@ pub(crate) async fn start<P: ProcessManager>(
         instances,
         timers: BTreeSet::new(),
     };
+    for (id, instance) in &driver.instances {
+        for (name, due) in &instance.timers {
+            driver.timers.insert((*due, id.clone(), name.clone()));
+        }
+    }
+    // The status is right from the start: instances and pending timers.
+    driver.publish(WorkflowState::Running);
     let task = tokio::spawn(driver.run());
     *shared.task.lock().await = Some(task);
     Ok(WorkflowHandle { shared })
@@ -717,12 +741,6 @@ enum Work {
 
 impl<P: ProcessManager> Driver<P> {
     async fn run(mut self) {
-        for (id, instance) in &self.instances {
-            for (name, due) in &instance.timers {
-                self.timers.insert((*due, id.clone(), name.clone()));
-            }
-        }
-        self.publish(WorkflowState::Running);
         let mut stop = self.context.stop.clone();
         let mut feed = self.context.store.subscribe_live();
         let backoff = self.context.config.retry_backoff;
@@ -743,7 +761,10 @@ impl<P: ProcessManager> Driver<P> {
                 for (at, id, name) in due {
                     groups.entry(id).or_default().push((at, name));
                 }
-                let work = groups.into_iter().map(|(id, t)| (id, Work::Timers(t))).collect();
+                let work = groups
+                    .into_iter()
+                    .map(|(id, t)| (id, Work::Timers(t)))
+                    .collect();
                 if let Err(error) = self.process(work).await {
                     if matches!(error, Interrupted::Stopping) {
                         break;
@@ -773,7 +794,10 @@ impl<P: ProcessManager> Driver<P> {
                 }
             };
             let Some(last) = page.last().map(|e| e.position) else {
-                let next = self.timers.first().map(|(at, _, _)| self.context.clock.instant_at(*at));
+                let next = self
+                    .timers
+                    .first()
+                    .map(|(at, _, _)| self.context.clock.instant_at(*at));
                 tokio::select! {
                     _ = stop.changed() => {}
                     commit = feed.recv() => {
@@ -811,7 +835,12 @@ impl<P: ProcessManager> Driver<P> {
                     continue;
                 }
             }
-            if let Err(error) = self.context.store.save_checkpoint(&self.checkpoint, last).await {
+            if let Err(error) = self
+                .context
+                .store
+                .save_checkpoint(&self.checkpoint, last)
+                .await
+            {
                 warn!(workflow = P::NAME, %error, "checkpoint not saved");
             }
             self.position = last;
@@ -859,7 +888,8 @@ impl<P: ProcessManager> Driver<P> {
                 }
             };
             for (name, due) in &instance.timers {
-                self.timers.insert((*due, instance.id.clone(), name.clone()));
+                self.timers
+                    .insert((*due, instance.id.clone(), name.clone()));
             }
             if result.is_ok() {
                 result = outcome;
@@ -883,7 +913,9 @@ impl<P: ProcessManager> Driver<P> {
             match &instance.status {
                 StepStatus::Running => status.running += 1,
                 StepStatus::Completed => status.completed += 1,
-                StepStatus::Failed(error) => status.failed.push((instance.id.clone(), error.clone())),
+                StepStatus::Failed(error) => {
+                    status.failed.push((instance.id.clone(), error.clone()))
+                }
             }
         }
         status.failed.sort();
@@ -900,9 +932,11 @@ impl<P: ProcessManager> Context<P> {
         match work {
             Work::Events(events) => {
                 for event in events {
-                    let step = derived_id(&[P::NAME.as_bytes(), b"event", event.event_id.as_bytes()]);
+                    let step =
+                        derived_id(&[P::NAME.as_bytes(), b"event", event.event_id.as_bytes()]);
                     let causation = event.event_id;
-                    self.run(instance, step, causation, Owned::Event(event)).await?;
+                    self.run(instance, step, causation, Owned::Event(event))
+                        .await?;
                 }
             }
             Work::Timers(timers) => {
@@ -918,7 +952,8 @@ impl<P: ProcessManager> Context<P> {
                         name.as_bytes(),
                         &due.to_be_bytes(),
                     ]);
-                    self.run(instance, step, step, Owned::Timer { name }).await?;
+                    self.run(instance, step, step, Owned::Timer { name })
+                        .await?;
                 }
             }
         }

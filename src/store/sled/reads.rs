@@ -32,10 +32,20 @@ pub(super) fn read_by_id(
     if position > head {
         return Ok(None);
     }
-    let found = read_all(handles, head, position, ReadDirection::Forward, 1, &EventFilter::All)?;
+    let found = read_all(
+        handles,
+        head,
+        position,
+        ReadDirection::Forward,
+        1,
+        &EventFilter::All,
+    )?;
     match found.into_iter().next() {
         Some(event) if event.event_id == event_id => Ok(Some(event)),
-        _ => Err(corrupt(format_args!("event id {event_id} points at {position}, which holds another")).into()),
+        _ => Err(corrupt(format_args!(
+            "event id {event_id} points at {position}, which holds another"
+        ))
+        .into()),
     }
 }
 
