@@ -21,7 +21,10 @@ const SKUS: u64 = 20;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let orders: u64 = std::env::var("ORDERS").ok().and_then(|n| n.parse().ok()).unwrap_or(2000);
+    let orders: u64 = std::env::var("ORDERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000);
     let dir = tempfile::tempdir()?;
     let runtime = Runtime::open(dir.path())?;
 
@@ -29,7 +32,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stock = runtime.aggregates::<fulfilment_domain::Stock>();
     for sku in 0..SKUS {
         let quantity = (orders * 2 * 9 / 10 / SKUS) as u32;
-        stock.execute(&format!("s{sku}"), StockCommand::Restock { quantity }).await?;
+        stock
+            .execute(&format!("s{sku}"), StockCommand::Restock { quantity })
+            .await?;
     }
     let timeout = Duration::from_millis(500);
     let workflow = runtime
@@ -73,19 +78,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("orders: {}", checked.orders);
     println!("shipped: {}", checked.shipped);
     println!("cancelled: {}", checked.cancelled);
-    println!("workflows_per_s: {:.0}", orders as f64 / elapsed.as_secs_f64());
-    println!("commands_per_workflow: {:.2}", checked.commands as f64 / orders as f64);
+    println!(
+        "workflows_per_s: {:.0}",
+        orders as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "commands_per_workflow: {:.2}",
+        checked.commands as f64 / orders as f64
+    );
     println!("duplicate_commands: {}", checked.duplicate_commands);
     println!("lost_steps: {}", checked.lost_steps);
     println!("inconsistent: {}", checked.inconsistent);
     println!("failed_instances: {}", status.failed.len());
     assert_eq!(checked.orders, orders);
-    assert_eq!(checked.shipped + checked.cancelled, orders, "every order ends");
+    assert_eq!(
+        checked.shipped + checked.cancelled,
+        orders,
+        "every order ends"
+    );
     assert_eq!(checked.duplicate_commands, 0);
     assert_eq!(checked.lost_steps, 0);
     assert_eq!(checked.inconsistent, 0);
     assert!(status.failed.is_empty());
-    assert!(checked.shipped > 0 && checked.cancelled > 0, "both paths ran");
+    assert!(
+        checked.shipped > 0 && checked.cancelled > 0,
+        "both paths ran"
+    );
     println!("all checks passed");
     Ok(())
 }

@@ -66,7 +66,13 @@ async fn concurrent_retries(runtime: Runtime, other: Option<Runtime>) {
         tasks.spawn(async move {
             let ledgers = runtime.aggregates::<Ledger>();
             let mut answers = Vec::new();
-            for (n, id) in ids.iter().enumerate().cycle().skip(task as usize).take(ids.len()) {
+            for (n, id) in ids
+                .iter()
+                .enumerate()
+                .cycle()
+                .skip(task as usize)
+                .take(ids.len())
+            {
                 let amount = n as u64 + 1;
                 let executed = loop {
                     match ledgers
@@ -90,7 +96,11 @@ async fn concurrent_retries(runtime: Runtime, other: Option<Runtime>) {
         for (id, version, position, events) in answers.unwrap() {
             assert_eq!(events.len(), 2, "both events of {id} answered");
             let first = seen.entry(id).or_insert((version, position));
-            assert_eq!(*first, (version, position), "every answer for {id} is the same");
+            assert_eq!(
+                *first,
+                (version, position),
+                "every answer for {id} is the same"
+            );
         }
     }
     let store = runtime.store();
@@ -145,7 +155,10 @@ async fn concurrent_retries_from_two_processes_store_each_command_once_on_postgr
 async fn retry_after_the_aggregate_moved_on(runtime: Runtime) {
     let ledgers = runtime.aggregates::<Ledger>();
     open_ledger(&ledgers, "m").await;
-    ledgers.execute("m", LedgerCommand::Deposit(100)).await.unwrap();
+    ledgers
+        .execute("m", LedgerCommand::Deposit(100))
+        .await
+        .unwrap();
     let id = Uuid::now_v7();
     let first = ledgers
         .execute_with("m", LedgerCommand::Withdraw(100), with_id(id))
@@ -265,7 +278,10 @@ async fn a_retry_after_a_restart_answers_the_original_outcome_on_sled() {
         .execute_with("s", LedgerCommand::DepositTwice(7), with_id(id))
         .await
         .unwrap();
-    assert_eq!((again.version, again.position), (first.version, first.position));
+    assert_eq!(
+        (again.version, again.position),
+        (first.version, first.position)
+    );
     assert_eq!(again.events, first.events);
     assert_eq!(stream_len(&**runtime.store(), "ledger-s").await, 4);
     assert_eq!(ledgers.state("s").await.unwrap().balance, 14);
@@ -320,7 +336,10 @@ async fn lost_acknowledgements_retried_with_the_same_id_store_nothing_twice() {
     while let Some(done) = tasks.join_next().await {
         retries += done.unwrap();
     }
-    assert!(retries > 20, "the fault plan lost acknowledgements ({retries} retries)");
+    assert!(
+        retries > 20,
+        "the fault plan lost acknowledgements ({retries} retries)"
+    );
     for task in 0..16u64 {
         let stream = format!("ledger-f{task}");
         assert_eq!(stream_len(&**store.inner(), &stream).await, 11, "{stream}");
@@ -348,7 +367,9 @@ async fn a_timeout_says_the_outcome_is_unknown_and_a_retry_is_safe() {
         after: std::time::Duration::from_secs(1),
     };
     assert!(error.is_outcome_unknown());
-    assert!(error.to_string().contains("retrying with the same command id is safe"));
+    assert!(error
+        .to_string()
+        .contains("retrying with the same command id is safe"));
     let lost: CommandError<common::LedgerError> =
         CommandError::Store(annals::StoreError::OutcomeUnknown("connection lost".into()));
     assert!(lost.is_outcome_unknown());

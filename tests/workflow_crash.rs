@@ -41,7 +41,10 @@ fn fixed_id(text: &str) -> Uuid {
 /// 16 bytes from a text, stable across runs (FNV-1a, twice).
 fn stable_bytes(text: &str) -> [u8; 16] {
     let mut out = [0u8; 16];
-    for (half, seed) in [0xcbf2_9ce4_8422_2325u64, 0x8422_2325_cbf2_9ce4].iter().enumerate() {
+    for (half, seed) in [0xcbf2_9ce4_8422_2325u64, 0x8422_2325_cbf2_9ce4]
+        .iter()
+        .enumerate()
+    {
         let mut hash = *seed;
         for byte in text.bytes() {
             hash ^= u64::from(byte);
@@ -63,7 +66,10 @@ async fn run_child(dir: &str, cycle: u64) -> Runtime<annals::SledStore> {
         let context = CommandContext::default().with_command_id(fixed_id(&id));
         // Enough for about 80% of all the orders a default run places.
         let restock = StockCommand::Restock { quantity: 150 };
-        stock.execute_with(&id, restock, context).await.expect("restock");
+        stock
+            .execute_with(&id, restock, context)
+            .await
+            .expect("restock");
     }
     let workflow = Fulfil::new(&runtime, TIMEOUT);
     runtime
@@ -172,17 +178,27 @@ fn workflow_crash_cycles() {
         runtime.shutdown().await.unwrap();
         (checked, status)
     });
-    eprintln!("workflow crash details: {checked:?}, failed instances: {:?}", status.failed);
+    eprintln!(
+        "workflow crash details: {checked:?}, failed instances: {:?}",
+        status.failed
+    );
     println!(
         "workflow_crash cycles={cycles} orders={} completed={} duplicate_commands={} lost_steps={} inconsistent={}",
         checked.orders, checked.shipped, checked.duplicate_commands, checked.lost_steps, checked.inconsistent
     );
     assert_eq!(checked.orders, orders);
     assert_eq!(
-        (checked.duplicate_commands, checked.lost_steps, checked.inconsistent),
+        (
+            checked.duplicate_commands,
+            checked.lost_steps,
+            checked.inconsistent
+        ),
         (0, 0, 0),
         "{checked:?}"
     );
     assert!(status.failed.is_empty());
-    assert!(checked.shipped > 0 && checked.cancelled > 0, "both paths ran: {checked:?}");
+    assert!(
+        checked.shipped > 0 && checked.cancelled > 0,
+        "both paths ran: {checked:?}"
+    );
 }

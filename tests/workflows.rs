@@ -89,7 +89,11 @@ async fn hundreds_of_orders_end_consistent_on_memory() {
     let checked = check(&**runtime.store()).await;
     assert_eq!(checked.orders, 300);
     assert_eq!(
-        (checked.duplicate_commands, checked.lost_steps, checked.inconsistent),
+        (
+            checked.duplicate_commands,
+            checked.lost_steps,
+            checked.inconsistent
+        ),
         (0, 0, 0),
         "{checked:?}"
     );
@@ -273,7 +277,11 @@ fn prober(answer: fn(u32) -> Sent) -> (Prober, Arc<std::sync::Mutex<Vec<Probe>>>
 
 async fn place_one(runtime: &Runtime) {
     let (_, place) = order_of(1, 1);
-    runtime.aggregates::<Order>().execute("p", place).await.unwrap();
+    runtime
+        .aggregates::<Order>()
+        .execute("p", place)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -299,7 +307,10 @@ async fn a_refusal_is_an_input_and_a_timer_in_the_past_fires_at_once() {
     assert_eq!(workflow.status().pending_timers, 0, "the past timer fired");
     assert_eq!(*sent.lock().unwrap(), vec![Probe::Do(1), Probe::Undo(0)]);
     let steps = instance_steps(&**runtime.store(), "prober-one").await;
-    assert_eq!(steps, 3, "the event, the refusal and the timer are recorded");
+    assert_eq!(
+        steps, 3,
+        "the event, the refusal and the timer are recorded"
+    );
     runtime.shutdown().await.unwrap();
 }
 
@@ -331,8 +342,15 @@ async fn failures_retry_with_backoff_then_stop_and_show_the_instance_failed() {
         .await
         .unwrap();
     let status = workflow.status();
-    assert_eq!(status.failed, vec![("one".to_owned(), "store down".to_owned())]);
-    assert_eq!(attempts.load(Ordering::SeqCst), 3, "three attempts, then stop");
+    assert_eq!(
+        status.failed,
+        vec![("one".to_owned(), "store down".to_owned())]
+    );
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        3,
+        "three attempts, then stop"
+    );
     // Later inputs for a failed instance are ignored.
     runtime
         .aggregates::<Order>()
@@ -397,7 +415,9 @@ async fn unknown_invalid_and_duplicate_workflow_names_are_typed_errors() {
         }
     }
     assert!(matches!(
-        runtime.start_workflow(Dashed, WorkflowConfig::default()).await,
+        runtime
+            .start_workflow(Dashed, WorkflowConfig::default())
+            .await,
         Err(WorkflowError::InvalidName { .. })
     ));
     let (first, _, _) = prober(|_| Sent::Done);
@@ -407,14 +427,18 @@ async fn unknown_invalid_and_duplicate_workflow_names_are_typed_errors() {
         .await
         .unwrap();
     assert!(matches!(
-        runtime.start_workflow(second, WorkflowConfig::default()).await,
+        runtime
+            .start_workflow(second, WorkflowConfig::default())
+            .await,
         Err(WorkflowError::AlreadyRunning { .. })
     ));
     assert_eq!(runtime.workflow("prober").unwrap().name(), "prober");
     runtime.shutdown().await.unwrap();
     let (third, _, _) = prober(|_| Sent::Done);
     assert!(matches!(
-        runtime.start_workflow(third, WorkflowConfig::default()).await,
+        runtime
+            .start_workflow(third, WorkflowConfig::default())
+            .await,
         Err(WorkflowError::Stopped { .. })
     ));
 }

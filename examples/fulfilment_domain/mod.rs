@@ -33,19 +33,33 @@ impl std::error::Error for Refusal {}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OrderEvent {
-    Placed { sku: String, quantity: u32, amount: u64, card: bool },
+    Placed {
+        sku: String,
+        quantity: u32,
+        amount: u64,
+        card: bool,
+    },
     Paid,
     Shipped,
-    Cancelled { reason: String },
+    Cancelled {
+        reason: String,
+    },
 }
 impl DomainEvent for OrderEvent {}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OrderCommand {
-    Place { sku: String, quantity: u32, amount: u64, card: bool },
+    Place {
+        sku: String,
+        quantity: u32,
+        amount: u64,
+        card: bool,
+    },
     MarkPaid,
     Ship,
-    Cancel { reason: String },
+    Cancel {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -65,7 +79,12 @@ impl Aggregate for Order {
     fn handle(&self, command: &OrderCommand) -> Result<Vec<OrderEvent>, Refusal> {
         match command {
             OrderCommand::Place { .. } if self.placed => Err(Refusal("already placed")),
-            OrderCommand::Place { sku, quantity, amount, card } => Ok(vec![OrderEvent::Placed {
+            OrderCommand::Place {
+                sku,
+                quantity,
+                amount,
+                card,
+            } => Ok(vec![OrderEvent::Placed {
                 sku: sku.clone(),
                 quantity: *quantity,
                 amount: *amount,
@@ -80,9 +99,9 @@ impl Aggregate for Order {
             OrderCommand::Ship => Ok(vec![OrderEvent::Shipped]),
             OrderCommand::Cancel { .. } if self.paid => Err(Refusal("paid")),
             OrderCommand::Cancel { .. } if self.cancelled => Ok(vec![]),
-            OrderCommand::Cancel { reason } => {
-                Ok(vec![OrderEvent::Cancelled { reason: reason.clone() }])
-            }
+            OrderCommand::Cancel { reason } => Ok(vec![OrderEvent::Cancelled {
+                reason: reason.clone(),
+            }]),
         }
     }
 
@@ -129,9 +148,9 @@ impl Aggregate for Stock {
 
     fn handle(&self, command: &StockCommand) -> Result<Vec<StockEvent>, Refusal> {
         match command {
-            StockCommand::Restock { quantity } => {
-                Ok(vec![StockEvent::Restocked { quantity: *quantity }])
-            }
+            StockCommand::Restock { quantity } => Ok(vec![StockEvent::Restocked {
+                quantity: *quantity,
+            }]),
             StockCommand::Reserve { quantity, .. } if i64::from(*quantity) > self.available => {
                 Err(Refusal("out of stock"))
             }
@@ -142,7 +161,10 @@ impl Aggregate for Stock {
             StockCommand::Release { order } => Ok(self
                 .reserved
                 .get(order)
-                .map(|quantity| StockEvent::Released { order: order.clone(), quantity: *quantity })
+                .map(|quantity| StockEvent::Released {
+                    order: order.clone(),
+                    quantity: *quantity,
+                })
                 .into_iter()
                 .collect()),
         }
@@ -216,13 +238,32 @@ impl Aggregate for Payment {
 /// A command of the workflow, to one of the three aggregates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Step {
-    Reserve { sku: String, order: String, quantity: u32 },
-    Release { sku: String, order: String },
-    TakePayment { order: String, amount: u64 },
-    VoidPayment { order: String },
-    MarkPaid { order: String },
-    Ship { order: String },
-    Cancel { order: String, reason: String },
+    Reserve {
+        sku: String,
+        order: String,
+        quantity: u32,
+    },
+    Release {
+        sku: String,
+        order: String,
+    },
+    TakePayment {
+        order: String,
+        amount: u64,
+    },
+    VoidPayment {
+        order: String,
+    },
+    MarkPaid {
+        order: String,
+    },
+    Ship {
+        order: String,
+    },
+    Cancel {
+        order: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -270,7 +311,12 @@ impl Fulfil {
 
 /// The order id of a stream `category-id`.
 fn id_of(event: &RecordedEvent) -> String {
-    event.stream_id.as_str().split_once('-').map_or("", |(_, id)| id).to_owned()
+    event
+        .stream_id
+        .as_str()
+        .split_once('-')
+        .map_or("", |(_, id)| id)
+        .to_owned()
 }
 
 impl ProcessManager for Fulfil {
@@ -296,9 +342,12 @@ impl ProcessManager for Fulfil {
         match input {
             Input::Event(recorded) => match recorded.stream_id.category() {
                 "order" => match input.event::<OrderEvent>() {
-                    Some(OrderEvent::Placed { sku, quantity, amount, card })
-                        if state.stage == Stage::New =>
-                    {
+                    Some(OrderEvent::Placed {
+                        sku,
+                        quantity,
+                        amount,
+                        card,
+                    }) if state.stage == Stage::New => {
                         next = Fulfilment {
                             stage: Stage::Reserving,
                             order: id_of(recorded),
@@ -308,7 +357,11 @@ impl ProcessManager for Fulfil {
                             card,
                         };
                         Reaction::new(next)
-                            .send(Step::Reserve { sku, order: id_of(recorded), quantity })
+                            .send(Step::Reserve {
+                                sku,
+                                order: id_of(recorded),
+                                quantity,
+                            })
                             .wake_after("unpaid", self.timeout)
                     }
                     _ => Reaction::new(next),
@@ -317,7 +370,10 @@ impl ProcessManager for Fulfil {
                     next.stage = Stage::Paying;
                     let reaction = Reaction::new(next);
                     if state.card {
-                        reaction.send(Step::TakePayment { order, amount: state.amount })
+                        reaction.send(Step::TakePayment {
+                            order,
+                            amount: state.amount,
+                        })
                     } else {
                         reaction // a bank transfer is awaited
                     }
@@ -325,7 +381,9 @@ impl ProcessManager for Fulfil {
                 "payment" => match input.event::<PaymentEvent>() {
                     Some(PaymentEvent::Taken { .. }) if state.stage != Stage::New => {
                         Reaction::new(next)
-                            .send(Step::MarkPaid { order: order.clone() })
+                            .send(Step::MarkPaid {
+                                order: order.clone(),
+                            })
                             .send(Step::Ship { order })
                             .cancel_timer("unpaid")
                             .complete()
@@ -337,12 +395,14 @@ impl ProcessManager for Fulfil {
                 },
                 _ => Reaction::new(next),
             },
-            Input::Refused { command: Step::Reserve { .. }, .. } => {
-                give_up(next, "out of stock", false)
-            }
-            Input::Refused { command: Step::TakePayment { .. }, reason } => {
-                give_up(next, reason, true)
-            }
+            Input::Refused {
+                command: Step::Reserve { .. },
+                ..
+            } => give_up(next, "out of stock", false),
+            Input::Refused {
+                command: Step::TakePayment { .. },
+                reason,
+            } => give_up(next, reason, true),
             Input::Timer { name: "unpaid" } => {
                 Reaction::new(next).send(Step::VoidPayment { order })
             }
@@ -354,7 +414,11 @@ impl ProcessManager for Fulfil {
 
     async fn send(&self, step: Step, context: CommandContext) -> Sent {
         match step {
-            Step::Reserve { sku, order, quantity } => self
+            Step::Reserve {
+                sku,
+                order,
+                quantity,
+            } => self
                 .stock
                 .execute_with(&sku, StockCommand::Reserve { order, quantity }, context)
                 .await
@@ -374,12 +438,16 @@ impl ProcessManager for Fulfil {
                 .execute_with(&order, PaymentCommand::Void, context)
                 .await
                 .into(),
-            Step::MarkPaid { order } => {
-                self.orders.execute_with(&order, OrderCommand::MarkPaid, context).await.into()
-            }
-            Step::Ship { order } => {
-                self.orders.execute_with(&order, OrderCommand::Ship, context).await.into()
-            }
+            Step::MarkPaid { order } => self
+                .orders
+                .execute_with(&order, OrderCommand::MarkPaid, context)
+                .await
+                .into(),
+            Step::Ship { order } => self
+                .orders
+                .execute_with(&order, OrderCommand::Ship, context)
+                .await
+                .into(),
             Step::Cancel { order, reason } => self
                 .orders
                 .execute_with(&order, OrderCommand::Cancel { reason }, context)
@@ -396,10 +464,16 @@ fn give_up(state: Fulfilment, reason: &str, release: bool) -> Reaction<Fulfilmen
     let sku = state.sku.clone();
     let mut reaction = Reaction::new(state);
     if release {
-        reaction = reaction.send(Step::Release { sku, order: order.clone() });
+        reaction = reaction.send(Step::Release {
+            sku,
+            order: order.clone(),
+        });
     }
     reaction
-        .send(Step::Cancel { order, reason: reason.to_owned() })
+        .send(Step::Cancel {
+            order,
+            reason: reason.to_owned(),
+        })
         .cancel_timer("unpaid")
         .complete()
 }
@@ -442,7 +516,9 @@ pub async fn check(store: &dyn annals::EventStore) -> Checked {
             .read_all(from, ReadDirection::Forward, 4096, &EventFilter::All)
             .await
             .expect("read the log");
-        let Some(last) = page.last().map(|e| e.position) else { break };
+        let Some(last) = page.last().map(|e| e.position) else {
+            break;
+        };
         for event in &page {
             if let Some(id) = event.metadata.extra.get(annals::runtime::COMMAND_ID_KEY) {
                 command_ids.insert(id.clone());
@@ -471,7 +547,8 @@ pub async fn check(store: &dyn annals::EventStore) -> Checked {
                     }
                 }
                 "payment" => {
-                    if let PaymentEvent::Taken { .. } = decode_event(event).expect("payment event") {
+                    if let PaymentEvent::Taken { .. } = decode_event(event).expect("payment event")
+                    {
                         *taken.entry(id).or_default() += 1;
                     }
                 }

@@ -87,7 +87,7 @@ mod tests {
         assert_ne!(a, derived_event_id(Uuid::from_u128(8), &stream, 0));
         assert_eq!(a.get_version_num(), 8);
         // Pinned: a change here would break retries across an upgrade.
-        assert_eq!(a, derived_event_id(Uuid::from_u128(7), &stream, 0));
+        assert_eq!(a.to_string(), "5bb17a52-86f5-822c-a748-fad30537fe2e");
     }
 
     #[test]

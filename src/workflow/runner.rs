@@ -702,7 +702,7 @@ pub(crate) async fn start<P: ProcessManager>(
         clock: Clock::new(),
         stop: stop_seen,
     });
-    let driver = Driver {
+    let mut driver = Driver {
         context,
         shared: Arc::clone(&shared),
         checkpoint,
@@ -710,6 +710,13 @@ pub(crate) async fn start<P: ProcessManager>(
         instances,
         timers: BTreeSet::new(),
     };
+    for (id, instance) in &driver.instances {
+        for (name, due) in &instance.timers {
+            driver.timers.insert((*due, id.clone(), name.clone()));
+        }
+    }
+    // The status is right from the start: instances and pending timers.
+    driver.publish(WorkflowState::Running);
     let task = tokio::spawn(driver.run());
     *shared.task.lock().await = Some(task);
     Ok(WorkflowHandle { shared })
@@ -734,12 +741,6 @@ enum Work {
 
 impl<P: ProcessManager> Driver<P> {
     async fn run(mut self) {
-        for (id, instance) in &self.instances {
-            for (name, due) in &instance.timers {
-                self.timers.insert((*due, id.clone(), name.clone()));
-            }
-        }
-        self.publish(WorkflowState::Running);
         let mut stop = self.context.stop.clone();
         let mut feed = self.context.store.subscribe_live();
         let backoff = self.context.config.retry_backoff;

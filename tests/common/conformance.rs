@@ -481,7 +481,10 @@ pub(crate) mod cases {
         let in_log = whole_stream(store, &id).await;
         assert_eq!(found, in_log[1], "the same record as a stream read gives");
         assert_eq!((found.version, found.position), (Version(2), Position(4)));
-        assert_eq!(store.read_event(Uuid::now_v7()).await.expect("read_event"), None);
+        assert_eq!(
+            store.read_event(Uuid::now_v7()).await.expect("read_event"),
+            None
+        );
     }
 
     pub(crate) async fn idempotent_retry_returns_original_result(open: Open) {
