@@ -184,11 +184,15 @@ async fn create_tables(
     tokio::spawn(connection);
     client
         .batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {s}.order_status (order_id text PRIMARY KEY, status text NOT NULL);
+            // Serialized: instances starting together would race on
+            // CREATE TABLE IF NOT EXISTS (a unique violation in pg_type).
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtext('annals orders tables {s}'));
+             CREATE TABLE IF NOT EXISTS {s}.order_status (order_id text PRIMARY KEY, status text NOT NULL);
              CREATE TABLE IF NOT EXISTS {s}.status_counts (status text PRIMARY KEY, orders bigint NOT NULL);
              CREATE TABLE IF NOT EXISTS {s}.unshipped (order_id text PRIMARY KEY, customer text NOT NULL,
                  total_cents bigint NOT NULL);
-             CREATE TABLE IF NOT EXISTS {s}.revenue (customer text PRIMARY KEY, cents bigint NOT NULL)"
+             CREATE TABLE IF NOT EXISTS {s}.revenue (customer text PRIMARY KEY, cents bigint NOT NULL);
+             COMMIT"
         ))
         .await?;
     Ok(client)
@@ -283,11 +287,14 @@ pub(crate) async fn run(orders: usize) -> Result<(), Box<dyn std::error::Error>>
         commands as f64 / elapsed.as_secs_f64()
     );
     let mut checked = false;
-    if let (Some(by_status), Some(revenue)) = (&by_status, &revenue) {
-        // Longer than on sled: a read model here costs a few statements per
-        // event, and other instances' events count too.
-        let wait = WAIT * 12;
-        tokio::try_join!(by_status.wait_for(head, wait), revenue.wait_for(head, wait))?;
+    // Longer than on sled: a read model here costs a few statements per
+    // event, and other instances' events count too. Whatever this instance
+    // runs is caught up before it exits.
+    let wait = WAIT * 12;
+    for projection in [&by_status, &revenue].into_iter().flatten() {
+        projection.wait_for(head, wait).await?;
+    }
+    if let (Some(_), Some(_)) = (&by_status, &revenue) {
         // This instance's part of the read models against its aggregates.
         let pattern = format!("{tag}\\_%");
         let statuses: BTreeMap<String, String> = client
