@@ -857,6 +857,8 @@ async fn killed_exports_and_imports_resume_to_the_same_log() {
     };
     for millis in [15, 40, 90] {
         kill_after(&[source, "export", "--resume", path_str(&file)], millis);
+        let bytes = std::fs::metadata(&file).map_or(0, |m| m.len());
+        eprintln!("export killed after {millis} ms: {bytes} bytes written");
     }
     let exported = json_lines(&expect(
         0,
@@ -865,6 +867,10 @@ async fn killed_exports_and_imports_resume_to_the_same_log() {
     assert_eq!(exported[0]["events"], events);
     for millis in [15, 40, 90] {
         kill_after(&[path_str(&target), "import", path_str(&file)], millis);
+        if target.join("db").exists() {
+            let head = &log_stats(&[path_str(&target)])["head"];
+            eprintln!("import killed after {millis} ms: the store's head is {head}");
+        }
     }
     let imported = json_lines(&expect(
         0,
