@@ -815,3 +815,74 @@ async fn tail_follows_another_process_commits_on_postgres() {
     child.wait().unwrap();
     store.shutdown().await.unwrap();
 }
+
+/// `kill -9` of the tool in the middle of an export or an import: the
+/// export resumes into a whole file, the import into the whole log, every
+/// field equal to the source's. Where the kills land varies from run to
+/// run; every outcome (nothing, part, all) must resume to the same end.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_exports_and_imports_resume_to_the_same_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    let events = 20_000u64;
+    {
+        let store = SledStore::open(&source).unwrap();
+        for batch in 0..events / 1000 {
+            let stream = StreamId::new(format!("bulk-{}", batch % 7)).unwrap();
+            let appended: Vec<NewEvent> = (0..1000u64)
+                .map(|n| NewEvent::new("Filled", (batch * 1000 + n).to_be_bytes().repeat(12)))
+                .collect();
+            store
+                .append(&stream, ExpectedVersion::Any, appended)
+                .await
+                .unwrap();
+        }
+        store.shutdown().await.unwrap();
+    }
+    let source = path_str(&source);
+    let file = dir.path().join("bulk.annals");
+    let target = dir.path().join("target");
+    let kill_after = |args: &[&str], millis: u64| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_annals"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(millis));
+        // SIGKILL: no chance to flush or clean up.
+        let _ = child.kill();
+        child.wait().unwrap()
+    };
+    for millis in [15, 40, 90] {
+        kill_after(&[source, "export", "--resume", path_str(&file)], millis);
+        let bytes = std::fs::metadata(&file).map_or(0, |m| m.len());
+        eprintln!("export killed after {millis} ms: {bytes} bytes written");
+    }
+    let exported = json_lines(&expect(
+        0,
+        &[source, "--json", "export", "--resume", path_str(&file)],
+    ));
+    assert_eq!(exported[0]["events"], events);
+    for millis in [15, 40, 90] {
+        kill_after(&[path_str(&target), "import", path_str(&file)], millis);
+        if target.join("db").exists() {
+            let head = &log_stats(&[path_str(&target)])["head"];
+            eprintln!("import killed after {millis} ms: the store's head is {head}");
+        }
+    }
+    let imported = json_lines(&expect(
+        0,
+        &[path_str(&target), "--json", "import", path_str(&file)],
+    ));
+    assert_eq!(
+        imported[0]["imported"].as_u64().unwrap()
+            + imported[0]["already_present"].as_u64().unwrap(),
+        events
+    );
+    assert_eq!(imported[0]["head"], events);
+    expect(0, &[path_str(&target), "verify"]);
+    assert_eq!(log_stats(&[path_str(&target)]), log_stats(&[source]));
+    assert_eq!(whole_log(&[path_str(&target)]), whole_log(&[source]));
+}
