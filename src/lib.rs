@@ -2,9 +2,9 @@
 //!
 //! Event-sourced aggregates for tokio services: a durable, group-committed
 //! event log on sled, with an in-memory twin for tests, and projections that
-//! follow it: [`subscribe`] delivers every committed event once, in order,
+//! follow it: [`subscribe`](projection::subscribe) delivers every committed event once, in order,
 //! and a [`ProjectionHandle`] runs a read model with a durable checkpoint
-//! (exactly once for a [`SledProjection`] kept in the store's database).
+//! (exactly once for a [`SledProjection`](projection::SledProjection) kept in the store's database).
 //!
 //! ```
 //! use annals::{EventStore, ExpectedVersion, NewEvent, SledStore, StreamId, Version};

@@ -2,8 +2,8 @@
 //! of commits ([`LivePublisher`] publishes it), and the rules the backends
 //! share (input checks, idempotent retries), public so that a backend
 //! written outside the crate implements the same contract.
-//! Backends: [`SledStore`](crate::SledStore) on disk and
-//! [`MemoryStore`](crate::MemoryStore) for tests.
+//! Backends: [`SledStore`] on disk, [`PostgresStore`] for several
+//! processes and [`MemoryStore`] for tests.
 
 pub(crate) mod bulk;
 mod lease;
@@ -62,7 +62,7 @@ pub const DEFAULT_LIVE_FEED_CAPACITY: usize = 4096;
 /// - every committed event is published on the [`LiveFeed`] after it is
 ///   readable, in position order.
 ///
-/// Durability depends on the backend; see [`SledStore`](crate::SledStore).
+/// Durability depends on the backend; see [`SledStore`].
 #[async_trait]
 pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     /// Appends `events` to `stream` if its version satisfies `expected`.

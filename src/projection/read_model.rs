@@ -109,11 +109,7 @@ impl<S: ReadModelStore, P: ReadModel<S>> ReadModelRunner<S, P> {
                 return store_failed(error);
             }
         }
-        Applied {
-            count,
-            error,
-            store_failed: false,
-        }
+        Applied::handled(count, error)
     }
 }
 
@@ -121,11 +117,7 @@ impl<S: ReadModelStore, P: ReadModel<S>> ReadModelRunner<S, P> {
 impl<S: ReadModelStore, P: ReadModel<S>> Runner for ReadModelRunner<S, P> {
     async fn apply(&mut self, events: &[RecordedEvent], attempt: u32) -> Applied {
         let Some(last) = events.last() else {
-            return Applied {
-                count: 0,
-                error: None,
-                store_failed: false,
-            };
+            return Applied::handled(0, None);
         };
         let mut transaction = match self.store.begin(&self.name, &self.tables).await {
             Ok(transaction) => transaction,
@@ -139,18 +131,10 @@ impl<S: ReadModelStore, P: ReadModel<S>> Runner for ReadModelRunner<S, P> {
         .await;
         match handled {
             Ok(()) => match self.commit(transaction, last.position).await {
-                Ok(()) => Applied {
-                    count: events.len(),
-                    error: None,
-                    store_failed: false,
-                },
+                Ok(()) => Applied::handled(events.len(), None),
                 Err(error) => store_failed(error),
             },
-            Err(error) if events.len() == 1 => Applied {
-                count: 0,
-                error: Some(error),
-                store_failed: false,
-            },
+            Err(error) if events.len() == 1 => Applied::handled(0, Some(error)),
             // Which event failed, and what the ones before it write, takes
             // one event at a time.
             Err(_) => {

@@ -27,6 +27,17 @@ pub(crate) struct Applied {
     pub(crate) store_failed: bool,
 }
 
+impl Applied {
+    /// `count` events applied, then a handler's failure (`error`), if any.
+    pub(crate) fn handled(count: usize, error: Option<ProjectionError>) -> Self {
+        Self {
+            count,
+            error,
+            store_failed: false,
+        }
+    }
+}
+
 /// The rest of a checkpoint save, once started: see
 /// [`Runner::start_checkpoint`].
 pub(crate) type SaveCheckpoint = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
@@ -78,11 +89,7 @@ impl<P: Projection> PlainRunner<P> {
 impl<P: Projection> Runner for PlainRunner<P> {
     async fn apply(&mut self, events: &[RecordedEvent], attempt: u32) -> Applied {
         let Some(last) = events.last() else {
-            return Applied {
-                count: 0,
-                error: None,
-                store_failed: false,
-            };
+            return Applied::handled(0, None);
         };
         // One call per batch: the projection decides how to go through it.
         let context = ProjectionContext::new(Arc::clone(&self.name), last.position, attempt);
@@ -93,11 +100,7 @@ impl<P: Projection> Runner for PlainRunner<P> {
                 Ok(Err(failure)) => (failure.applied.min(events.len() - 1), Some(failure.error)),
                 Err(panic) => (0, Some(ProjectionError::Panicked(panic_message(&*panic)))),
             };
-        Applied {
-            count,
-            error,
-            store_failed: false,
-        }
+        Applied::handled(count, error)
     }
 
     async fn start_checkpoint(&mut self, position: Position) -> Result<SaveCheckpoint, StoreError> {

@@ -136,7 +136,7 @@ impl PostgresConfig {
         self
     }
 
-    /// Checks the settings [`PostgresStore::open`](crate::PostgresStore::open)
+    /// Checks the settings [`PostgresStore::open`](crate::store::PostgresStore::open)
     /// needs: the schema name's syntax and every size, count and interval at
     /// least 1.
     ///
