@@ -727,7 +727,7 @@ mod tests {
 
     #[test]
     fn pending_bound_and_close() {
-        let slot = Arc::new(Slot::new());
+        let slot = Arc::new(Slot::new(0));
         let first = slot.try_acquire(2).unwrap();
         let second = slot.try_acquire(2).unwrap();
         assert_eq!(slot.try_acquire(2).unwrap_err(), Refused::Overloaded);
