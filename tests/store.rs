@@ -1,6 +1,7 @@
 //! The store's tests, one binary (one link step) for the area: the
 //! conformance suite on every backend (`backends`), concurrency, reopening,
-//! limits, decoders fed damaged records, damaged files, and a model check.
+//! limits, decoders fed damaged records, damaged files, a model check, and
+//! the refusal to open a log shorter than it acknowledged.
 
 mod common;
 #[macro_use]
@@ -10,6 +11,8 @@ mod conformance;
 mod outside_store;
 mod pg_support;
 
+#[path = "store/acknowledged.rs"]
+mod acknowledged;
 #[path = "store/backends.rs"]
 mod backends;
 #[path = "store/concurrency.rs"]

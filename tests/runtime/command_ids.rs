@@ -5,9 +5,8 @@
 //! for another command is a typed error with nothing stored. On memory,
 //! sled and PostgreSQL.
 
-mod common;
-#[path = "pg_support/mod.rs"]
-mod pg_support;
+use crate::common;
+use crate::pg_support;
 
 use std::sync::Arc;
 

@@ -9,7 +9,7 @@
 //!
 //! `ANNALS_IDLE_CASES=N` runs N property cases (default 32, a few seconds).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
