@@ -337,7 +337,7 @@ async fn many_tasks_hammering_activation_passivation_and_commands() {
             })
         })
         .collect();
-    let mut expected = vec![0u64; IDS];
+    let mut expected = [0u64; IDS];
     let mut stored = IDS as u64;
     for task in tasks {
         let (deposited, commands) = task.await.unwrap();
