@@ -161,18 +161,41 @@ fn workflow_crash_cycles() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let path = dir.path().to_str().unwrap().to_owned();
     let orders = cycles * ORDERS_PER_CYCLE;
+    // A hang (an instance that never finishes) fails with the stuck
+    // instances and what the log holds for them, instead of blocking CI.
+    let deadline = Duration::from_secs(
+        std::env::var("ANNALS_WORKFLOW_CRASH_DEADLINE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(180),
+    );
     let (checked, status) = runtime.block_on(async move {
-        let runtime = run_child(&path, cycles.saturating_sub(1)).await;
+        let runtime = tokio::time::timeout(deadline, run_child(&path, cycles.saturating_sub(1)))
+            .await
+            .unwrap_or_else(|_| panic!("the last run did not place its orders within {deadline:?}"));
         let workflow = runtime.workflow("fulfilment").expect("running");
-        let status = loop {
-            let status = workflow
-                .wait_for(runtime.store().head_position(), Duration::from_secs(60))
-                .await
-                .expect("the workflow catches up");
-            if status.running == 0 && status.completed as u64 >= orders {
-                break status;
+        let finished = tokio::time::timeout(deadline, async {
+            loop {
+                let status = workflow
+                    .wait_for(runtime.store().head_position(), deadline)
+                    .await
+                    .expect("the workflow catches up");
+                if status.running == 0 && status.completed as u64 >= orders {
+                    break status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        })
+        .await;
+        let status = match finished {
+            Ok(status) => status,
+            Err(_) => {
+                let report = stuck_report(&**runtime.store()).await;
+                panic!(
+                    "the workflow did not finish within {deadline:?}: {:?}\nstuck instances:\n{report}",
+                    workflow.status()
+                );
+            }
         };
         let checked = check(&**runtime.store()).await;
         runtime.shutdown().await.unwrap();
@@ -201,4 +224,66 @@ fn workflow_crash_cycles() {
         checked.shipped > 0 && checked.cancelled > 0,
         "both paths ran: {checked:?}"
     );
+}
+
+/// For a hang: each order neither shipped nor cancelled, with the events of
+/// its order, payment and fulfilment streams (for a step: whether it
+/// answered a timer, i.e. its causation is itself, and its position).
+async fn stuck_report(store: &dyn EventStore) -> String {
+    use annals::store::{EventFilter, ReadDirection};
+    use annals::{Position, StreamId, Version};
+    use std::collections::BTreeMap;
+    let mut orders: BTreeMap<String, fulfilment_domain::Order> = BTreeMap::new();
+    let mut from = Position(1);
+    loop {
+        let page = store
+            .read_all(
+                from,
+                ReadDirection::Forward,
+                4096,
+                &EventFilter::Category("order".to_owned()),
+            )
+            .await
+            .expect("read the log");
+        let Some(last) = page.last().map(|e| e.position) else {
+            break;
+        };
+        for event in &page {
+            let id = event
+                .stream_id
+                .as_str()
+                .split_once('-')
+                .unwrap()
+                .1
+                .to_owned();
+            let decoded: fulfilment_domain::OrderEvent =
+                annals::codec::decode_event(event).expect("order event");
+            annals::Aggregate::apply(orders.entry(id).or_default(), &decoded);
+        }
+        from = last.next();
+    }
+    let checkpoint = store
+        .load_checkpoint("workflow:fulfilment")
+        .await
+        .ok()
+        .flatten();
+    let mut out = format!("checkpoint {checkpoint:?}\n");
+    for (id, order) in orders.iter().filter(|(_, o)| !o.shipped && !o.cancelled) {
+        out.push_str(&format!("{id}: {order:?}\n"));
+        for category in ["order", "payment", "fulfilment"] {
+            let stream = StreamId::for_aggregate(category, id).unwrap();
+            let events = store
+                .read_stream(&stream, Version(1), ReadDirection::Forward, 1000)
+                .await
+                .unwrap_or_default();
+            for event in events {
+                let timer = event.metadata.causation_id == Some(event.event_id);
+                out.push_str(&format!(
+                    "  {category} v{} at {} {} timer_step={timer}\n",
+                    event.version.0, event.position.0, event.event_type
+                ));
+            }
+        }
+    }
+    out
 }

@@ -280,6 +280,10 @@ struct Instance<C> {
     steps: HashMap<Uuid, Vec<C>>,
     timers: BTreeMap<String, u64>,
     status: StepStatus,
+    /// Recorded timer steps whose commands may not all have been sent:
+    /// unlike an event, a fired timer is not read again from the log
+    /// (its step removed it), so these are resent before anything else.
+    resume: Vec<Uuid>,
 }
 
 impl<C: serde::de::DeserializeOwned> Instance<C> {
@@ -293,6 +297,7 @@ impl<C: serde::de::DeserializeOwned> Instance<C> {
             steps: HashMap::new(),
             timers: BTreeMap::new(),
             status: StepStatus::Running,
+            resume: Vec::new(),
         })
     }
 
@@ -479,7 +484,10 @@ impl<P: ProcessManager> Context<P> {
             // the step is not there, it was decided on a stale state: the
             // page is run again, on the reloaded instance.
             Ok(_) | Err(AppendError::WrongExpectedVersion { .. }) => {
-                *instance = load_instance::<P>(&*self.store, &instance.id).await?;
+                let mut reloaded = load_instance::<P>(&*self.store, &instance.id).await?;
+                // Known only in memory: the timer steps still to resend.
+                reloaded.resume = std::mem::take(&mut instance.resume);
+                *instance = reloaded;
                 if instance.steps.contains_key(&step) {
                     Ok(())
                 } else {
@@ -610,6 +618,13 @@ fn apply_event<C: serde::de::DeserializeOwned>(
     instance.apply(event.event_id, event.version, record)
 }
 
+/// Whether a recorded step answered a timer: its causation is itself
+/// (an event's step is caused by the event, a refusal's by its step's
+/// cause).
+fn is_timer_step(event: &RecordedEvent) -> bool {
+    event.metadata.causation_id == Some(event.event_id)
+}
+
 fn read_error(error: crate::error::ReadError) -> StoreError {
     match error {
         crate::error::ReadError::Store(error) => error,
@@ -674,6 +689,13 @@ pub(crate) async fn start<P: ProcessManager>(
             }
             if let Some(instance) = instances.get_mut(&id) {
                 apply_event(instance, event)?;
+                // A timer step (its causation is itself) recorded after
+                // the checkpoint may have been cut before its commands
+                // were all sent: the driver sends them before reading on
+                // (again, with the same command ids, for the ones sent).
+                if event.position > position && is_timer_step(event) {
+                    instance.resume.push(event.event_id);
+                }
             }
         }
         from = last.next();
@@ -709,10 +731,14 @@ pub(crate) async fn start<P: ProcessManager>(
         position,
         instances,
         timers: BTreeSet::new(),
+        resume: BTreeSet::new(),
     };
     for (id, instance) in &driver.instances {
         for (name, due) in &instance.timers {
             driver.timers.insert((*due, id.clone(), name.clone()));
+        }
+        if !instance.resume.is_empty() {
+            driver.resume.insert(id.clone());
         }
     }
     // The status is right from the start: instances and pending timers.
@@ -731,12 +757,16 @@ struct Driver<P: ProcessManager> {
     instances: Instances<P::Command>,
     /// Pending timers: (due, instance, name).
     timers: BTreeSet<(u64, String, String)>,
+    /// Instances with timer steps to resend ([`Instance::resume`]).
+    resume: BTreeSet<String>,
 }
 
 /// One unit of work for an instance.
 enum Work {
     Events(Vec<RecordedEvent>),
     Timers(Vec<(u64, String)>),
+    /// Resend the commands of recorded timer steps ([`Instance::resume`]).
+    Resume,
 }
 
 impl<P: ProcessManager> Driver<P> {
@@ -747,6 +777,29 @@ impl<P: ProcessManager> Driver<P> {
         loop {
             if *stop.borrow() {
                 break;
+            }
+            // Fired timers' steps not fully sent come before anything
+            // else: the checkpoint must not pass them while they are
+            // unsent, or a crash would lose their commands.
+            if !self.resume.is_empty() {
+                let work = self
+                    .resume
+                    .iter()
+                    .map(|id| (id.clone(), Work::Resume))
+                    .collect();
+                if let Err(error) = self.process(work).await {
+                    if matches!(error, Interrupted::Stopping) {
+                        break;
+                    }
+                    warn!(
+                        workflow = P::NAME,
+                        ?error,
+                        "timer steps not resent; retrying"
+                    );
+                    tokio::time::sleep(backoff).await;
+                }
+                self.publish(WorkflowState::Running);
+                continue;
             }
             // Due timers first: they are part of the instances' inputs.
             let now = self.context.clock.now();
@@ -891,6 +944,11 @@ impl<P: ProcessManager> Driver<P> {
                 self.timers
                     .insert((*due, instance.id.clone(), name.clone()));
             }
+            if instance.resume.is_empty() {
+                self.resume.remove(&instance.id);
+            } else {
+                self.resume.insert(instance.id.clone());
+            }
             if result.is_ok() {
                 result = outcome;
             }
@@ -952,8 +1010,26 @@ impl<P: ProcessManager> Context<P> {
                         name.as_bytes(),
                         &due.to_be_bytes(),
                     ]);
+                    // Remembered until its commands are all sent: an
+                    // interruption after the step is recorded (it removes
+                    // the timer) leaves them to be resent.
+                    instance.resume.push(step);
                     self.run(instance, step, step, Owned::Timer { name })
                         .await?;
+                    instance.resume.retain(|resumed| *resumed != step);
+                }
+            }
+            Work::Resume => {
+                while let Some(&step) = instance.resume.first() {
+                    // Only a recorded step is resent; one never recorded
+                    // is decided when its timer fires (it is still set).
+                    if instance.steps.contains_key(&step) {
+                        let input = Owned::Timer {
+                            name: String::new(),
+                        };
+                        self.run(instance, step, step, input).await?;
+                    }
+                    instance.resume.retain(|resumed| *resumed != step);
                 }
             }
         }
