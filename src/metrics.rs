@@ -775,7 +775,6 @@ impl RelayMetrics {
 /// The handles of one process manager (label `process`), for the workflow
 /// layer: made once when the process manager starts, then one call per
 /// event, command or timer.
-#[allow(dead_code)] // wired by the process managers (issue 12)
 pub(crate) struct ProcessMetrics {
     instances: Gauge,
     events: Counter,
@@ -792,7 +791,6 @@ impl fmt::Debug for ProcessMetrics {
     }
 }
 
-#[allow(dead_code)] // wired by the process managers (issue 12)
 impl ProcessMetrics {
     pub(crate) fn new(name: &str) -> Self {
         let one = || labels(LABEL_PROCESS, name.to_owned());
@@ -823,11 +821,12 @@ impl ProcessMetrics {
     }
 
     /// A command sent: committed, refused by the domain, or failed otherwise.
-    pub(crate) fn command<T, E: std::error::Error>(&self, result: &Result<T, CommandError<E>>) {
-        match result {
-            Ok(_) => &self.committed,
-            Err(CommandError::Domain(_)) => &self.refused,
-            Err(_) => &self.error,
+    pub(crate) fn command(&self, sent: &crate::workflow::Sent) {
+        use crate::workflow::Sent;
+        match sent {
+            Sent::Done => &self.committed,
+            Sent::Refused(_) => &self.refused,
+            Sent::Failed(_) => &self.error,
         }
         .increment(1);
     }

@@ -7,6 +7,9 @@
 //! projection names, and only one uses the sled store (label
 //! `backend="sled"`).
 
+#[path = "../examples/fulfilment_domain/mod.rs"]
+mod fulfilment_domain;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -506,9 +509,11 @@ async fn passivation_and_recovery_with_its_replay_length() {
     category!(Idle, "meteredidle");
     type M = Meter<Idle>;
     let _ = recorder();
+    // No warm idle state: the second command must recover from the store.
     let config = RuntimeConfig::builder()
         .idle_timeout(Duration::from_millis(20))
         .snapshot_every(0)
+        .max_idle_aggregates(0)
         .build()
         .unwrap();
     let runtime = Runtime::new(Arc::new(MemoryStore::new()), config);
@@ -792,4 +797,66 @@ impl EventStore for Interfering {
     async fn shutdown(&self) -> Result<(), annals::StoreError> {
         self.inner.shutdown().await
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_manager_events_commands_and_instances_are_recorded() {
+    use annals::workflow::WorkflowConfig;
+    use fulfilment_domain::{order_of, Fulfil, Order, Stock, StockCommand};
+    let _ = recorder();
+    let runtime = Runtime::new(Arc::new(MemoryStore::new()), RuntimeConfig::default());
+    let stock = runtime.aggregates::<Stock>();
+    for sku in 0..5 {
+        let restock = StockCommand::Restock { quantity: 20 };
+        stock.execute(&format!("s{sku}"), restock).await.unwrap();
+    }
+    let workflow = runtime
+        .start_workflow(
+            Fulfil::new(&runtime, Duration::from_millis(100)),
+            WorkflowConfig::default(),
+        )
+        .await
+        .unwrap();
+    let orders = runtime.aggregates::<Order>();
+    for n in 0..40 {
+        let (id, place) = order_of(n, 5);
+        orders.execute(&id, place).await.unwrap();
+    }
+    // Waits (no time bound on the result) for every instance to end.
+    for round in 0.. {
+        assert!(round < 12_000, "the workflow never settled");
+        let status = workflow.status();
+        if status.running == 0 && status.completed >= 40 && status.pending_timers == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let name = workflow.name().to_owned();
+    let process = (names::LABEL_PROCESS, name.as_str());
+    let recorded = Recorded::take();
+    let events = recorded.counter(names::PROCESS_EVENTS_TOTAL, &[process]);
+    assert!(
+        events >= 40,
+        "at least each placed order was handled: {events}"
+    );
+    let outcome = |outcome| {
+        recorded.counter(
+            names::PROCESS_COMMANDS_TOTAL,
+            &[process, (names::LABEL_OUTCOME, outcome)],
+        )
+    };
+    assert!(
+        outcome("committed") >= 40,
+        "commands sent: {}",
+        outcome("committed")
+    );
+    assert_eq!(outcome("error"), 0);
+    // Set before each status is published: the status seen above (nothing
+    // runs, no timer waits) was already in the gauges.
+    assert_eq!(recorded.gauge(names::PROCESS_INSTANCES, &[process]), 0.0);
+    assert_eq!(
+        recorded.gauge(names::PROCESS_TIMERS_PENDING, &[process]),
+        0.0
+    );
+    runtime.shutdown().await.unwrap();
 }

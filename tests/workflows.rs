@@ -6,6 +6,9 @@
 
 #[path = "../examples/fulfilment_domain/mod.rs"]
 mod fulfilment_domain;
+// A fired timer's step re-sent after a restart; its own file, one binary.
+#[path = "workflow/resume.rs"]
+mod resume;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

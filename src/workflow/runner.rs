@@ -370,6 +370,7 @@ struct Context<P> {
     config: WorkflowConfig,
     clock: Clock,
     stop: watch::Receiver<bool>,
+    metrics: crate::metrics::ProcessMetrics,
 }
 
 type Step<'a> = Pin<Box<dyn std::future::Future<Output = Result<(), Interrupted>> + Send + 'a>>;
@@ -541,7 +542,9 @@ impl<P: ProcessManager> Context<P> {
             let mut attempt = 0u32;
             loop {
                 attempt += 1;
-                match self.manager.send(command.clone(), context.clone()).await {
+                let sent = self.manager.send(command.clone(), context.clone()).await;
+                self.metrics.command(&sent);
+                match sent {
                     Sent::Done => break,
                     Sent::Refused(reason) => {
                         debug!(workflow = P::NAME, instance = %instance.id, ?command, %reason, "command refused");
@@ -723,6 +726,7 @@ pub(crate) async fn start<P: ProcessManager>(
         config,
         clock: Clock::new(),
         stop: stop_seen,
+        metrics: crate::metrics::ProcessMetrics::new(P::NAME),
     });
     let mut driver = Driver {
         context,
@@ -977,6 +981,9 @@ impl<P: ProcessManager> Driver<P> {
             }
         }
         status.failed.sort();
+        let metrics = &self.context.metrics;
+        metrics.instances(status.running);
+        metrics.timers_pending(status.pending_timers);
         self.shared.status.send_replace(status);
     }
 }
@@ -995,6 +1002,7 @@ impl<P: ProcessManager> Context<P> {
                     let causation = event.event_id;
                     self.run(instance, step, causation, Owned::Event(event))
                         .await?;
+                    self.metrics.event_handled();
                 }
             }
             Work::Timers(timers) => {
@@ -1014,6 +1022,7 @@ impl<P: ProcessManager> Context<P> {
                     // interruption after the step is recorded (it removes
                     // the timer) leaves them to be resent.
                     instance.resume.push(step);
+                    self.metrics.timer_fired();
                     self.run(instance, step, step, Owned::Timer { name })
                         .await?;
                     instance.resume.retain(|resumed| *resumed != step);
