@@ -172,7 +172,8 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, ReadError>;
 
     /// Stops accepting writes, finishes the queued ones and flushes. Later
-    /// appends and snapshot writes fail with [`StoreError::Closed`]; later
+    /// appends, snapshot writes and checkpoint saves fail with
+    /// [`StoreError::Closed`]; later
     /// reads either still work or fail with
     /// [`StoreError::Closed`], depending on the backend (the sled store
     /// releases its files, so its reads fail). The live feed ends after the

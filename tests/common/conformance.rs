@@ -116,6 +116,7 @@ macro_rules! conformance_suite {
             a_snapshot_never_replaces_a_newer_one,
             snapshots_are_refused_after_shutdown,
             checkpoints,
+            checkpoints_are_refused_after_shutdown,
             live_feed_delivers_commits_in_position_order,
             lagging_subscriber_never_blocks_appends,
             metadata_round_trips,
@@ -1371,6 +1372,26 @@ pub(crate) mod cases {
             Ok(loaded) => assert_eq!(loaded, Some(snapshot)),
             Err(ReadError::Store(StoreError::Closed)) => {}
             Err(other) => panic!("expected the snapshot or Closed after shutdown, got {other:?}"),
+        }
+    }
+
+    pub(crate) async fn checkpoints_are_refused_after_shutdown(open: Open) {
+        let backend = open(Limits::default()).await;
+        let store = &*backend.store;
+        store
+            .save_checkpoint("closed-view", Position(0))
+            .await
+            .unwrap();
+        store.shutdown().await.unwrap();
+        match store.save_checkpoint("closed-view", Position(7)).await {
+            Err(StoreError::Closed) => {}
+            other => panic!("expected Closed for a checkpoint saved after shutdown, got {other:?}"),
+        }
+        // A read still sees the old position, or is Closed (sled).
+        match store.load_checkpoint("closed-view").await {
+            Ok(loaded) => assert_eq!(loaded, Some(Position(0))),
+            Err(ReadError::Store(StoreError::Closed)) => {}
+            Err(other) => panic!("expected the checkpoint or Closed after shutdown, got {other:?}"),
         }
     }
 

@@ -574,6 +574,8 @@ impl EventStore for PostgresStore {
 
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         validate_checkpoint_name(name)?;
+        // Refused after shutdown, as every backend does (the contract).
+        self.refuse_if_closed()?;
         let shared = Arc::clone(&self.shared);
         let name = name.to_owned();
         self.run(async move {
@@ -634,8 +636,9 @@ impl EventStore for PostgresStore {
     }
 
     /// Lets the writer commit what was queued before this call, then refuses
-    /// appends and snapshot writes ([`StoreError::Closed`]) and ends the
-    /// live feed. Reads and checkpoints still work. Every acknowledged
+    /// appends, snapshot writes and checkpoint saves
+    /// ([`StoreError::Closed`]) and ends the live feed. Reads still work.
+    /// Every acknowledged
     /// append is committed; nothing needs flushing.
     async fn shutdown(&self) -> Result<(), StoreError> {
         let (reply, done) = oneshot::channel();
