@@ -43,6 +43,41 @@ pub(super) struct StoredRecord<'a> {
     pub(super) payload: &'a [u8],
 }
 
+/// Encodes `event` as its `E` record, byte for byte what the writer stores
+/// for an append and the offline import stores for an exported event.
+pub(super) fn encode_record(event: &RecordedEvent) -> Result<Vec<u8>, StoreError> {
+    let record = StoredRecord {
+        event_id: event.event_id,
+        stream: event.stream_id.as_str().as_bytes(),
+        version: event.version.0,
+        event_type: event.event_type.as_bytes(),
+        schema_version: event.schema_version,
+        recorded_at_micros: event.recorded_at_micros,
+        correlation_id: event.metadata.correlation_id,
+        causation_id: event.metadata.causation_id,
+        extra: event
+            .metadata
+            .extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        payload: &event.payload,
+    };
+    postcard::to_stdvec(&record).map_err(|e| corrupt(format!("cannot encode an event: {e}")))
+}
+
+/// Stages `event`'s record (`record`, from [`encode_record`]) and its two
+/// index entries in `batch`: the three keys every stored event has.
+pub(super) fn stage_event(batch: &mut sled::Batch, event: &RecordedEvent, record: Vec<u8>) {
+    let position = event.position.0.to_be_bytes();
+    batch.insert(&event_key(event.position.0), record);
+    batch.insert(
+        stream_key(event.stream_id.as_str(), event.version.0),
+        &position,
+    );
+    batch.insert(&id_key(event.event_id), &position);
+}
+
 #[derive(Serialize, Deserialize)]
 pub(super) struct StoredSnapshot<'a> {
     pub(super) version: u64,

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use super::durability::Syncer;
 use super::format::{
-    decode_record, decode_u64, event_key, id_key, stream_head, stream_key, RecordDecoder,
-    StoredRecord, StoredSnapshot, EVENT, EVENT_ID, META_HEAD, STREAM,
+    decode_record, decode_u64, encode_record, event_key, id_key, stage_event, stream_head,
+    stream_key, RecordDecoder, StoredSnapshot, EVENT, EVENT_ID, META_HEAD, STREAM,
 };
 use super::{check_format, check_path, open_error, sled_error, wait_for_release, Counters};
 use super::{Durability, SledStore};
@@ -432,32 +432,7 @@ impl SledLoader {
         )?;
         let mut batch = sled::Batch::default();
         for event in events {
-            let record = StoredRecord {
-                event_id: event.event_id,
-                stream: event.stream_id.as_str().as_bytes(),
-                version: event.version.0,
-                event_type: event.event_type.as_bytes(),
-                schema_version: event.schema_version,
-                recorded_at_micros: event.recorded_at_micros,
-                correlation_id: event.metadata.correlation_id,
-                causation_id: event.metadata.causation_id,
-                extra: event
-                    .metadata
-                    .extra
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect(),
-                payload: &event.payload,
-            };
-            let bytes = postcard::to_stdvec(&record)
-                .map_err(|e| StoreError::Corrupt(format!("cannot encode an event: {e}")))?;
-            let position = event.position.0.to_be_bytes();
-            batch.insert(&event_key(event.position.0), bytes);
-            batch.insert(
-                stream_key(event.stream_id.as_str(), event.version.0),
-                &position,
-            );
-            batch.insert(&id_key(event.event_id), &position);
+            stage_event(&mut batch, event, encode_record(event)?);
         }
         let Some(last) = events.last() else {
             return Ok(());

@@ -16,8 +16,8 @@ use uuid::Uuid;
 use super::ack_mark::AckMark;
 use super::durability::Syncer;
 use super::format::{
-    corrupt, decode_record, decode_u64, event_key, id_key, record_utf8, stream_head, stream_key,
-    StoredRecord, META_HEAD,
+    corrupt, decode_record, decode_u64, encode_record, event_key, id_key, record_utf8, stage_event,
+    stream_head, META_HEAD,
 };
 use super::{sled_error, Durability};
 use crate::error::{AppendError, StoreError};
@@ -332,60 +332,39 @@ impl Writer {
         }
         let first_position = *pending.next_position;
         let count = events.len() as u64;
-        // Encode every record before staging any, so that a failure leaves
-        // nothing of this append in the group's batch (I4).
-        let mut encoded = Vec::with_capacity(events.len());
-        for (offset, event) in events.iter().enumerate() {
-            let record = StoredRecord {
-                event_id: event.event_id,
-                stream: stream.as_str().as_bytes(),
-                version: actual + 1 + offset as u64,
-                event_type: event.event_type.as_bytes(),
-                schema_version: event.schema_version,
-                recorded_at_micros: pending.recorded_at_micros,
-                correlation_id: event.metadata.correlation_id,
-                causation_id: event.metadata.causation_id,
-                extra: event
-                    .metadata
-                    .extra
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect(),
-                payload: &event.payload,
-            };
-            encoded.push(postcard::to_stdvec(&record).map_err(corrupt)?);
-        }
-        for (offset, (event, bytes)) in events.into_iter().zip(encoded).enumerate() {
-            let version = actual + 1 + offset as u64;
-            let position = first_position + offset as u64;
-            pending.batch.insert(&event_key(position), bytes);
-            pending.batch.insert(
-                stream_key(stream.as_str(), version),
-                &position.to_be_bytes(),
-            );
-            pending
-                .batch
-                .insert(&id_key(event.event_id), &position.to_be_bytes());
-            pending.new_ids.insert(
-                event.event_id,
-                StoredId {
-                    stream: stream.clone(),
-                    version: Version(version),
-                    position: Position(position),
-                },
-            );
-            pending.committed.push(RecordedEvent {
+        let recorded: Vec<RecordedEvent> = events
+            .into_iter()
+            .zip(0u64..)
+            .map(|(event, offset)| RecordedEvent {
                 event_id: event.event_id,
                 stream_id: stream.clone(),
-                version: Version(version),
-                position: Position(position),
+                version: Version(actual + 1 + offset),
+                position: Position(first_position + offset),
                 event_type: event.event_type,
                 schema_version: event.schema_version,
                 recorded_at_micros: pending.recorded_at_micros,
                 metadata: event.metadata,
                 payload: event.payload,
-            });
+            })
+            .collect();
+        // Encode every record before staging any, so that a failure leaves
+        // nothing of this append in the group's batch (I4).
+        let encoded = recorded
+            .iter()
+            .map(encode_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        for (event, record) in recorded.iter().zip(encoded) {
+            stage_event(pending.batch, event, record);
+            pending.new_ids.insert(
+                event.event_id,
+                StoredId {
+                    stream: stream.clone(),
+                    version: event.version,
+                    position: event.position,
+                },
+            );
         }
+        pending.committed.extend(recorded);
         *pending.next_position += count;
         pending.heads.insert(stream.clone(), actual + count);
         Ok(AppendResult {
