@@ -427,6 +427,25 @@ async fn a_store_open_twice_is_in_use() {
     first.shutdown().await.unwrap();
 }
 
+/// A holder that lets go of the directory shortly after the open starts
+/// (as sled does a few milliseconds after its last handle is dropped, or
+/// a service that is stopping) is waited for: the open succeeds instead of
+/// reporting `InUse`.
+#[tokio::test]
+async fn an_open_waits_for_a_holder_that_is_letting_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    SledStore::open(&path).unwrap().shutdown().await.unwrap();
+    let holder = sled::open(&path).unwrap();
+    let letting_go = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(holder);
+    });
+    let store = SledStore::open(&path).expect("the open waits for the lock to be released");
+    letting_go.join().unwrap();
+    store.shutdown().await.unwrap();
+}
+
 /// Set in the child process of `a_store_open_in_another_process_is_in_use`.
 const CHILD_HOLDER: &str = "ANNALS_TEST_CHILD_HOLDER";
 

@@ -131,7 +131,8 @@ impl SledStore {
     ///
     /// # Errors
     /// [`StoreError::InUse`] when another store (of this process or
-    /// another) has the directory open,
+    /// another) has the directory open and does not close it within half
+    /// a second,
     /// [`StoreError::NotAStore`] when the path holds something else,
     /// [`StoreError::FormatMismatch`] for a store of another format,
     /// [`StoreError::Corrupt`] when the files are damaged,
@@ -157,11 +158,7 @@ impl SledStore {
             // add flushes that nobody waits for.
             Durability::Fsync | Durability::Flush => sled_config.flush_every_ms(None),
         };
-        // sled 0.34 panics on some kinds of damaged files; a damaged store is
-        // an error for the caller, never a panic in their service.
-        let db = catch_unwind(AssertUnwindSafe(|| sled_config.open()))
-            .map_err(|_| corrupt(format_args!("sled panicked opening {}", path.display())))?
-            .map_err(|error| open_error(&path, error))?;
+        let db = open_db(&path, &sled_config)?;
         let log = db.open_tree("log").map_err(sled_error)?;
         let snapshots = db.open_tree("snapshots").map_err(sled_error)?;
         let checkpoints = db.open_tree("checkpoints").map_err(sled_error)?;
@@ -258,6 +255,34 @@ impl SledStore {
     /// [`StoreError`] when the flush fails or the store is shut down.
     pub async fn sync(&self) -> Result<(), StoreError> {
         ask(&self.sender, |reply| WriteRequest::Sync { reply }).await
+    }
+}
+
+/// Opens sled's database at `path` with `config`.
+///
+/// A lock held by a handle that is closing (sled closes its files a few
+/// milliseconds after its last handle is dropped, see [`wait_for_release`])
+/// is waited for, at most [`RELEASE_WAIT`]: a store reopened right after
+/// another was dropped, or the command-line tool run the moment a service
+/// stops, opens instead of failing. A lock still held after that is
+/// [`StoreError::InUse`].
+///
+/// # Errors
+/// [`StoreError::InUse`] as above; [`StoreError::Corrupt`] when sled
+/// panics on damaged files; sled's other errors.
+pub(super) fn open_db(path: &Path, config: &sled::Config) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + RELEASE_WAIT;
+    loop {
+        // sled 0.34 panics on some kinds of damaged files; a damaged store
+        // is an error for the caller, never a panic in their service.
+        let opened = catch_unwind(AssertUnwindSafe(|| config.open()))
+            .map_err(|_| corrupt(format_args!("sled panicked opening {}", path.display())))?;
+        match opened.map_err(|error| open_error(path, error)) {
+            Err(StoreError::InUse { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            other => return other,
+        }
     }
 }
 

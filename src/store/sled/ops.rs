@@ -13,7 +13,7 @@ use super::format::{
     decode_record, decode_u64, encode_record, event_key, id_key, stage_event, stream_head,
     stream_key, RecordDecoder, StoredSnapshot, EVENT, EVENT_ID, META_HEAD, STREAM,
 };
-use super::{check_format, check_path, open_error, sled_error, wait_for_release, Counters};
+use super::{check_format, check_path, open_db, sled_error, wait_for_release, Counters};
 use super::{Durability, SledStore};
 use crate::error::StoreError;
 use crate::event::{EventFilter, Position, RecordedEvent, StreamId};
@@ -370,15 +370,11 @@ impl SledLoader {
     /// open, [`StoreError::FormatMismatch`], [`StoreError::NotAStore`], ...
     pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
         check_path(path)?;
-        let db = std::panic::catch_unwind(|| {
-            sled::Config::new()
-                .path(path)
-                .mode(sled::Mode::HighThroughput)
-                .flush_every_ms(None)
-                .open()
-        })
-        .map_err(|_| StoreError::Corrupt(format!("sled panicked opening {}", path.display())))?
-        .map_err(|error| open_error(path, error))?;
+        let config = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None);
+        let db = open_db(path, &config)?;
         let log = db.open_tree("log").map_err(sled_error)?;
         db.open_tree("snapshots").map_err(sled_error)?;
         db.open_tree("checkpoints").map_err(sled_error)?;
