@@ -13,11 +13,17 @@
 //! million with `--10m`).
 //!
 //! ```text
-//! cargo run --release --example throughput            # two to three minutes
+//! cargo run --release --example throughput            # a minute (idle 2 cores)
 //! cargo run --release --example throughput -- --quick # a tenth of it
 //! cargo run --release --example throughput -- --10m   # + a 10M-event store (~4 GB)
 //! ANNALS_THROUGHPUT_SCALE=3 cargo run --release --example throughput
+//! cargo run --release --example throughput -- --catchup-only # the reads alone
 //! ```
+//!
+//! `--catchup-only` runs only the million-event store's figures (catch-up,
+//! decoding the records from memory, SQLite's scan) in a fresh process,
+//! nothing before them: a comparison of two builds' read paths that the
+//! allocator's history after the command runs cannot tilt.
 //!
 //! Without `--10m`, `open_ms_10m_events` is not printed and
 //! `rss_bytes_per_stored_event` is measured while writing the million-event
@@ -807,6 +813,23 @@ async fn rss_per_aggregate(count: usize) -> Result<f64> {
 /// project, format 2): the target is twice it.
 const ISSUE_14_COMMANDS_10000: f64 = 47_900.0;
 
+/// The `--catchup-only` run: the big store's read figures alone.
+async fn catchup_only(scale: &Scale) -> Result<()> {
+    let store = big_store(scale.open_events).await?;
+    let decode_per_s = records::decode_rate(&store.records)?;
+    drop(store.records);
+    let events = scale.open_events;
+    let sqlite_scan_per_s = tokio::task::spawn_blocking(move || sqlite_scan(events)).await??;
+    println!("catchup_events_per_s: {:.0}", store.catchup_per_s);
+    println!("decode_events_per_s: {decode_per_s:.0}");
+    println!("sqlite_scan_events_per_s: {sqlite_scan_per_s:.0}");
+    println!(
+        "ratio_to_sqlite_scan: {:.2}",
+        store.catchup_per_s / sqlite_scan_per_s
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let scale = Scale::from_env()?;
@@ -815,6 +838,10 @@ async fn main() -> Result<()> {
     println!("cpus: {cpus}");
     println!("load_average_1min_at_start: {}", common::load_average());
     println!("scale: {}", scale.factor);
+
+    if std::env::args().any(|a| a == "--catchup-only") {
+        return catchup_only(&scale).await;
+    }
 
     // Memory first, while the allocator has no freed memory to reuse.
     let rss = rss_per_aggregate(scale.live_aggregates).await?;
