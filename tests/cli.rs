@@ -243,6 +243,21 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The frames of an export file, as (kind, body), after its 12-byte magic
+/// and format version (the layout of `docs/design.md`, "Export files").
+fn export_frames(file: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    let mut at = 12;
+    while at < file.len() {
+        let kind = file[at];
+        let length = u32::from_be_bytes(file[at + 1..at + 5].try_into().unwrap()) as usize;
+        frames.push((kind, file[at + 5..at + 5 + length].to_vec()));
+        at += 5 + length + 4;
+    }
+    assert_eq!(at, file.len(), "the last frame ends with the file");
+    frames
+}
+
 fn event_key(position: u64) -> Vec<u8> {
     let mut key = vec![b'E'];
     key.extend_from_slice(&position.to_be_bytes());
@@ -484,7 +499,19 @@ async fn exports_and_imports_resume_and_refuse_what_does_not_continue() {
         assert_eq!(resumed[0]["events"], EVENTS);
         let resumed = std::fs::read(&partial).unwrap();
         assert_eq!(resumed.len(), complete.len());
-        // Only the header's creation time may differ.
+        // Only the header's creation time may differ, and with it the
+        // checksums over it: the events' frames are the same bytes, and
+        // so is the trailer but for its whole-file checksum.
+        let (resumed, whole) = (export_frames(&resumed), export_frames(&complete));
+        assert_eq!(resumed.len(), whole.len());
+        assert_eq!(resumed[1..resumed.len() - 1], whole[1..whole.len() - 1]);
+        let (resumed_trailer, whole_trailer) =
+            (&resumed[resumed.len() - 1], &whole[whole.len() - 1]);
+        assert_eq!(resumed_trailer.0, b'T');
+        assert_eq!(
+            resumed_trailer.1[..resumed_trailer.1.len() - 4],
+            whole_trailer.1[..whole_trailer.1.len() - 4]
+        );
         expect(0, &[path_str(&target), "import", path_str(&partial)]);
         expect(0, &[path_str(&target), "verify"]);
         assert_eq!(whole_log(&[path_str(&target)]), whole_log(&[source]));

@@ -55,7 +55,10 @@ struct Header {
 struct Trailer {
     events: u64,
     last_position: u64,
-    file_crc32: u32,
+    /// Big-endian, fixed width: a varint's length would follow the
+    /// checksum's value, so two exports of the same events (whose headers
+    /// differ only in their creation time) could differ in length.
+    file_crc32: [u8; 4],
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -541,7 +544,7 @@ fn scan_file(path: &Path, partial: bool) -> Result<Scanned, OpsError> {
             }
             TRAILER => {
                 let trailer: Trailer = reader.decode(&frame.body)?;
-                if trailer.file_crc32 != frame.crc_before
+                if u32::from_be_bytes(trailer.file_crc32) != frame.crc_before
                     || trailer.events != scanned.events
                     || trailer.last_position != scanned.last_position
                 {
@@ -731,7 +734,7 @@ pub async fn export(
     let trailer = Trailer {
         events,
         last_position: last,
-        file_crc32: writer.crc.clone().finalize(),
+        file_crc32: writer.crc.clone().finalize().to_be_bytes(),
     };
     writer
         .frame(
