@@ -471,14 +471,20 @@ impl ActorMetrics {
         }
     }
 
-    /// The actor recovered, replaying `replayed` events after its snapshot.
+    /// The actor recovered from the store, replaying `replayed` events
+    /// after its snapshot (a start from a warm idle state recovers nothing).
     pub(crate) fn recovered(&self, replayed: u64, took: Duration) {
         let shared = &self.shared;
         shared.recoveries.increment(1);
         shared.recovery_events.record(as_f64(replayed));
         shared.recovery_seconds.record(took);
+    }
+
+    /// The actor started, however it got its state: it counts as live
+    /// until it is dropped.
+    pub(crate) fn started(&self) {
         if !self.live.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            shared.live.increment(1.0);
+            self.shared.live.increment(1.0);
         }
     }
 

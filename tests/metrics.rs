@@ -554,6 +554,45 @@ async fn passivation_and_recovery_with_its_replay_length() {
     runtime.shutdown().await.unwrap();
 }
 
+/// An actor started from a warm idle state (no store read) counts as live
+/// like a recovered one, and its start is not a recovery.
+#[tokio::test]
+async fn an_actor_started_from_a_warm_state_counts_as_live() {
+    category!(Warm, "meteredwarm");
+    type M = Meter<Warm>;
+    let _ = recorder();
+    let config = RuntimeConfig::builder()
+        .idle_timeout(Duration::from_millis(20))
+        .snapshot_every(0)
+        .build()
+        .unwrap();
+    let runtime = Runtime::new(Arc::new(MemoryStore::new()), config);
+    let meters = runtime.aggregates::<M>();
+    meters.execute("w", MeterCommand::Add(3)).await.unwrap();
+    let label = (names::LABEL_AGGREGATE, "meteredwarm");
+    for round in 0.. {
+        assert!(round < 6_000, "the idle actor was never passivated");
+        let recorded = Recorded::take();
+        if recorded.counter(names::AGGREGATE_PASSIVATIONS_TOTAL, &[label]) == 1
+            && recorded.gauge(names::AGGREGATES_LIVE, &[label]) == 0.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The next command starts the actor again from the warm state.
+    meters.execute("w", MeterCommand::Add(3)).await.unwrap();
+    assert!(meters.is_live("w"));
+    let recorded = Recorded::take();
+    assert_eq!(recorded.gauge(names::AGGREGATES_LIVE, &[label]), 1.0);
+    assert_eq!(
+        recorded.counter(names::AGGREGATE_RECOVERIES_TOTAL, &[label]),
+        1,
+        "only the first start read the store"
+    );
+    runtime.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn projection_failures_and_skips_are_counted() {
     let _ = recorder();

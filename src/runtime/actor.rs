@@ -319,6 +319,7 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
             self.settings.idle_timeout,
         );
         let _ = self.unregister.id.set(myself.get_id());
+        self.metrics.started();
         self.slot
             .version
             .store(rebuilt.version.0, std::sync::atomic::Ordering::Release);
