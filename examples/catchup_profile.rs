@@ -67,7 +67,7 @@ pub fn measure_end() {
 }
 
 fn open(path: &Path) -> Result<Arc<SledStore>> {
-    Ok(Arc::new(common::open_when_free(
+    Ok(Arc::new(SledStore::open_with(
         SledStoreConfig::new(path).durability(Durability::Fsync),
     )?))
 }

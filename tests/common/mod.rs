@@ -144,22 +144,11 @@ pub async fn outside_append(
         .unwrap()
 }
 
-/// Opens the sled store at `path`, retrying for up to two seconds while the
-/// directory is still locked: sled 0.34 may finish background writes on its
-/// own thread pool (holding the lock file) a moment after the last handle
-/// to a closed store is dropped.
+/// Opens the sled store at `path` again after its runtime or store was
+/// shut down (which frees the directory; `SledStore::open` also waits for
+/// a lock sled is still releasing).
 pub async fn reopen_sled(path: &std::path::Path) -> annals::SledStore {
-    let mut attempts = 0;
-    loop {
-        match annals::SledStore::open(path) {
-            Ok(store) => return store,
-            Err(annals::StoreError::InUse { .. }) if attempts < 200 => {
-                attempts += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-            Err(error) => panic!("{error}"),
-        }
-    }
+    annals::SledStore::open(path).unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// A [`MemoryStore`] with instruments.

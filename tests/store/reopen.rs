@@ -516,7 +516,18 @@ async fn shutdown_frees_the_directory_while_the_handle_lives() {
         first.save_checkpoint("view", Position(1)).await.unwrap();
         first.shutdown().await.unwrap();
 
-        // No retry: the directory must be free now.
+        // The lock itself, asked the way sled takes it: an open waits for
+        // a lock being released, so only this shows it is free *now*.
+        let db_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path.join("db"))
+            .unwrap();
+        assert!(
+            fs4::FileExt::try_lock(&db_file).is_ok(),
+            "{durability:?}: sled's lock is still held after shutdown returned"
+        );
+        drop(db_file);
         let second = SledStore::open_with(config)
             .unwrap_or_else(|e| panic!("{durability:?}: reopen after shutdown: {e}"));
         let events = whole_stream(&second, &id).await;

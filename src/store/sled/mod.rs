@@ -262,27 +262,28 @@ impl SledStore {
 ///
 /// A lock held by a handle that is closing (sled closes its files a few
 /// milliseconds after its last handle is dropped, see [`wait_for_release`])
-/// is waited for, at most [`RELEASE_WAIT`]: a store reopened right after
-/// another was dropped, or the command-line tool run the moment a service
-/// stops, opens instead of failing. A lock still held after that is
-/// [`StoreError::InUse`].
+/// is waited for, at most [`RELEASE_WAIT`], and the open tried once more: a
+/// store reopened right after another was dropped, or the command-line tool
+/// run the moment a service stops, opens instead of failing. A lock still
+/// held after that is [`StoreError::InUse`].
 ///
 /// # Errors
 /// [`StoreError::InUse`] as above; [`StoreError::Corrupt`] when sled
 /// panics on damaged files; sled's other errors.
 pub(super) fn open_db(path: &Path, config: &sled::Config) -> Result<sled::Db, StoreError> {
-    let deadline = Instant::now() + RELEASE_WAIT;
-    loop {
-        // sled 0.34 panics on some kinds of damaged files; a damaged store
-        // is an error for the caller, never a panic in their service.
-        let opened = catch_unwind(AssertUnwindSafe(|| config.open()))
-            .map_err(|_| corrupt(format_args!("sled panicked opening {}", path.display())))?;
-        match opened.map_err(|error| open_error(path, error)) {
-            Err(StoreError::InUse { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            other => return other,
+    // sled 0.34 panics on some kinds of damaged files; a damaged store is
+    // an error for the caller, never a panic in their service.
+    let open = || {
+        catch_unwind(AssertUnwindSafe(|| config.open()))
+            .map_err(|_| corrupt(format_args!("sled panicked opening {}", path.display())))?
+            .map_err(|error| open_error(path, error))
+    };
+    match open() {
+        Err(StoreError::InUse { .. }) => {
+            wait_for_release(path);
+            open()
         }
+        other => other,
     }
 }
 
