@@ -637,46 +637,6 @@ struct BigStore {
     rss_per_event: f64,
 }
 
-/// Writes `events` counter events at `path` like [`common::fill_bulk`]
-/// (buffered, 1,000 per append, streams `counter-bulk-{k % 1000}`, 4
-/// writers) with sled's cache at the store's default, and returns how much
-/// the process's resident memory grew per event, measured before the store
-/// is closed: what a long-lived writer keeps for the log it wrote.
-async fn fill_measured(path: &Path, events: u64) -> Result<f64> {
-    let store = Arc::new(SledStore::open_with(
-        SledStoreConfig::new(path).durability(Durability::Buffered {
-            flush_every_ms: 1000,
-        }),
-    )?);
-    let before = common::rss_bytes().ok_or("no /proc/self/status")?;
-    let appends = events.div_ceil(1000);
-    let writers = 4u64;
-    let tasks: Vec<_> = (0..writers)
-        .map(|writer| {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move {
-                let mut append = writer;
-                while append < appends {
-                    let n = (events - append * 1000).min(1000);
-                    let stream = StreamId::new(format!("counter-bulk-{}", append % 1000))?;
-                    let batch = (0..n)
-                        .map(|_| encode_event(&CounterEvent::Incremented { by: 1 }))
-                        .collect::<Result<Vec<NewEvent>, _>>()?;
-                    store.append(&stream, ExpectedVersion::Any, batch).await?;
-                    append += writers;
-                }
-                Ok::<(), Box<dyn Error + Send + Sync>>(())
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await??;
-    }
-    let after = common::rss_bytes().ok_or("no /proc/self/status")?;
-    store.shutdown().await?;
-    Ok(after.saturating_sub(before) as f64 / events as f64)
-}
-
 /// The median of three opens of the store at `path`, in ms.
 async fn open_ms(path: &Path) -> Result<f64> {
     let mut opens = Vec::new();
@@ -711,7 +671,7 @@ async fn stored_records(store: &SledStore) -> Result<Vec<Vec<u8>>> {
 async fn big_store(events: u64) -> Result<BigStore> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
-    let rss_per_event = fill_measured(&path, events).await?;
+    let rss_per_event = common::fill_bulk(&path, events).await?;
     let open_ms = open_ms(&path).await?;
 
     let store = open_store(&path, Durability::Fsync)?;
@@ -743,7 +703,7 @@ async fn big_store(events: u64) -> Result<BigStore> {
 async fn huge_store(events: u64) -> Result<(f64, f64)> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
-    let rss_per_event = fill_measured(&path, events).await?;
+    let rss_per_event = common::fill_bulk(&path, events).await?;
     Ok((open_ms(&path).await?, rss_per_event))
 }
 
