@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
+use tracing::warn;
 
 use crate::error::{panic_message, ProjectionError, StoreError};
 use crate::event::{Position, RecordedEvent};
@@ -97,7 +98,18 @@ impl<P: Projection> Runner for PlainRunner<P> {
             match CatchUnwind(pin!(self.projection.handle_batch(events, &context))).await {
                 Ok(Ok(())) => (events.len(), None),
                 // The failing event is one of the batch.
-                Ok(Err(failure)) => (failure.applied.min(events.len() - 1), Some(failure.error)),
+                Ok(Err(failure)) => {
+                    if failure.applied >= events.len() {
+                        // A contract breach of the override: the failing
+                        // event must be one of the batch. The last is taken
+                        // as failing, so it may be handled again.
+                        warn!(projection = %self.name, applied = failure.applied,
+                            batch = events.len(),
+                            "handle_batch failed with an applied count outside its batch; \
+                             retrying its last event");
+                    }
+                    (failure.applied.min(events.len() - 1), Some(failure.error))
+                }
                 Err(panic) => (0, Some(ProjectionError::Panicked(panic_message(&*panic)))),
             };
         Applied::handled(count, error)
