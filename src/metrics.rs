@@ -769,12 +769,20 @@ impl RelayMetrics {
         events: u64,
     ) {
         self.position.set(as_f64(position.0));
-        self.lag.set(as_f64(head.0.saturating_sub(position.0)));
         self.events.increment(events);
+        self.behind(position, head);
     }
 
-    pub(crate) fn failed(&self) {
+    /// A publish failed while the relay stood at `position` and the log at
+    /// `head`: the lag keeps moving while the broker is away, so an alert
+    /// on it fires when it should.
+    pub(crate) fn failed(&self, position: crate::event::Position, head: crate::event::Position) {
+        self.behind(position, head);
         self.failures.increment(1);
+    }
+
+    fn behind(&self, position: crate::event::Position, head: crate::event::Position) {
+        self.lag.set(as_f64(head.0.saturating_sub(position.0)));
     }
 }
 

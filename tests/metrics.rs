@@ -737,6 +737,60 @@ async fn relay_progress_and_lag_are_recorded() {
     store.shutdown().await.unwrap();
 }
 
+/// A broker that is down: every publish fails.
+struct Down;
+
+impl EventSink for Down {
+    type Error = std::io::Error;
+
+    async fn publish(&mut self, _: &[RecordedEvent]) -> Result<(), std::io::Error> {
+        Err(std::io::Error::other("the broker is down"))
+    }
+}
+
+/// While the broker is down the relay's lag gauge shows how far behind it
+/// is (not the last value from before the outage), and failures count.
+#[tokio::test]
+async fn relay_lag_is_recorded_while_the_broker_is_down() {
+    let _ = recorder();
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let stream = StreamId::new("unrelayed-1").unwrap();
+    for n in 0..25 {
+        store
+            .append(&stream, ExpectedVersion::Any, vec![outside_event(n)])
+            .await
+            .unwrap();
+    }
+    let relay = Relay::start(
+        Arc::clone(&store),
+        RelayConfig::new("down-relay")
+            .batch_size(10)
+            .retry_backoff(Duration::from_millis(1), Duration::from_millis(5))
+            .shutdown_timeout(Duration::from_millis(50)),
+        Down,
+    )
+    .await
+    .unwrap();
+    let name = (names::LABEL_RELAY, "down-relay");
+    let mut rounds = 0;
+    let recorded = loop {
+        rounds += 1;
+        assert!(rounds < 6_000, "the relay never reported a failed publish");
+        let recorded = Recorded::take();
+        if recorded.counter(names::RELAY_FAILURES_TOTAL, &[name]) >= 1 {
+            break recorded;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(recorded.gauge(names::RELAY_LAG_EVENTS, &[name]), 25.0);
+    assert_eq!(recorded.counter(names::RELAY_EVENTS_TOTAL, &[name]), 0);
+    assert!(
+        relay.shutdown().await.is_err(),
+        "nothing could be published"
+    );
+    store.shutdown().await.unwrap();
+}
+
 /// A memory store where another writer appends to the stream just before
 /// every append, so that every append conflicts; or, with a gate, where
 /// every append first waits for a permit.

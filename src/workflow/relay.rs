@@ -666,7 +666,8 @@ impl<S: EventSink> Worker<S> {
     }
 
     fn record_error(&self, error: String, state: RelayState) {
-        self.metrics.failed();
+        self.metrics
+            .failed(self.position, self.store.head_position());
         self.status.send_modify(|status| {
             status.last_error = Some(error);
             status.state = state;
