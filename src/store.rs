@@ -227,7 +227,11 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WriterStatus {
-    /// The writer runs and its last write went through.
+    /// The writer runs and takes appends; no failure that makes it refuse
+    /// writes is known. (A PostgreSQL writer whose database is down is
+    /// still `Running`: its next append fails and is retried, not refused
+    /// for good. [`crate::Runtime::health`] reports recent append
+    /// failures beside this.)
     Running,
     /// A write failed: the store refuses every write until it is reopened
     /// (the sled store's poisoned state). Carries the failure.

@@ -50,7 +50,16 @@ fn decode(bytes: &[u8]) -> Option<u64> {
 
 /// The position the mark in `dir` holds, if it has one that decodes.
 pub(super) fn read(dir: &Path) -> Option<u64> {
-    let bytes = std::fs::read(dir.join(FILE_NAME)).ok()?;
+    let bytes = match std::fs::read(dir.join(FILE_NAME)) {
+        Ok(bytes) => bytes,
+        // A store written before the mark existed, or a new one.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e,
+                "the acknowledged mark cannot be read; opening without its check");
+            return None;
+        }
+    };
     let position = decode(&bytes);
     if position.is_none() {
         warn!(dir = %dir.display(), "the acknowledged mark does not decode; ignored");
