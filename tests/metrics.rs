@@ -504,6 +504,21 @@ async fn a_refused_aggregate_type_counts_as_invalid() {
     runtime.shutdown().await.unwrap();
 }
 
+/// Waits (no time bound on the result) until the one actor of `label`'s
+/// type was passivated and dropped.
+async fn passivated(label: (&str, &str)) {
+    for round in 0.. {
+        assert!(round < 6_000, "the idle actor was never passivated");
+        let recorded = Recorded::take();
+        if recorded.counter(names::AGGREGATE_PASSIVATIONS_TOTAL, &[label]) == 1
+            && recorded.gauge(names::AGGREGATES_LIVE, &[label]) == 0.0
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn passivation_and_recovery_with_its_replay_length() {
     category!(Idle, "meteredidle");
@@ -527,18 +542,7 @@ async fn passivation_and_recovery_with_its_replay_length() {
         vec![0.0],
         "the first recovery found no event"
     );
-    // Waits (no time bound on the result) for the idle actor to stop and
-    // be dropped.
-    for round in 0.. {
-        assert!(round < 6_000, "the idle actor was never passivated");
-        let recorded = Recorded::take();
-        if recorded.counter(names::AGGREGATE_PASSIVATIONS_TOTAL, &[label]) == 1
-            && recorded.gauge(names::AGGREGATES_LIVE, &[label]) == 0.0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    passivated(label).await;
     assert!(!meters.is_live("i"));
     assert_eq!(meters.state("i").await.unwrap().value, 14);
     let recorded = Recorded::take();
@@ -570,16 +574,7 @@ async fn an_actor_started_from_a_warm_state_counts_as_live() {
     let meters = runtime.aggregates::<M>();
     meters.execute("w", MeterCommand::Add(3)).await.unwrap();
     let label = (names::LABEL_AGGREGATE, "meteredwarm");
-    for round in 0.. {
-        assert!(round < 6_000, "the idle actor was never passivated");
-        let recorded = Recorded::take();
-        if recorded.counter(names::AGGREGATE_PASSIVATIONS_TOTAL, &[label]) == 1
-            && recorded.gauge(names::AGGREGATES_LIVE, &[label]) == 0.0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    passivated(label).await;
     // The next command starts the actor again from the warm state.
     meters.execute("w", MeterCommand::Add(3)).await.unwrap();
     assert!(meters.is_live("w"));
@@ -707,17 +702,23 @@ impl EventSink for Collect {
     }
 }
 
-#[tokio::test]
-async fn relay_progress_and_lag_are_recorded() {
-    let _ = recorder();
+/// A memory store holding 25 events of `stream`, for a relay to publish.
+async fn store_of_25(stream: &str) -> Arc<dyn EventStore> {
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
-    let stream = StreamId::new("relayed-1").unwrap();
+    let stream = StreamId::new(stream).unwrap();
     for n in 0..25 {
         store
             .append(&stream, ExpectedVersion::Any, vec![outside_event(n)])
             .await
             .unwrap();
     }
+    store
+}
+
+#[tokio::test]
+async fn relay_progress_and_lag_are_recorded() {
+    let _ = recorder();
+    let store = store_of_25("relayed-1").await;
     let published = Arc::new(AtomicU64::new(0));
     let relay = Relay::start(
         Arc::clone(&store),
@@ -753,14 +754,7 @@ impl EventSink for Down {
 #[tokio::test]
 async fn relay_lag_is_recorded_while_the_broker_is_down() {
     let _ = recorder();
-    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
-    let stream = StreamId::new("unrelayed-1").unwrap();
-    for n in 0..25 {
-        store
-            .append(&stream, ExpectedVersion::Any, vec![outside_event(n)])
-            .await
-            .unwrap();
-    }
+    let store = store_of_25("unrelayed-1").await;
     let relay = Relay::start(
         Arc::clone(&store),
         RelayConfig::new("down-relay")
