@@ -33,7 +33,9 @@ pub use self::postgres::{
     POSTGRES_FORMAT_VERSION,
 };
 pub use self::read_model::{FromKey, Key, ReadModelStore, Unordered};
-pub use self::sled::{Durability, SledStore, SledStoreConfig, StoreStats, FORMAT_VERSION};
+pub use self::sled::{
+    Durability, SledStore, SledStoreConfig, StoreStats, UpgradeSummary, FORMAT_VERSION,
+};
 pub use self::sled::{ReadModelBatch, ReadModelView};
 pub use crate::error::{AppendError, BackendError, ReadError, ReadModelError, StoreError};
 pub use crate::event::{

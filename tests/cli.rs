@@ -6,6 +6,8 @@
 //! locked store, a newer format, bad arguments, a missing confirmation)
 //! with exit code 2, a message, and nothing written.
 
+#[path = "common/chunks.rs"]
+mod chunks;
 mod pg_support;
 
 use std::path::Path;
@@ -258,12 +260,6 @@ fn export_frames(file: &[u8]) -> Vec<(u8, Vec<u8>)> {
     frames
 }
 
-fn event_key(position: u64) -> Vec<u8> {
-    let mut key = vec![b'E'];
-    key.extend_from_slice(&position.to_be_bytes());
-    key
-}
-
 fn stream_key(stream: &str, version: u64) -> Vec<u8> {
     let mut key = vec![b'S'];
     key.extend_from_slice(stream.as_bytes());
@@ -296,10 +292,10 @@ async fn verify_passes_a_sound_store_and_reports_each_kind_of_damage() {
     assert_eq!(summary.last().unwrap()["index_entries"], 2 * EVENTS);
 
     // A gap: position 5 (customer-1 version 1... whichever it is) removed
-    // with its index entries, as a lost write would leave it.
+    // without its index entries, as a lost write would leave it.
     let gap = dir.path().join("gap");
     damaged_copy(&sound, &gap, |log| {
-        log.remove(event_key(5)).unwrap();
+        chunks::rewrite_records(log, |position, record| (position != 5).then_some(record));
     });
     let output = expect(1, &[path_str(&gap), "verify"]);
     assert!(
@@ -338,7 +334,9 @@ async fn verify_passes_a_sound_store_and_reports_each_kind_of_damage() {
     // A corrupt record: position 7's bytes replaced.
     let corrupt = dir.path().join("corrupt");
     damaged_copy(&sound, &corrupt, |log| {
-        log.insert(event_key(7), &[0xff; 5]).unwrap();
+        chunks::rewrite_records(log, |position, record| {
+            Some(if position == 7 { vec![0xff; 5] } else { record })
+        });
     });
     let output = expect(1, &[path_str(&corrupt), "verify"]);
     assert!(
@@ -739,6 +737,42 @@ async fn a_locked_store_a_newer_format_and_bad_arguments_are_refused_with_code_2
         "{}",
         text(&output.stderr)
     );
+}
+
+/// A store written by the format-2 build (`tests/fixtures/format2`) is
+/// refused with a pointer to `upgrade`, which moves it to format 3 in
+/// place; it then verifies clean, and a second upgrade changes nothing.
+#[test]
+fn upgrade_moves_a_format_2_store_to_this_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    std::fs::create_dir_all(&path).unwrap();
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format2/store"),
+        &path,
+    );
+    let store = path_str(&path);
+    let refused = annals(&[store, "stats"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        text(&refused.stderr).contains("annals <store> upgrade"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let upgraded = expect(0, &[store, "upgrade"]);
+    assert!(
+        upgraded.contains("upgraded 500 events from format 2 to 3"),
+        "{upgraded}"
+    );
+    let report = expect(0, &[store, "verify"]);
+    assert!(report.contains("checked 500 events"), "{report}");
+    assert!(report.contains("no violation"), "{report}");
+    let stats = json_lines(&expect(0, &[store, "--json", "stats"]));
+    assert_eq!(stats[0]["head"], 500);
+    assert_eq!(stats[0]["format_version"], 3);
+    let again = json_lines(&expect(0, &[store, "--json", "upgrade"]));
+    assert_eq!(again[0]["found_format"], 3);
+    assert_eq!(again[0]["chunks_written"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,6 +3,8 @@
 //! limits, decoders fed damaged records, damaged files, a model check, and
 //! the refusal to open a log shorter than it acknowledged.
 
+#[path = "common/chunks.rs"]
+mod chunks;
 mod common;
 #[macro_use]
 #[path = "common/conformance.rs"]

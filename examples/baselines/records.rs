@@ -1,4 +1,4 @@
-//! The sled store's event record (format 2, docs/design.md "Tree `log`"),
+//! The sled store's event record (format 3, docs/design.md "Tree `log`"),
 //! written again here so that the physical baselines work on the very bytes
 //! the store writes: decoding them from memory into the owned
 //! [`RecordedEvent`] a catch-up hands out, and appending them to a plain
@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
-/// The record under `E + position`, field for field.
+/// A record of a chunk, field for field.
 #[derive(Serialize, Deserialize)]
 struct StoredRecord<'a> {
     event_id: Uuid,

@@ -180,9 +180,10 @@ pub(crate) async fn fill_bulk(
 
 /// Plain sled, the floor under a catch-up: opens the shut-down store at
 /// `path` with sled itself (the store's cache size and mode), then touches
-/// the key and value of every `E` record of the log. Returns how many, and
-/// how long the scan took (the opening not counted). sled lets go of the
-/// directory a few milliseconds after this returns, which
+/// the key and value of every chunk of the log (docs/design.md, format 3).
+/// Returns how many events the chunks hold (each chunk's count, its first
+/// four bytes), and how long the scan took (the opening not counted). sled
+/// lets go of the directory a few milliseconds after this returns, which
 /// `SledStore::open` waits for.
 pub(crate) fn scan_log(path: &Path) -> Result<(u64, Duration), sled::Error> {
     let db = sled::Config::new()
@@ -193,10 +194,14 @@ pub(crate) fn scan_log(path: &Path) -> Result<(u64, Duration), sled::Error> {
     let log = db.open_tree("log")?;
     let start = std::time::Instant::now();
     let (mut count, mut bytes) = (0u64, 0usize);
-    for entry in log.scan_prefix([b'E']) {
+    for entry in log.scan_prefix([b'C']) {
         let (key, value) = entry?;
         bytes += key.len() + value.len();
-        count += 1;
+        let events: [u8; 4] = value
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or_default();
+        count += u64::from(u32::from_be_bytes(events));
     }
     let took = start.elapsed();
     std::hint::black_box(bytes);

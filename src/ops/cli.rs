@@ -164,6 +164,9 @@ enum Command {
         /// The export file.
         file: PathBuf,
     },
+    /// Upgrade a sled store of format 2 to this build's format, in place
+    /// (a second run finishes an interrupted upgrade).
+    Upgrade,
     /// List checkpoints, or set or delete one (a projection's, offline).
     Checkpoints {
         #[command(subcommand)]
@@ -258,6 +261,11 @@ fn store_failure(error: StoreError) -> Failure {
             lock_holder(&path)
                 .map(|holder| format!(" by {holder}"))
                 .unwrap_or_default()
+        )),
+        StoreError::FormatMismatch { found: 2, expected } => Failure::refused(format!(
+            "annals: the store has format version 2 (or its upgrade was interrupted); this \
+             annals reads version {expected}. Run `annals <store> upgrade` to upgrade it in \
+             place; nothing was changed."
         )),
         StoreError::FormatMismatch { found, expected } => Failure::refused(format!(
             "annals: the store has format version {found}; this annals reads version {expected}. \
@@ -394,6 +402,9 @@ pub fn main_with(decoders: PayloadDecoders) -> ExitCode {
 async fn run(args: Args, decoders: &PayloadDecoders) -> Result<u8, Failure> {
     if let Command::Import { file } = &args.command {
         return import(&args, file).await;
+    }
+    if let Command::Upgrade = &args.command {
+        return upgrade(&args).await;
     }
     // Confirmation first: nothing is opened for a refused edit.
     if let Command::Checkpoints {
@@ -591,7 +602,7 @@ async fn command(args: &Args, opened: &Opened, decoders: &PayloadDecoders) -> Re
                 )?;
             }
         }
-        Command::Import { .. } => unreachable!("handled before opening"),
+        Command::Import { .. } | Command::Upgrade => unreachable!("handled before opening"),
         Command::Checkpoints { action } => {
             checkpoints(args, store, action.as_ref(), &mut out).await?
         }
@@ -709,6 +720,41 @@ async fn import(args: &Args, file: &Path) -> Result<u8, Failure> {
             summary.last_position,
             summary.already_present,
             summary.head
+        )?;
+    }
+    Ok(0)
+}
+
+async fn upgrade(args: &Args) -> Result<u8, Failure> {
+    if is_postgres(&args.store) {
+        return Err(Failure::refused(
+            "annals: upgrade is for sled stores; a PostgreSQL schema has no other format yet",
+        ));
+    }
+    let path = PathBuf::from(&args.store);
+    let summary = tokio::task::spawn_blocking(move || SledStore::upgrade(path))
+        .await
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("annals: the upgrade stopped: {e}"),
+        })??;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        line(&mut out, &summary)?;
+    } else if summary.found_format == crate::store::FORMAT_VERSION {
+        writeln!(
+            out,
+            "the store is already format {}; nothing was changed",
+            summary.found_format
+        )?;
+    } else {
+        writeln!(
+            out,
+            "upgraded {} events from format {} to {} ({} chunks written)",
+            summary.events,
+            summary.found_format,
+            crate::store::FORMAT_VERSION,
+            summary.chunks_written
         )?;
     }
     Ok(0)

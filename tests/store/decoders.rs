@@ -28,6 +28,8 @@ use proptest::sample::Index;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::chunks::{chunk_key, single_chunk, stored_records};
+
 fn cases() -> u32 {
     std::env::var("ANNALS_FUZZ_CASES")
         .ok()
@@ -304,12 +306,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn event_key(position: u64) -> Vec<u8> {
-    let mut key = vec![b'E'];
-    key.extend_from_slice(&position.to_be_bytes());
-    key
-}
-
 /// The rounds of a batched property: `cases()` cases in batches of `BATCH`.
 fn batched_config() -> ProptestConfig {
     ProptestConfig {
@@ -436,9 +432,8 @@ fn damaged_event_records_are_typed_errors() {
     let mut originals: Vec<Vec<u8>> = Vec::new();
     behind_its_back(&path, |db| {
         let tree = db.open_tree("log").unwrap();
-        originals = (1..=log.len() as u64)
-            .map(|p| tree.get(event_key(p)).unwrap().unwrap().to_vec())
-            .collect();
+        originals = stored_records(&tree);
+        assert_eq!(originals.len(), log.len());
     });
     // Events per block.
     let n = (log.len() / BATCH) as u64;
@@ -479,12 +474,15 @@ fn damaged_event_records_are_typed_errors() {
                     .collect();
                 behind_its_back(&path, |db| {
                     let tree = db.open_tree("log").unwrap();
+                    // One record to a chunk, so that each damaged record
+                    // is alone in its chunk.
                     for (index, original) in originals.iter().enumerate() {
-                        tree.insert(event_key(index as u64 + 1), original.clone())
+                        tree.insert(chunk_key(index as u64 + 1), single_chunk(original))
                             .unwrap();
                     }
                     for (position, (_, bytes)) in damaged.iter().zip(&cases) {
-                        tree.insert(event_key(*position), bytes.clone()).unwrap();
+                        tree.insert(chunk_key(*position), single_chunk(bytes))
+                            .unwrap();
                     }
                 });
                 rt.block_on(async {

@@ -9,17 +9,23 @@ use crate::error::StoreError;
 use crate::event::{EventFilter, Metadata, Position, RecordedEvent, StreamId, Version};
 
 /// The on-disk format this build reads and writes (docs/design.md).
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 // Key prefixes of the `log` tree. One tree, so that one `sled::Batch` commits
-// an append's events, its indexes and the new head atomically.
+// a group's events, their indexes and the new head atomically.
+pub(super) const CHUNK: u8 = b'C';
+/// The prefix of format 2's one-record-per-key log, read only by the
+/// upgrade to format 3.
 pub(super) const EVENT: u8 = b'E';
 pub(super) const STREAM: u8 = b'S';
 pub(super) const EVENT_ID: u8 = b'I';
 pub(super) const META_FORMAT: &[u8] = b"Mformat";
 pub(super) const META_HEAD: &[u8] = b"Mhead";
+/// Present while an upgrade from format 2 is under way (docs/design.md,
+/// "Upgrading a format-2 store").
+pub(super) const META_UPGRADING: &[u8] = b"Mupgrading";
 
-/// An event record as stored under `E + position`. Strings and bytes borrow
+/// An event record, as stored in a chunk (format 2: under `E + position`). Strings and bytes borrow
 /// from the stored value when decoding, so that a filtered scan allocates
 /// only for the events it returns. The stream id and the event type are
 /// (de)serialized as bytes, which postcard encodes exactly as it encodes a
@@ -43,8 +49,8 @@ pub(super) struct StoredRecord<'a> {
     pub(super) payload: &'a [u8],
 }
 
-/// Encodes `event` as its `E` record, byte for byte what the writer stores
-/// for an append and the offline import stores for an exported event.
+/// Encodes `event` as its record, byte for byte what the writer stores in
+/// a chunk for an append and the offline import for an exported event.
 pub(super) fn encode_record(event: &RecordedEvent) -> Result<Vec<u8>, StoreError> {
     let record = StoredRecord {
         event_id: event.event_id,
@@ -66,18 +72,6 @@ pub(super) fn encode_record(event: &RecordedEvent) -> Result<Vec<u8>, StoreError
     postcard::to_stdvec(&record).map_err(|e| corrupt(format!("cannot encode an event: {e}")))
 }
 
-/// Stages `event`'s record (`record`, from [`encode_record`]) and its two
-/// index entries in `batch`: the three keys every stored event has.
-pub(super) fn stage_event(batch: &mut sled::Batch, event: &RecordedEvent, record: Vec<u8>) {
-    let position = event.position.0.to_be_bytes();
-    batch.insert(&event_key(event.position.0), record);
-    batch.insert(
-        stream_key(event.stream_id.as_str(), event.version.0),
-        &position,
-    );
-    batch.insert(&id_key(event.event_id), &position);
-}
-
 #[derive(Serialize, Deserialize)]
 pub(super) struct StoredSnapshot<'a> {
     pub(super) version: u64,
@@ -89,11 +83,203 @@ pub(super) fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
-pub(super) fn event_key(position: u64) -> [u8; 9] {
+/// Records of consecutive positions kept under one `C` key, up to this many
+/// bytes of records (one larger record gets a chunk of its own). sled 0.34
+/// writes a page larger than a quarter of its 512 KiB segments to a blob
+/// file of its own, and a leaf holds up to 17 keys: 4 KiB chunks keep a
+/// full leaf near 70 KiB, inline in the log.
+pub(super) const CHUNK_TARGET_BYTES: usize = 4096;
+
+/// `C + first position`: the key of the chunk whose first event is at
+/// `first`.
+pub(super) fn chunk_key(first: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
-    key[0] = EVENT;
-    key[1..].copy_from_slice(&position.to_be_bytes());
+    key[0] = CHUNK;
+    key[1..].copy_from_slice(&first.to_be_bytes());
     key
+}
+
+/// Encodes one chunk: the record count (u32 BE), each record's end offset
+/// in the record area (u32 BE), then the records.
+pub(super) fn encode_chunk<R: AsRef<[u8]>>(records: &[R]) -> Vec<u8> {
+    let area: usize = records.iter().map(|r| r.as_ref().len()).sum();
+    let mut chunk = Vec::with_capacity(4 + 4 * records.len() + area);
+    chunk.extend_from_slice(&(records.len() as u32).to_be_bytes());
+    let mut end = 0u32;
+    for record in records {
+        end += record.as_ref().len() as u32;
+        chunk.extend_from_slice(&end.to_be_bytes());
+    }
+    for record in records {
+        chunk.extend_from_slice(record.as_ref());
+    }
+    chunk
+}
+
+/// Stages `records`, the encoded events at `first`, `first + 1`, ..., as
+/// chunks of at most [`CHUNK_TARGET_BYTES`] each (a larger record alone);
+/// returns how many.
+pub(super) fn stage_chunks<R: AsRef<[u8]>>(
+    batch: &mut sled::Batch,
+    first: u64,
+    records: &[R],
+) -> usize {
+    let mut chunks = 0;
+    let mut start = 0;
+    let mut bytes = 0;
+    for (index, record) in records.iter().enumerate() {
+        let len = record.as_ref().len();
+        if index > start && bytes + len > CHUNK_TARGET_BYTES {
+            batch.insert(
+                &chunk_key(first + start as u64),
+                encode_chunk(&records[start..index]),
+            );
+            chunks += 1;
+            start = index;
+            bytes = 0;
+        }
+        bytes += len;
+    }
+    if start < records.len() {
+        batch.insert(
+            &chunk_key(first + start as u64),
+            encode_chunk(&records[start..]),
+        );
+        chunks += 1;
+    }
+    chunks
+}
+
+/// Stages the two index entries of a stored event: its stream's and its
+/// id's, each pointing at its position.
+pub(super) fn stage_indexes(batch: &mut sled::Batch, event: &RecordedEvent) {
+    let position = event.position.0.to_be_bytes();
+    batch.insert(
+        stream_key(event.stream_id.as_str(), event.version.0),
+        &position,
+    );
+    batch.insert(&id_key(event.event_id), &position);
+}
+
+/// A stored chunk, its layout checked: the events at `first ..= last()`.
+#[derive(Clone)]
+pub(super) struct Chunk {
+    first: u64,
+    count: usize,
+    bytes: sled::IVec,
+}
+
+impl Chunk {
+    /// Parses the chunk stored under `key` as `bytes`.
+    pub(super) fn parse(key: &[u8], bytes: sled::IVec) -> Result<Self, StoreError> {
+        let first = key
+            .strip_prefix(&[CHUNK])
+            .ok_or_else(|| corrupt("a chunk key without its prefix"))
+            .and_then(decode_u64)?;
+        let bad = |what: &str| corrupt(format_args!("chunk at position {first}: {what}"));
+        let count = bytes
+            .get(..4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+            .ok_or_else(|| bad("shorter than its header"))?;
+        if count == 0 || first == 0 {
+            return Err(bad("empty, or at position 0"));
+        }
+        let area = count
+            .checked_mul(4)
+            .and_then(|table| table.checked_add(4))
+            .filter(|&start| start <= bytes.len())
+            .ok_or_else(|| bad("shorter than its offset table"))?;
+        let chunk = Self {
+            first,
+            count,
+            bytes,
+        };
+        let mut previous = 0;
+        for index in 0..count {
+            let end = chunk.end(index);
+            if end < previous {
+                return Err(bad("offsets out of order"));
+            }
+            previous = end;
+        }
+        if area + previous != chunk.bytes.len() {
+            return Err(bad("its offsets do not end at its length"));
+        }
+        Ok(chunk)
+    }
+
+    /// The position of its first event.
+    pub(super) fn first(&self) -> u64 {
+        self.first
+    }
+
+    /// The position of its last event.
+    pub(super) fn last(&self) -> u64 {
+        self.first + self.count as u64 - 1
+    }
+
+    fn end(&self, index: usize) -> usize {
+        let at = 4 + 4 * index;
+        u32::from_be_bytes(self.bytes[at..at + 4].try_into().expect("4 bytes")) as usize
+    }
+
+    /// The record of the event at `position`, if this chunk holds it.
+    pub(super) fn record(&self, position: u64) -> Option<&[u8]> {
+        let index = usize::try_from(position.checked_sub(self.first)?).ok()?;
+        if index >= self.count {
+            return None;
+        }
+        let area = 4 + 4 * self.count;
+        let start = if index == 0 { 0 } else { self.end(index - 1) };
+        Some(&self.bytes[area + start..area + self.end(index)])
+    }
+}
+
+/// The chunk that holds the event at `position`, if any: one descent of
+/// the tree (the last chunk starting at or before it).
+pub(super) fn chunk_at(log: &sled::Tree, position: u64) -> Result<Option<Chunk>, StoreError> {
+    let found = log
+        .range(chunk_key(0)..=chunk_key(position))
+        .next_back()
+        .transpose()
+        .map_err(super::sled_error)?;
+    match found {
+        None => Ok(None),
+        Some((key, value)) => {
+            let chunk = Chunk::parse(&key, value)?;
+            Ok((chunk.last() >= position).then_some(chunk))
+        }
+    }
+}
+
+/// The stored record of the event at `position`, decoded as a
+/// [`RecordedEvent`] (`None` when no chunk holds it).
+pub(super) fn event_at(
+    log: &sled::Tree,
+    position: u64,
+    decoder: &mut RecordDecoder,
+) -> Result<Option<RecordedEvent>, StoreError> {
+    match chunk_at(log, position)? {
+        None => Ok(None),
+        Some(chunk) => {
+            let record = chunk.record(position).expect("the chunk holds it");
+            decoder.decode(position, record, &EventFilter::All)
+        }
+    }
+}
+
+/// The position of the last stored event (0 when none): the last chunk's
+/// last, one descent of the tree.
+pub(super) fn last_position(log: &sled::Tree) -> Result<u64, StoreError> {
+    match log
+        .scan_prefix([CHUNK])
+        .next_back()
+        .transpose()
+        .map_err(super::sled_error)?
+    {
+        None => Ok(0),
+        Some((key, value)) => Ok(Chunk::parse(&key, value)?.last()),
+    }
 }
 
 /// `S + stream + \0`: the prefix of one stream's index keys. Stream ids hold
@@ -262,6 +448,85 @@ pub(super) mod tests {
             payload: b"payload",
         };
         postcard::to_stdvec(&record).unwrap()
+    }
+
+    fn chunk(first: u64, bytes: Vec<u8>) -> Result<Chunk, StoreError> {
+        Chunk::parse(&chunk_key(first), sled::IVec::from(bytes))
+    }
+
+    #[test]
+    fn a_chunk_gives_back_each_record_at_its_position() {
+        let records: Vec<Vec<u8>> = vec![b"a".to_vec(), Vec::new(), b"ccc".to_vec()];
+        let parsed = chunk(10, encode_chunk(&records)).unwrap();
+        assert_eq!((parsed.first(), parsed.last()), (10, 12));
+        assert_eq!(parsed.record(9), None);
+        assert_eq!(parsed.record(10), Some(&b"a"[..]));
+        assert_eq!(parsed.record(11), Some(&b""[..]));
+        assert_eq!(parsed.record(12), Some(&b"ccc"[..]));
+        assert_eq!(parsed.record(13), None);
+    }
+
+    #[test]
+    fn a_chunk_whose_layout_does_not_hold_is_corrupt() {
+        let good = encode_chunk(&[b"ab".to_vec(), b"cd".to_vec()]);
+        let mut cases: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            good[..3].to_vec(),
+            good[..good.len() - 1].to_vec(),
+            [good.as_slice(), b"x"].concat(),
+            encode_chunk::<Vec<u8>>(&[]),
+        ];
+        let mut unordered = good.clone();
+        unordered[4..8].copy_from_slice(&3u32.to_be_bytes());
+        unordered[8..12].copy_from_slice(&1u32.to_be_bytes());
+        cases.push(unordered);
+        let mut huge_count = good.clone();
+        huge_count[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        cases.push(huge_count);
+        for bytes in cases {
+            assert!(
+                matches!(chunk(1, bytes.clone()), Err(StoreError::Corrupt(_))),
+                "{bytes:?}"
+            );
+        }
+        assert!(matches!(chunk(0, good), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_group_is_staged_as_chunks_of_bounded_size() {
+        let records: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; 100]).collect();
+        let big = vec![vec![7u8; 3 * CHUNK_TARGET_BYTES]];
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let log = db.open_tree("log").unwrap();
+        let mut batch = sled::Batch::default();
+        let chunks = stage_chunks(&mut batch, 1, &records) + stage_chunks(&mut batch, 101, &big);
+        log.apply_batch(batch).unwrap();
+        assert_eq!(chunks, log.len());
+        // 100-byte records: 40 to a chunk, then the big one alone.
+        assert_eq!(chunks, 4);
+        let mut next = 1;
+        for entry in log.iter() {
+            let (key, value) = entry.unwrap();
+            let parsed = Chunk::parse(&key, value.clone()).unwrap();
+            assert_eq!(parsed.first(), next);
+            assert!(value.len() <= CHUNK_TARGET_BYTES + 4 + 4 * 40 || parsed.first() == 101);
+            next = parsed.last() + 1;
+        }
+        assert_eq!(next, 102);
+        for position in 1..=100 {
+            let found = chunk_at(&log, position).unwrap().unwrap();
+            assert_eq!(
+                found.record(position).unwrap(),
+                records[position as usize - 1]
+            );
+        }
+        assert_eq!(
+            chunk_at(&log, 101).unwrap().unwrap().record(101),
+            Some(&big[0][..])
+        );
+        assert!(chunk_at(&log, 102).unwrap().is_none());
+        assert_eq!(last_position(&log).unwrap(), 101);
     }
 
     #[test]

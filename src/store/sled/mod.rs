@@ -12,6 +12,7 @@ mod format;
 pub(crate) mod ops;
 mod read_model;
 mod reads;
+mod upgrade;
 mod writer;
 
 use std::collections::HashMap;
@@ -29,9 +30,10 @@ use tracing::debug;
 pub use self::config::{Durability, SledStoreConfig};
 pub use self::format::FORMAT_VERSION;
 pub use self::read_model::{ReadModelBatch, ReadModelView};
+pub use self::upgrade::UpgradeSummary;
 
 use self::durability::Syncer;
-use self::format::{corrupt, decode_u64, EVENT, META_FORMAT, META_HEAD};
+use self::format::{corrupt, decode_u64, last_position, META_FORMAT, META_HEAD, META_UPGRADING};
 use self::writer::{WriteRequest, Writer};
 use crate::error::{AppendError, BackendError, ReadError, StoreError};
 use crate::event::{
@@ -356,6 +358,14 @@ fn check_format(path: &Path, db: &sled::Db, log: &sled::Tree) -> Result<u64, Sto
             expected: FORMAT_VERSION,
         });
     }
+    if log.contains_key(META_UPGRADING).map_err(sled_error)? {
+        // An upgrade from format 2 that has not finished: running it again
+        // finishes it (`annals::ops::upgrade_sled_store`).
+        return Err(StoreError::FormatMismatch {
+            found: 2,
+            expected: FORMAT_VERSION,
+        });
+    }
     let head = log
         .get(META_HEAD)
         .map_err(sled_error)?
@@ -363,14 +373,7 @@ fn check_format(path: &Path, db: &sled::Db, log: &sled::Tree) -> Result<u64, Sto
         .transpose()?
         .unwrap_or(0);
     // O(log n), not a scan: the stored head must be the last event.
-    let last = log
-        .scan_prefix([EVENT])
-        .next_back()
-        .transpose()
-        .map_err(sled_error)?
-        .map(|(k, _)| decode_u64(&k[1..]))
-        .transpose()?
-        .unwrap_or(0);
+    let last = last_position(log)?;
     if last != head {
         return Err(corrupt(format_args!(
             "stored head position {head} but last event at {last}"

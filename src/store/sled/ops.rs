@@ -1,7 +1,7 @@
 //! What the operations layer (`annals::ops`) needs of the sled store beyond
 //! the [`EventStore`](crate::EventStore) contract: listing checkpoints and
 //! snapshots, deleting a checkpoint, the size on disk, a raw check of the
-//! `log` tree's indexes against its events (format 2, docs/design.md), and
+//! `log` tree's indexes against its events (format 3, docs/design.md), and
 //! an offline loader that writes imported events as they were recorded.
 
 use std::collections::{HashMap, HashSet};
@@ -10,13 +10,14 @@ use std::sync::Arc;
 
 use super::durability::Syncer;
 use super::format::{
-    decode_record, decode_u64, encode_record, event_key, id_key, stage_event, stream_head,
-    stream_key, RecordDecoder, StoredSnapshot, EVENT, EVENT_ID, META_HEAD, STREAM,
+    chunk_at, decode_record, decode_u64, encode_record, event_at, id_key, stage_chunks,
+    stage_indexes, stream_head, stream_key, Chunk, RecordDecoder, StoredSnapshot, CHUNK, EVENT_ID,
+    META_HEAD, STREAM,
 };
 use super::{check_format, check_path, open_db, sled_error, wait_for_release, Counters};
 use super::{Durability, SledStore};
 use crate::error::StoreError;
-use crate::event::{EventFilter, Position, RecordedEvent, StreamId};
+use crate::event::{Position, RecordedEvent, StreamId};
 use crate::store::bulk::{check_batch, BulkError};
 use crate::store::validate_checkpoint_name;
 
@@ -150,61 +151,41 @@ fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
         .transpose()?
         .unwrap_or(0);
     let mut last = 0;
-    for entry in log.scan_prefix([EVENT]) {
+    // After a chunk whose layout does not parse, its extent is unknown: the
+    // next chunk's start is not reported as a gap.
+    let mut extent_unknown = false;
+    'chunks: for entry in log.scan_prefix([CHUNK]) {
         let (key, value) = entry.map_err(sled_error)?;
-        let position = decode_u64(&key[1..])?;
-        if position > head {
+        let first = decode_u64(&key[1..])?;
+        if first > head {
             // A group the writer has applied and not yet acknowledged.
             break;
         }
-        if position != last + 1 {
-            check.found(RawFinding::PositionGap {
-                after: last,
-                next: position,
-            });
-        }
-        last = position;
-        check.events += 1;
-        let record = match decode_record(position, &value) {
-            Ok(record) => record,
+        let chunk = match Chunk::parse(&key, value) {
+            Ok(chunk) => chunk,
             Err(error) => {
                 check.found(RawFinding::Undecodable {
-                    position,
+                    position: first,
                     error: error.to_string(),
                 });
+                extent_unknown = true;
                 continue;
             }
         };
-        let Ok(stream) = std::str::from_utf8(record.stream) else {
-            check.found(RawFinding::Undecodable {
-                position,
-                error: "the stream id is not UTF-8".into(),
+        if first != last + 1 && !std::mem::take(&mut extent_unknown) {
+            check.found(RawFinding::PositionGap {
+                after: last,
+                next: first,
             });
-            continue;
-        };
-        let indexed = log
-            .get(stream_key(stream, record.version))
-            .map_err(sled_error)?;
-        match indexed.map(|v| decode_u64(&v)).transpose() {
-            Ok(Some(p)) if p == position => {}
-            found => check.found(RawFinding::NotIndexed {
-                position,
-                index: "stream",
-                detail: format!(
-                    "{stream} version {}: index entry {}",
-                    record.version,
-                    describe(found)
-                ),
-            }),
         }
-        let indexed = log.get(id_key(record.event_id)).map_err(sled_error)?;
-        match indexed.map(|v| decode_u64(&v)).transpose() {
-            Ok(Some(p)) if p == position => {}
-            found => check.found(RawFinding::NotIndexed {
-                position,
-                index: "event id",
-                detail: format!("id {}: index entry {}", record.event_id, describe(found)),
-            }),
+        for position in first..=chunk.last() {
+            if position > head {
+                break 'chunks;
+            }
+            last = position;
+            check.events += 1;
+            let record = chunk.record(position).expect("a position of the chunk");
+            check_event(log, position, record, &mut check)?;
         }
     }
     if stored_head != last || last != head {
@@ -218,6 +199,58 @@ fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
     Ok(check)
 }
 
+/// Checks one stored event: its record decodes, and both indexes have its
+/// entry pointing at it.
+fn check_event(
+    log: &sled::Tree,
+    position: u64,
+    value: &[u8],
+    check: &mut RawCheck,
+) -> Result<(), StoreError> {
+    let record = match decode_record(position, value) {
+        Ok(record) => record,
+        Err(error) => {
+            check.found(RawFinding::Undecodable {
+                position,
+                error: error.to_string(),
+            });
+            return Ok(());
+        }
+    };
+    let Ok(stream) = std::str::from_utf8(record.stream) else {
+        check.found(RawFinding::Undecodable {
+            position,
+            error: "the stream id is not UTF-8".into(),
+        });
+        return Ok(());
+    };
+    let indexed = log
+        .get(stream_key(stream, record.version))
+        .map_err(sled_error)?;
+    match indexed.map(|v| decode_u64(&v)).transpose() {
+        Ok(Some(p)) if p == position => {}
+        found => check.found(RawFinding::NotIndexed {
+            position,
+            index: "stream",
+            detail: format!(
+                "{stream} version {}: index entry {}",
+                record.version,
+                describe(found)
+            ),
+        }),
+    }
+    let indexed = log.get(id_key(record.event_id)).map_err(sled_error)?;
+    match indexed.map(|v| decode_u64(&v)).transpose() {
+        Ok(Some(p)) if p == position => {}
+        found => check.found(RawFinding::NotIndexed {
+            position,
+            index: "event id",
+            detail: format!("id {}: index entry {}", record.event_id, describe(found)),
+        }),
+    }
+    Ok(())
+}
+
 fn describe(found: Result<Option<u64>, StoreError>) -> String {
     match found {
         Ok(Some(p)) => format!("points at position {p}"),
@@ -227,13 +260,23 @@ fn describe(found: Result<Option<u64>, StoreError>) -> String {
 }
 
 /// The event stored at `position`, decoded, or why not.
-fn event_at(log: &sled::Tree, position: u64) -> Result<Result<OwnedHead, String>, StoreError> {
-    let Some(bytes) = log.get(event_key(position)).map_err(sled_error)? else {
-        return Ok(Err(format!(
-            "points at position {position}, which holds no event"
-        )));
+fn indexed_event(log: &sled::Tree, position: u64) -> Result<Result<OwnedHead, String>, StoreError> {
+    let chunk = match chunk_at(log, position) {
+        Ok(Some(chunk)) => chunk,
+        Ok(None) => {
+            return Ok(Err(format!(
+                "points at position {position}, which holds no event"
+            )))
+        }
+        Err(StoreError::Corrupt(why)) => {
+            return Ok(Err(format!(
+                "points at position {position}, which does not decode: {why}"
+            )))
+        }
+        Err(e) => return Err(e),
     };
-    Ok(match decode_record(position, &bytes) {
+    let bytes = chunk.record(position).expect("the chunk holds it");
+    Ok(match decode_record(position, bytes) {
         Ok(record) => Ok(OwnedHead {
             stream: record.stream.to_vec(),
             version: record.version,
@@ -282,7 +325,7 @@ fn check_stream_index(log: &sled::Tree, head: u64, check: &mut RawCheck) -> Resu
         if position > head {
             continue;
         }
-        let problem = match event_at(log, position)? {
+        let problem = match indexed_event(log, position)? {
             Err(why) => Some(why),
             Ok(event) if event.stream != stream || event.version != version => Some(format!(
                 "points at position {position}, which holds {} version {}",
@@ -328,7 +371,7 @@ fn check_id_index(log: &sled::Tree, head: u64, check: &mut RawCheck) -> Result<(
         if position > head {
             continue;
         }
-        let problem = match event_at(log, position)? {
+        let problem = match indexed_event(log, position)? {
             Err(why) => Some(why),
             Ok(event) if event.event_id != id => Some(format!(
                 "points at position {position}, which holds event {}",
@@ -395,10 +438,7 @@ impl SledLoader {
 
     /// The event at `position`, if stored.
     pub(crate) fn event_at(&self, position: Position) -> Result<Option<RecordedEvent>, StoreError> {
-        match self.log.get(event_key(position.0)).map_err(sled_error)? {
-            None => Ok(None),
-            Some(bytes) => RecordDecoder::default().decode(position.0, &bytes, &EventFilter::All),
-        }
+        event_at(&self.log, position.0, &mut RecordDecoder::default())
     }
 
     /// Writes `events`, which must continue the log at its head, as one
@@ -426,13 +466,18 @@ impl SledLoader {
             },
             &stored,
         )?;
-        let mut batch = sled::Batch::default();
-        for event in events {
-            stage_event(&mut batch, event, encode_record(event)?);
-        }
-        let Some(last) = events.last() else {
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
             return Ok(());
         };
+        let records = events
+            .iter()
+            .map(encode_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut batch = sled::Batch::default();
+        stage_chunks(&mut batch, first.position.0, &records);
+        for event in events {
+            stage_indexes(&mut batch, event);
+        }
         batch.insert(META_HEAD, &last.position.0.to_be_bytes());
         self.log.apply_batch(batch).map_err(sled_error)?;
         self.head = last.position.0;

@@ -8,8 +8,8 @@
 use tracing::warn;
 
 use super::format::{
-    corrupt, decode_u64, event_key, id_key, stream_head, stream_key, stream_prefix, RecordDecoder,
-    StoredSnapshot,
+    chunk_at, chunk_key, corrupt, decode_u64, event_at, id_key, stream_head, stream_key,
+    stream_prefix, Chunk, RecordDecoder, StoredSnapshot,
 };
 use super::{sled_error, Handles};
 use crate::error::{ReadError, StoreError};
@@ -80,7 +80,7 @@ pub(super) fn read_stream(
             // forward, nothing more; going backward, older ones follow.
             return Ok(direction == ReadDirection::Backward);
         }
-        let event = read_event(log, position, &mut decoder)?
+        let event = event_at(log, position, &mut decoder)?
             .ok_or_else(|| corrupt(format_args!("{stream} index points at missing {position}")))?;
         events.push(event);
         Ok(events.len() < limit)
@@ -128,22 +128,46 @@ pub(super) fn read_all(
     }
     let log = &handles.log;
     let head = head.0;
-    let range = match direction {
-        ReadDirection::Forward if from.0.max(1) > head => return Ok(Vec::new()),
-        ReadDirection::Forward => log.range(event_key(from.0.max(1))..=event_key(head)),
-        ReadDirection::Backward => log.range(event_key(0)..=event_key(from.0.min(head))),
-    };
     let mut events = Vec::with_capacity(limit.min(4096));
     let mut decoder = RecordDecoder::default();
-    let push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
-        let (key, value) = entry.map_err(sled_error)?;
-        let position = decode_u64(&key[1..])?;
-        if let Some(event) = decoder.decode(position, &value, filter)? {
+    let mut push = |chunk: &Chunk, position: u64| -> Result<bool, ReadError> {
+        let record = chunk.record(position).expect("a position of the chunk");
+        if let Some(event) = decoder.decode(position, record, filter)? {
             events.push(event);
         }
         Ok(events.len() < limit)
     };
-    walk(range, direction, push)?;
+    match direction {
+        ReadDirection::Forward => {
+            let from = from.0.max(1);
+            if from > head {
+                return Ok(Vec::new());
+            }
+            // From the chunk that holds `from`, which may start before it.
+            let start = chunk_at(log, from)?.map_or(from, |chunk| chunk.first());
+            'chunks: for entry in log.range(chunk_key(start)..=chunk_key(head)) {
+                let (key, value) = entry.map_err(sled_error)?;
+                let chunk = Chunk::parse(&key, value)?;
+                for position in chunk.first().max(from)..=chunk.last().min(head) {
+                    if !push(&chunk, position)? {
+                        break 'chunks;
+                    }
+                }
+            }
+        }
+        ReadDirection::Backward => {
+            let top = from.0.min(head);
+            'chunks: for entry in log.range(chunk_key(0)..=chunk_key(top)).rev() {
+                let (key, value) = entry.map_err(sled_error)?;
+                let chunk = Chunk::parse(&key, value)?;
+                for position in (chunk.first()..=chunk.last().min(top)).rev() {
+                    if !push(&chunk, position)? {
+                        break 'chunks;
+                    }
+                }
+            }
+        }
+    }
     Ok(events)
 }
 
@@ -181,17 +205,6 @@ fn version_at_position(
         ReadDirection::Backward if low <= last && position_of(low)? == from.0 => Some(Version(low)),
         ReadDirection::Backward => (low > 1).then(|| Version(low - 1)),
     })
-}
-
-fn read_event(
-    log: &sled::Tree,
-    position: u64,
-    decoder: &mut RecordDecoder,
-) -> Result<Option<RecordedEvent>, StoreError> {
-    match log.get(event_key(position)).map_err(sled_error)? {
-        Some(bytes) => decoder.decode(position, &bytes, &EventFilter::All),
-        None => Ok(None),
-    }
 }
 
 /// Saves `snapshot` unless one at the same or a higher version is stored.
@@ -265,7 +278,7 @@ pub(super) fn load_checkpoint(
 }
 
 /// Feeds `range` to `push` in `direction` until `push` answers `false`:
-/// the one walk both reads share.
+/// a stream's index in either direction.
 fn walk(
     range: sled::Iter,
     direction: ReadDirection,
@@ -292,6 +305,7 @@ fn walk(
 
 #[cfg(test)]
 mod tests {
+    use super::super::format::encode_chunk;
     use super::super::format::tests::encode;
     use super::*;
     use crate::event::{ExpectedVersion, NewEvent};
@@ -300,7 +314,7 @@ mod tests {
 
     /// The writer applies a group to sled before it is durable; until the
     /// head moves, no read may return it (it could still be lost). Staged
-    /// here by writing a record and its index entry past the head.
+    /// here by writing a chunk and its index entry past the head.
     #[tokio::test]
     async fn reads_stop_at_the_acknowledged_head() {
         let dir = tempfile::tempdir().unwrap();
@@ -314,7 +328,7 @@ mod tests {
         let mut record = encode("order-1", "Placed");
         // `encode` writes version 3, the next one: position 3, unacknowledged.
         let log = store.tree("log").unwrap();
-        log.insert(event_key(3), record.as_slice()).unwrap();
+        log.insert(chunk_key(3), encode_chunk(&[&record])).unwrap();
         log.insert(stream_key("order-1", 3), &3u64.to_be_bytes())
             .unwrap();
         drop(log);

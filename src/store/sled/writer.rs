@@ -16,8 +16,8 @@ use uuid::Uuid;
 use super::ack_mark::AckMark;
 use super::durability::Syncer;
 use super::format::{
-    corrupt, decode_record, decode_u64, encode_record, event_key, id_key, record_utf8, stage_event,
-    stream_head, META_HEAD,
+    chunk_at, corrupt, decode_record, decode_u64, encode_record, id_key, record_utf8, stage_chunks,
+    stage_indexes, stream_head, META_HEAD,
 };
 use super::{sled_error, Durability};
 use crate::error::{AppendError, StoreError};
@@ -146,6 +146,7 @@ impl Writer {
         let mut decided: Vec<Decided> = Vec::new();
         let mut syncs = Vec::new();
         let mut committed: Vec<RecordedEvent> = Vec::new();
+        let mut records: Vec<Vec<u8>> = Vec::new();
         let mut shutdown = None;
         let recorded_at_micros = now_micros();
         let no_space = self.check_space(group);
@@ -179,6 +180,7 @@ impl Writer {
                                 new_ids: &mut new_ids,
                                 next_position: &mut next_position,
                                 committed: &mut committed,
+                                records: &mut records,
                                 recorded_at_micros,
                             },
                         ),
@@ -200,6 +202,9 @@ impl Writer {
             // Poisoned part-way through this group: apply none of it.
             Err(why.clone())
         } else if wrote {
+            // The group's positions are consecutive from the last one: a
+            // refused append takes none.
+            stage_chunks(&mut batch, self.last_position + 1, &records);
             batch.insert(META_HEAD, &(next_position - 1).to_be_bytes());
             self.log.apply_batch(batch).map_err(|e| e.to_string())
         } else {
@@ -353,8 +358,9 @@ impl Writer {
             .iter()
             .map(encode_record)
             .collect::<Result<Vec<_>, _>>()?;
-        for (event, record) in recorded.iter().zip(encoded) {
-            stage_event(pending.batch, event, record);
+        pending.records.extend(encoded);
+        for event in &recorded {
+            stage_indexes(pending.batch, event);
             pending.new_ids.insert(
                 event.event_id,
                 StoredId {
@@ -392,12 +398,12 @@ impl Writer {
             return Ok(None);
         };
         let position = decode_u64(&position)?;
-        let bytes = self
-            .log
-            .get(event_key(position))
-            .map_err(sled_error)?
+        let chunk = chunk_at(&self.log, position)?
             .ok_or_else(|| corrupt(format_args!("event id {id} points at missing {position}")))?;
-        let record = decode_record(position, &bytes)?;
+        let bytes = chunk
+            .record(position)
+            .expect("the chunk holds the position");
+        let record = decode_record(position, bytes)?;
         Ok(Some(StoredId {
             stream: StreamId::new(record_utf8(position, record.stream)?).map_err(corrupt)?,
             version: Version(record.version),
@@ -413,6 +419,8 @@ struct Pending<'a> {
     new_ids: &'a mut HashMap<Uuid, StoredId>,
     next_position: &'a mut u64,
     committed: &'a mut Vec<RecordedEvent>,
+    /// The encoded records of `committed`, written as chunks at the end.
+    records: &'a mut Vec<Vec<u8>>,
     recorded_at_micros: u64,
 }
 
