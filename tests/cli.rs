@@ -739,6 +739,63 @@ async fn a_locked_store_a_newer_format_and_bad_arguments_are_refused_with_code_2
     );
 }
 
+/// A store whose files went back to an older copy (a lost write) is
+/// refused with exit code 2 and a pointer to `--accept-lost-events`, which
+/// opens it as it is and lowers its acknowledged mark for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_shorter_than_acknowledged_opens_only_when_the_loss_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let older = dir.path().join("older");
+    make_sled(&path, 3).await;
+    std::fs::create_dir_all(&older).unwrap();
+    copy_dir(&path, &older);
+    let store = SledStore::open(&path).unwrap();
+    fill(&store, 4..=4).await;
+    let head = store.head_position();
+    assert!(head > Position(EVENTS));
+    store.shutdown().await.unwrap();
+    // sled's files go back to the older copy; the mark stays.
+    for entry in std::fs::read_dir(&path).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "annals.acked" {
+            let target = entry.path();
+            if target.is_dir() {
+                std::fs::remove_dir_all(target).unwrap();
+            } else {
+                std::fs::remove_file(target).unwrap();
+            }
+        }
+    }
+    for entry in std::fs::read_dir(&older).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "annals.acked" && entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), path.join(entry.file_name())).unwrap();
+        }
+    }
+    let store_arg = path_str(&path);
+    let refused = annals(&[store_arg, "stats"]);
+    assert_eq!(refused.status.code(), Some(2));
+    let message = text(&refused.stderr);
+    assert!(
+        message.contains(&format!(
+            "holds events up to position {EVENTS}, but it had acknowledged up to {}",
+            head.0
+        )) && message.contains("--accept-lost-events"),
+        "{message}"
+    );
+    // Refused again: refusing wrote nothing.
+    assert_eq!(annals(&[store_arg, "verify"]).status.code(), Some(2));
+    let report = expect(0, &[store_arg, "--accept-lost-events", "verify"]);
+    assert!(
+        report.contains(&format!("checked {EVENTS} events")),
+        "{report}"
+    );
+    // The loss is accepted for good: a plain open now succeeds.
+    let stats = json_lines(&expect(0, &[store_arg, "--json", "stats"]));
+    assert_eq!(stats[0]["head"], EVENTS);
+}
+
 /// A store written by the format-2 build (`tests/fixtures/format2`) is
 /// refused with a pointer to `upgrade`, which moves it to format 3 in
 /// place; it then verifies clean, and a second upgrade changes nothing.

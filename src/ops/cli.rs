@@ -24,7 +24,7 @@ use super::transfer::{ExportOptions, ImportTarget, SledImport};
 use crate::codec::{decode_event, DomainEvent};
 use crate::error::StoreError;
 use crate::event::{EventFilter, Position, ReadDirection, RecordedEvent, StreamId, Version};
-use crate::store::{EventStore, PostgresConfig, PostgresStore, SledStore};
+use crate::store::{EventStore, PostgresConfig, PostgresStore, SledStore, SledStoreConfig};
 
 type Decoder = Box<dyn Fn(&RecordedEvent) -> Option<Value> + Send + Sync>;
 
@@ -86,6 +86,12 @@ struct Args {
     /// Print JSON lines instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Open a sled store that recovered fewer events than it had
+    /// acknowledged (damage, or a disk that lost what it had synced): the
+    /// loss is accepted and the store's acknowledged mark lowered to what
+    /// it holds, durably. Without it such a store is refused.
+    #[arg(long, global = true)]
+    accept_lost_events: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -271,6 +277,17 @@ fn store_failure(error: StoreError) -> Failure {
             "annals: the store has format version {found}; this annals reads version {expected}. \
              Use the annals release that wrote it (or a newer one); nothing was changed."
         )),
+        StoreError::ShorterThanAcknowledged {
+            acknowledged,
+            recovered,
+        } => Failure::refused(format!(
+            "annals: the store holds events up to position {}, but it had acknowledged \
+             up to {}: sled recovered a shorter log (a damaged file, or a disk \
+             that lost synced writes). Nothing was read or written. Keep a copy of the \
+             directory, then add --accept-lost-events to open it as it is (a sled store of \
+             format 2 with the build that wrote it).",
+            recovered.0, acknowledged.0
+        )),
         error @ (StoreError::NotAStore(_) | StoreError::InvalidInput(_)) => {
             Failure::refused(format!("annals: {error}"))
         }
@@ -365,7 +382,8 @@ fn open(args: &Args) -> Result<Opened, Failure> {
             path.display()
         )));
     }
-    Ok(Opened::Sled(Arc::new(SledStore::open(path)?)))
+    let config = SledStoreConfig::new(path).accept_lost_events(args.accept_lost_events);
+    Ok(Opened::Sled(Arc::new(SledStore::open_with(config)?)))
 }
 
 /// Runs the tool on the process's arguments with `decoders` for payloads,
