@@ -80,6 +80,16 @@ pub enum InvalidInput {
         /// The minimum.
         min: u64,
     },
+    /// A setting was above its maximum.
+    #[error("{what} is {value}, more than the maximum of {max}")]
+    TooLarge {
+        /// Which setting.
+        what: &'static str,
+        /// The value given.
+        value: u64,
+        /// The maximum.
+        max: u64,
+    },
     /// A name is reserved for the store's own use (for example a read-model
     /// tree named like one of the store's trees).
     #[error("{what} {name:?} is reserved")]

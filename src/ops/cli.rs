@@ -284,8 +284,7 @@ fn store_failure(error: StoreError) -> Failure {
             "annals: the store holds events up to position {}, but it had acknowledged \
              up to {}: sled recovered a shorter log (a damaged file, or a disk \
              that lost synced writes). Nothing was read or written. Keep a copy of the \
-             directory, then add --accept-lost-events to open it as it is (a sled store of \
-             format 2 with the build that wrote it).",
+             directory, then add --accept-lost-events to open (or upgrade) it as it is.",
             recovered.0, acknowledged.0
         )),
         error @ (StoreError::NotAStore(_) | StoreError::InvalidInput(_)) => {
@@ -749,8 +748,8 @@ async fn upgrade(args: &Args) -> Result<u8, Failure> {
             "annals: upgrade is for sled stores; a PostgreSQL schema has no other format yet",
         ));
     }
-    let path = PathBuf::from(&args.store);
-    let summary = tokio::task::spawn_blocking(move || SledStore::upgrade(path))
+    let config = SledStoreConfig::new(&args.store).accept_lost_events(args.accept_lost_events);
+    let summary = tokio::task::spawn_blocking(move || SledStore::upgrade_with(&config))
         .await
         .map_err(|e| Failure {
             code: 1,

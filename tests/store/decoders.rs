@@ -2,8 +2,8 @@
 //! unknown event type names its stream and version (the end of this file).
 //!
 //! Decoders fed arbitrary and mutated bytes never panic (invariant I6):
-//! stored event records (overwritten in the `log` tree under `E` +
-//! position, docs/design.md), snapshot records (the `snapshots` tree, read
+//! stored event records (written back into the `log` tree one to a chunk,
+//! under `C` + position, docs/design.md), snapshot records (the `snapshots` tree, read
 //! by the store and by the runtime's recovery), and payloads
 //! (`decode_event_parts`, with an upcaster, and `decode_value`).
 //!

@@ -7,6 +7,10 @@ use crate::error::{at_least_one, InvalidInput};
 use crate::event::DEFAULT_MAX_EVENT_SIZE;
 use crate::store::DEFAULT_LIVE_FEED_CAPACITY;
 
+/// The largest `max_event_size` a sled store takes: 1 GiB, well inside a
+/// chunk's 32-bit offsets.
+const MAX_EVENT_SIZE_LIMIT: usize = 1 << 30;
+
 /// When an append is acknowledged, relative to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -42,7 +46,8 @@ pub struct SledStoreConfig {
     pub durability: Durability,
     /// sled's page cache, in bytes. Default 64 MiB (sled's own is 1 GiB).
     pub cache_capacity_bytes: u64,
-    /// The largest event accepted, in bytes. Default 1 MiB.
+    /// The largest event accepted, in bytes. Default 1 MiB, at most 1 GiB
+    /// (a chunk addresses its records with 32-bit offsets).
     pub max_event_size: usize,
     /// Commits kept for slow live subscribers before they lag. Default 4096.
     pub live_feed_capacity: usize,
@@ -146,12 +151,21 @@ impl SledStoreConfig {
 
     /// Checks the settings [`SledStore::open_with`](super::SledStore::open_with) needs: the event size,
     /// the live feed, the queue, the group commit and a buffered flush
-    /// period must each be at least 1.
+    /// period must each be at least 1, and the event size at most 1 GiB.
     ///
     /// # Errors
-    /// [`InvalidInput::TooSmall`] naming the first setting below it.
+    /// [`InvalidInput::TooSmall`] naming the first setting below it;
+    /// [`InvalidInput::TooLarge`] for an event size above 1 GiB.
     pub fn validate(&self) -> Result<(), InvalidInput> {
         at_least_one("max_event_size", self.max_event_size as u64)?;
+        if self.max_event_size > MAX_EVENT_SIZE_LIMIT {
+            // A chunk's offsets are u32 (docs/design.md, "Tree `log`").
+            return Err(InvalidInput::TooLarge {
+                what: "max_event_size",
+                value: self.max_event_size as u64,
+                max: MAX_EVENT_SIZE_LIMIT as u64,
+            });
+        }
         at_least_one("live_feed_capacity", self.live_feed_capacity as u64)?;
         at_least_one("queue_capacity", self.queue_capacity as u64)?;
         at_least_one("max_group_commit", self.max_group_commit as u64)?;

@@ -69,7 +69,19 @@ pub(super) fn encode_record(event: &RecordedEvent) -> Result<Vec<u8>, StoreError
             .collect(),
         payload: &event.payload,
     };
-    postcard::to_stdvec(&record).map_err(|e| corrupt(format!("cannot encode an event: {e}")))
+    // Room for the whole record up front: the ids and varints take at most
+    // 16 x 3 + 10 x 4 + 3 bytes, each string and byte field its length
+    // plus a varint of at most 5.
+    let extra: usize = event
+        .metadata
+        .extra
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 10)
+        .sum();
+    let capacity = 120 + event.stream_id.as_str().len() + event.event_type.len() + extra;
+    let buffer = Vec::with_capacity(capacity + event.payload.len());
+    postcard::to_extend(&record, buffer)
+        .map_err(|e| corrupt(format!("cannot encode an event: {e}")))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -181,8 +193,8 @@ impl Chunk {
             .get(..4)
             .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
             .ok_or_else(|| bad("shorter than its header"))?;
-        if count == 0 || first == 0 {
-            return Err(bad("empty, or at position 0"));
+        if count == 0 || first == 0 || first.checked_add(count as u64 - 1).is_none() {
+            return Err(bad("empty, at position 0, or past the last position"));
         }
         let area = count
             .checked_mul(4)
@@ -215,7 +227,8 @@ impl Chunk {
 
     /// The position of its last event.
     pub(super) fn last(&self) -> u64 {
-        self.first + self.count as u64 - 1
+        // `parse` checked that this does not overflow.
+        self.first + (self.count as u64 - 1)
     }
 
     fn end(&self, index: usize) -> usize {
@@ -489,7 +502,14 @@ pub(super) mod tests {
                 "{bytes:?}"
             );
         }
-        assert!(matches!(chunk(0, good), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            chunk(0, good.clone()),
+            Err(StoreError::Corrupt(_))
+        ));
+        // Its last position would be past u64::MAX.
+        assert!(matches!(chunk(u64::MAX, good), Err(StoreError::Corrupt(_))));
+        let one = encode_chunk(&[b"x".to_vec()]);
+        assert_eq!(chunk(u64::MAX, one).unwrap().last(), u64::MAX);
     }
 
     #[test]

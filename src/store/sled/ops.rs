@@ -156,7 +156,14 @@ fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
     let mut extent_unknown = false;
     'chunks: for entry in log.scan_prefix([CHUNK]) {
         let (key, value) = entry.map_err(sled_error)?;
-        let first = decode_u64(&key[1..])?;
+        let Ok(first) = decode_u64(&key[1..]) else {
+            check.found(RawFinding::Undecodable {
+                position: last + 1,
+                error: format!("a chunk key of {} bytes", key.len()),
+            });
+            extent_unknown = true;
+            continue;
+        };
         if first > head {
             // A group the writer has applied and not yet acknowledged.
             break;
@@ -172,6 +179,15 @@ fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
                 continue;
             }
         };
+        if first <= last {
+            // Its events would be stored twice: the later chunk is not
+            // read as theirs.
+            check.found(RawFinding::Undecodable {
+                position: first,
+                error: format!("a chunk that overlaps the one before, which ends at {last}"),
+            });
+            continue;
+        }
         if first != last + 1 && !std::mem::take(&mut extent_unknown) {
             check.found(RawFinding::PositionGap {
                 after: last,

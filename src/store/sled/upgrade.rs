@@ -12,8 +12,8 @@ use super::format::{
     chunk_key, corrupt, decode_u64, last_position, stage_chunks, EVENT, FORMAT_VERSION,
     META_FORMAT, META_HEAD, META_UPGRADING,
 };
-use super::SledStore;
 use super::{ack_mark, check_path, open_db, sled_error, wait_for_release, Counters, Durability};
+use super::{SledStore, SledStoreConfig};
 use crate::error::StoreError;
 use crate::event::Position;
 
@@ -51,43 +51,58 @@ impl SledStore {
     /// [`StoreError::NotAStore`]; [`StoreError::FormatMismatch`] for a
     /// format other than 2 or 3; [`StoreError::ShorterThanAcknowledged`]
     /// when sled recovered fewer events than the store had acknowledged
-    /// (open it with the build that wrote it and
-    /// `SledStoreConfig::accept_lost_events` first, if the loss is to be
-    /// accepted); [`StoreError::Corrupt`] when the format-2 log has a gap
-    /// or disagrees with its stored head (nothing is moved then).
+    /// (see [`SledStore::upgrade_with`] to accept the loss);
+    /// [`StoreError::Corrupt`] when the format-2 log has a gap or
+    /// disagrees with its stored head (nothing is changed then: the build
+    /// that wrote it still opens it, and its `verify` reports the damage).
     pub fn upgrade(path: impl AsRef<Path>) -> Result<UpgradeSummary, StoreError> {
-        upgrade(path.as_ref(), EVENTS_PER_BATCH, usize::MAX)
+        Self::upgrade_with(&SledStoreConfig::new(path.as_ref()))
+    }
+
+    /// As [`SledStore::upgrade`], with `config`'s path, cache size and
+    /// [`accept_lost_events`](SledStoreConfig::accept_lost_events): with it
+    /// set, a format-2 log shorter than the store had acknowledged is
+    /// upgraded as it is and the mark lowered to it, durably (as opening
+    /// with it does), instead of refused.
+    ///
+    /// # Errors
+    /// As [`SledStore::upgrade`].
+    pub fn upgrade_with(config: &SledStoreConfig) -> Result<UpgradeSummary, StoreError> {
+        upgrade(config, EVENTS_PER_BATCH, usize::MAX)
     }
 }
 
 /// The upgrade, `per_batch` events to a batch, stopping (as a kill would)
 /// after `max_batches` batches.
 pub(super) fn upgrade(
-    path: &Path,
+    config: &SledStoreConfig,
     per_batch: usize,
     max_batches: usize,
 ) -> Result<UpgradeSummary, StoreError> {
+    let path = config.path.as_path();
     check_path(path)?;
     if !path.join("db").exists() {
         return Err(StoreError::NotAStore(path.display().to_string()));
     }
-    let config = sled::Config::new()
+    let sled_config = sled::Config::new()
         .path(path)
+        .cache_capacity(config.cache_capacity_bytes)
         .mode(sled::Mode::HighThroughput)
         .flush_every_ms(None);
-    let db = open_db(path, &config)?;
-    let result = upgrade_log(path, &db, per_batch, max_batches);
+    let db = open_db(path, &sled_config)?;
+    let result = upgrade_log(config, &db, per_batch, max_batches);
     drop(db);
     wait_for_release(path);
     result
 }
 
 fn upgrade_log(
-    path: &Path,
+    config: &SledStoreConfig,
     db: &sled::Db,
     per_batch: usize,
     max_batches: usize,
 ) -> Result<UpgradeSummary, StoreError> {
+    let path = config.path.as_path();
     let log = db.open_tree("log").map_err(sled_error)?;
     let Some(found) = log.get(META_FORMAT).map_err(sled_error)? else {
         return Err(StoreError::NotAStore(path.display().to_string()));
@@ -113,7 +128,7 @@ fn upgrade_log(
     match (found, upgrading) {
         (FORMAT_VERSION, false) => return Ok(summary),
         (FORMAT_VERSION, true) => summary.found_format = 2,
-        (2, _) => start(path, &log, head)?,
+        (2, _) => start(config, &log, head)?,
         (found, _) => {
             return Err(StoreError::FormatMismatch {
                 found,
@@ -160,18 +175,29 @@ fn upgrade_log(
     Ok(summary)
 }
 
-/// Checks a format-2 log before anything moves (its last event is its
-/// stored head, and sled recovered all it acknowledged), then marks the
-/// store as upgrading, durably.
-fn start(path: &Path, log: &sled::Tree, head: u64) -> Result<(), StoreError> {
-    let last = log
-        .scan_prefix([EVENT])
-        .next_back()
-        .transpose()
-        .map_err(sled_error)?
-        .map(|(k, _)| decode_u64(&k[1..]))
-        .transpose()?
-        .unwrap_or(0);
+/// Checks a format-2 log before anything moves (its `E` keys are exactly
+/// positions 1..=head, no chunk is there yet, and sled recovered all it
+/// acknowledged, or the config accepts the loss), then marks the store as
+/// upgrading, durably. A refusal here leaves the store as it was, still
+/// readable by the build that wrote it.
+fn start(config: &SledStoreConfig, log: &sled::Tree, head: u64) -> Result<(), StoreError> {
+    let path = config.path.as_path();
+    let mut last = 0;
+    for key in log.scan_prefix([EVENT]).keys() {
+        let key = key.map_err(sled_error)?;
+        let position = key.get(1..).map(decode_u64).transpose().ok().flatten();
+        if position != Some(last + 1) {
+            return Err(corrupt(format_args!(
+                "format-2 log: {} after position {last}; `annals verify` with the build that \
+                 wrote it tells more",
+                match position {
+                    Some(position) => format!("position {position}"),
+                    None => format!("a malformed key of {} bytes", key.len()),
+                }
+            )));
+        }
+        last += 1;
+    }
     if last != head {
         return Err(corrupt(format_args!(
             "stored head position {head} but last event at {last}"
@@ -185,10 +211,17 @@ fn start(path: &Path, log: &sled::Tree, head: u64) -> Result<(), StoreError> {
         return Err(corrupt("a format-2 log that holds chunks"));
     }
     if let Some(acknowledged) = ack_mark::read(path).filter(|&a| a > head) {
-        return Err(StoreError::ShorterThanAcknowledged {
-            acknowledged: Position(acknowledged),
-            recovered: Position(head),
-        });
+        if !config.accept_lost_events {
+            return Err(StoreError::ShorterThanAcknowledged {
+                acknowledged: Position(acknowledged),
+                recovered: Position(head),
+            });
+        }
+        tracing::warn!(
+            path = %path.display(), acknowledged, recovered = head,
+            "upgrading a store that lost acknowledged events, as the config accepts"
+        );
+        ack_mark::AckMark::open(path, acknowledged)?.record_durably(head)?;
     }
     let mut batch = sled::Batch::default();
     batch.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes());
@@ -337,7 +370,7 @@ mod tests {
     async fn an_interrupted_upgrade_is_refused_until_a_second_run_finishes_it() {
         let (_dir, path, expected) = format2_store();
         for stop_after in [0, 3] {
-            let partial = upgrade(&path, 64, stop_after).unwrap();
+            let partial = upgrade(&SledStoreConfig::new(&path), 64, stop_after).unwrap();
             assert_eq!(partial.found_format, 2);
             // This build refuses it, and so does the format-2 build, which
             // finds format 3.
@@ -380,10 +413,44 @@ mod tests {
             db.flush().unwrap();
         }
         wait_for_release(&gap);
-        let refused = upgrade(&gap, 64, usize::MAX);
+        let refused = SledStore::upgrade(&gap);
         assert!(
             matches!(refused, Err(StoreError::Corrupt(_))),
             "{refused:?}"
         );
+        // Refused before anything changed: still format 2, not marked as
+        // upgrading, every record in place.
+        assert_eq!(format_of(&gap), 2);
+        let db = sled::open(&gap).unwrap();
+        let log = db.open_tree("log").unwrap();
+        assert!(!log.contains_key(META_UPGRADING).unwrap());
+        assert_eq!(log.scan_prefix([EVENT]).count(), 499);
+        drop((log, db));
+        wait_for_release(&gap);
+        refused_as_format_2(&gap);
+    }
+
+    #[tokio::test]
+    async fn a_store_shorter_than_acknowledged_is_upgraded_only_when_the_loss_is_accepted() {
+        let (_dir, path, expected) = format2_store();
+        // The mark says 600 were acknowledged; the log holds 500.
+        ack_mark::AckMark::open(&path, 500)
+            .unwrap()
+            .record_durably(600)
+            .unwrap();
+        let refused = SledStore::upgrade(&path);
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::ShorterThanAcknowledged { acknowledged, recovered })
+                    if (acknowledged, recovered) == (Position(600), Position(500))
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(format_of(&path), 2);
+        let config = SledStoreConfig::new(&path).accept_lost_events(true);
+        assert_eq!(SledStore::upgrade_with(&config).unwrap().events, 500);
+        // The mark now says 500: a plain open succeeds.
+        check_upgraded(&path, &expected).await;
     }
 }

@@ -140,13 +140,16 @@ impl Writer {
         group: &mut Vec<WriteRequest>,
     ) -> Option<oneshot::Sender<Result<(), StoreError>>> {
         let mut batch = sled::Batch::default();
-        let mut heads: HashMap<StreamId, u64> = HashMap::new();
-        let mut new_ids: HashMap<Uuid, StoredId> = HashMap::new();
+        // Sized for one event per request, the common case, so that a
+        // group of thousands does not rehash and regrow as it is decided.
+        let requests = group.len();
+        let mut heads: HashMap<StreamId, u64> = HashMap::with_capacity(requests);
+        let mut new_ids: HashMap<Uuid, StoredId> = HashMap::with_capacity(requests);
         let mut next_position = self.last_position + 1;
-        let mut decided: Vec<Decided> = Vec::new();
+        let mut decided: Vec<Decided> = Vec::with_capacity(requests);
         let mut syncs = Vec::new();
-        let mut committed: Vec<RecordedEvent> = Vec::new();
-        let mut records: Vec<Vec<u8>> = Vec::new();
+        let mut committed: Vec<RecordedEvent> = Vec::with_capacity(requests);
+        let mut records: Vec<Vec<u8>> = Vec::with_capacity(requests);
         let mut shutdown = None;
         let recorded_at_micros = now_micros();
         let no_space = self.check_space(group);
