@@ -29,3 +29,5 @@ mod limits;
 mod model;
 #[path = "store/reopen.rs"]
 mod reopen;
+#[path = "store/upgrade.rs"]
+mod upgrade;
