@@ -16,6 +16,9 @@ use std::path::Path;
 
 use tracing::warn;
 
+use crate::error::StoreError;
+use crate::event::Position;
+
 /// The mark's file name in the store's directory.
 pub(super) const FILE_NAME: &str = "annals.acked";
 
@@ -65,6 +68,33 @@ pub(super) fn read(dir: &Path) -> Option<u64> {
         warn!(dir = %dir.display(), "the acknowledged mark does not decode; ignored");
     }
     position
+}
+
+/// Refuses a log that sled recovered up to `head` when the mark in `dir`
+/// says more was acknowledged, unless `accept`: the loss is then logged
+/// (`doing` says what is under way) and the mark lowered to `head`,
+/// durably. Returns the mark as it was read.
+pub(super) fn check(
+    dir: &Path,
+    head: u64,
+    accept: bool,
+    doing: &str,
+) -> Result<Option<u64>, StoreError> {
+    let acknowledged = read(dir);
+    if let Some(acknowledged) = acknowledged.filter(|&a| a > head) {
+        if !accept {
+            return Err(StoreError::ShorterThanAcknowledged {
+                acknowledged: Position(acknowledged),
+                recovered: Position(head),
+            });
+        }
+        warn!(
+            dir = %dir.display(), acknowledged, recovered = head,
+            "{doing} a store that lost acknowledged events, as the config accepts"
+        );
+        AckMark::open(dir, acknowledged)?.record_durably(head)?;
+    }
+    Ok(acknowledged)
 }
 
 impl AckMark {

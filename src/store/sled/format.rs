@@ -281,6 +281,15 @@ pub(super) fn event_at(
     }
 }
 
+/// The position `Mhead` holds (0 when it is not there).
+pub(super) fn stored_head(log: &sled::Tree) -> Result<u64, StoreError> {
+    log.get(META_HEAD)
+        .map_err(super::sled_error)?
+        .map(|v| decode_u64(&v))
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
+
 /// The position of the last stored event (0 when none): the last chunk's
 /// last, one descent of the tree.
 pub(super) fn last_position(log: &sled::Tree) -> Result<u64, StoreError> {

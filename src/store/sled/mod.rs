@@ -33,7 +33,7 @@ pub use self::read_model::{ReadModelBatch, ReadModelView};
 pub use self::upgrade::UpgradeSummary;
 
 use self::durability::Syncer;
-use self::format::{corrupt, decode_u64, last_position, META_FORMAT, META_HEAD, META_UPGRADING};
+use self::format::{corrupt, last_position, stored_head, META_FORMAT, META_HEAD, META_UPGRADING};
 use self::writer::{WriteRequest, Writer};
 use crate::error::{AppendError, BackendError, ReadError, StoreError};
 use crate::event::{
@@ -366,12 +366,7 @@ fn check_format(path: &Path, db: &sled::Db, log: &sled::Tree) -> Result<u64, Sto
             expected: FORMAT_VERSION,
         });
     }
-    let head = log
-        .get(META_HEAD)
-        .map_err(sled_error)?
-        .map(|v| decode_u64(&v))
-        .transpose()?
-        .unwrap_or(0);
+    let head = stored_head(log)?;
     // O(log n), not a scan: the stored head must be the last event.
     let last = last_position(log)?;
     if last != head {
@@ -392,21 +387,7 @@ fn check_acknowledged(
     head: u64,
     config: &SledStoreConfig,
 ) -> Result<Option<ack_mark::AckMark>, StoreError> {
-    let acknowledged = ack_mark::read(path);
-    if let Some(acknowledged) = acknowledged.filter(|&a| a > head) {
-        if !config.accept_lost_events {
-            return Err(StoreError::ShorterThanAcknowledged {
-                acknowledged: Position(acknowledged),
-                recovered: Position(head),
-            });
-        }
-        tracing::warn!(
-            path = %path.display(), acknowledged, recovered = head,
-            "opening a store that lost acknowledged events, as the config accepts"
-        );
-        let mut mark = ack_mark::AckMark::open(path, acknowledged)?;
-        mark.record_durably(head)?;
-    }
+    let acknowledged = ack_mark::check(path, head, config.accept_lost_events, "opening")?;
     match config.durability {
         Durability::Buffered { .. } => Ok(None),
         Durability::Fsync | Durability::Flush => Ok(Some(ack_mark::AckMark::open(

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use super::durability::Syncer;
 use super::format::{
     chunk_at, decode_record, decode_u64, encode_record, event_at, id_key, stage_chunks,
-    stage_indexes, stream_head, stream_key, Chunk, RecordDecoder, StoredSnapshot, CHUNK, EVENT_ID,
-    META_HEAD, STREAM,
+    stage_indexes, stored_head, stream_head, stream_key, Chunk, RecordDecoder, StoredSnapshot,
+    CHUNK, EVENT_ID, META_HEAD, STREAM,
 };
 use super::{check_format, check_path, open_db, sled_error, wait_for_release, Counters};
 use super::{Durability, SledStore};
@@ -144,12 +144,7 @@ fn directory_size(path: &Path) -> std::io::Result<u64> {
 
 fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
     let mut check = RawCheck::default();
-    let stored_head = log
-        .get(META_HEAD)
-        .map_err(sled_error)?
-        .map(|v| decode_u64(&v))
-        .transpose()?
-        .unwrap_or(0);
+    let stored_head = stored_head(log)?;
     let mut last = 0;
     // After a chunk whose layout does not parse, its extent is unknown: the
     // next chunk's start is not reported as a gap.

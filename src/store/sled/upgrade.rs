@@ -9,13 +9,12 @@ use std::sync::Arc;
 
 use super::durability::Syncer;
 use super::format::{
-    chunk_key, corrupt, decode_u64, last_position, stage_chunks, EVENT, FORMAT_VERSION,
-    META_FORMAT, META_HEAD, META_UPGRADING,
+    chunk_key, corrupt, decode_u64, last_position, stage_chunks, stored_head, EVENT,
+    FORMAT_VERSION, META_FORMAT, META_UPGRADING,
 };
 use super::{ack_mark, check_path, open_db, sled_error, wait_for_release, Counters, Durability};
 use super::{SledStore, SledStoreConfig};
 use crate::error::StoreError;
-use crate::event::Position;
 
 /// Events moved per sled batch.
 pub(super) const EVENTS_PER_BATCH: usize = 4096;
@@ -113,12 +112,7 @@ fn upgrade_log(
             .try_into()
             .map_err(|_| corrupt("format version record"))?,
     );
-    let head = log
-        .get(META_HEAD)
-        .map_err(sled_error)?
-        .map(|v| decode_u64(&v))
-        .transpose()?
-        .unwrap_or(0);
+    let head = stored_head(&log)?;
     let upgrading = log.contains_key(META_UPGRADING).map_err(sled_error)?;
     let mut summary = UpgradeSummary {
         found_format: found,
@@ -210,19 +204,7 @@ fn start(config: &SledStoreConfig, log: &sled::Tree, head: u64) -> Result<(), St
     {
         return Err(corrupt("a format-2 log that holds chunks"));
     }
-    if let Some(acknowledged) = ack_mark::read(path).filter(|&a| a > head) {
-        if !config.accept_lost_events {
-            return Err(StoreError::ShorterThanAcknowledged {
-                acknowledged: Position(acknowledged),
-                recovered: Position(head),
-            });
-        }
-        tracing::warn!(
-            path = %path.display(), acknowledged, recovered = head,
-            "upgrading a store that lost acknowledged events, as the config accepts"
-        );
-        ack_mark::AckMark::open(path, acknowledged)?.record_durably(head)?;
-    }
+    ack_mark::check(path, head, config.accept_lost_events, "upgrading")?;
     let mut batch = sled::Batch::default();
     batch.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes());
     batch.insert(META_UPGRADING, &[1u8]);
@@ -235,7 +217,7 @@ fn start(config: &SledStoreConfig, log: &sled::Tree, head: u64) -> Result<(), St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{EventFilter, ReadDirection, StreamId, Version};
+    use crate::event::{EventFilter, Position, ReadDirection, StreamId, Version};
     use crate::store::{EventStore, ExpectedVersion, NewEvent};
 
     /// A copy of `tests/fixtures/format2`: a store written by the format-2
