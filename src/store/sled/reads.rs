@@ -8,8 +8,8 @@
 use tracing::warn;
 
 use super::format::{
-    chunk_at, chunk_key, corrupt, decode_u64, event_at, id_key, stream_head, stream_key,
-    stream_prefix, Chunk, RecordDecoder, StoredSnapshot,
+    chunk_at, chunk_key, corrupt, decode_u64, id_key, stream_head, stream_key, stream_prefix,
+    Chunk, RecordDecoder, StoredSnapshot,
 };
 use super::{sled_error, Handles};
 use crate::error::{ReadError, StoreError};
@@ -69,6 +69,9 @@ pub(super) fn read_stream(
     };
     let mut events = Vec::new();
     let mut decoder = RecordDecoder::default();
+    // The events of one append share a chunk: the last one read is kept
+    // and looked in first.
+    let mut last_chunk: Option<Chunk> = None;
     let push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
         let (key, value) = entry.map_err(sled_error)?;
         if !key.starts_with(&prefix) {
@@ -80,8 +83,18 @@ pub(super) fn read_stream(
             // forward, nothing more; going backward, older ones follow.
             return Ok(direction == ReadDirection::Backward);
         }
-        let event = event_at(log, position, &mut decoder)?
-            .ok_or_else(|| corrupt(format_args!("{stream} index points at missing {position}")))?;
+        let missing = || corrupt(format_args!("{stream} index points at missing {position}"));
+        let cached = last_chunk
+            .as_ref()
+            .is_some_and(|chunk| chunk.record(position).is_some());
+        if !cached {
+            last_chunk = Some(chunk_at(log, position)?.ok_or_else(missing)?);
+        }
+        let chunk = last_chunk.as_ref().expect("just read");
+        let record = chunk.record(position).expect("the chunk holds it");
+        let event = decoder
+            .decode(position, record, &EventFilter::All)?
+            .ok_or_else(missing)?;
         events.push(event);
         Ok(events.len() < limit)
     };
@@ -311,6 +324,65 @@ mod tests {
     use crate::event::{ExpectedVersion, NewEvent};
     use crate::store::EventStore;
     use crate::SledStore;
+
+    /// A stream read keeps the last chunk it read: streams that share
+    /// chunks (appends of one group) still read back only their own
+    /// events, in order, both ways.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_that_share_chunks_read_back_their_own_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SledStore::open(dir.path().join("store")).unwrap());
+        let streams: Vec<StreamId> = (0..3)
+            .map(|i| StreamId::new(format!("order-{i}")).unwrap())
+            .collect();
+        let appends = (0..300).map(|n| {
+            let store = std::sync::Arc::clone(&store);
+            let stream = streams[n % 3].clone();
+            tokio::spawn(async move {
+                let events = (0..1 + n % 2)
+                    .map(|_| NewEvent::new("Placed", vec![n as u8]))
+                    .collect();
+                store
+                    .append(&stream, ExpectedVersion::Any, events)
+                    .await
+                    .unwrap()
+            })
+        });
+        for append in appends.collect::<Vec<_>>() {
+            append.await.unwrap();
+        }
+        let chunks = store.tree("log").unwrap().scan_prefix([b'C']).count();
+        assert!(chunks < 450, "the appends should share chunks: {chunks}");
+        for stream in &streams {
+            let filter = EventFilter::Stream(stream.clone());
+            let expected = store
+                .read_all(Position::START, ReadDirection::Forward, 1000, &filter)
+                .await
+                .unwrap();
+            let all = store
+                .read_all(
+                    Position::START,
+                    ReadDirection::Forward,
+                    1000,
+                    &EventFilter::All,
+                )
+                .await
+                .unwrap();
+            let own: Vec<_> = all.into_iter().filter(|e| &e.stream_id == stream).collect();
+            assert_eq!(expected, own);
+            let forward = store
+                .read_stream(stream, Version::FIRST, ReadDirection::Forward, 1000)
+                .await
+                .unwrap();
+            assert_eq!(forward, own);
+            let mut backward = store
+                .read_stream(stream, Version::MAX, ReadDirection::Backward, 1000)
+                .await
+                .unwrap();
+            backward.reverse();
+            assert_eq!(backward, own);
+        }
+    }
 
     /// The writer applies a group to sled before it is durable; until the
     /// head moves, no read may return it (it could still be lost). Staged
