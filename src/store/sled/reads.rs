@@ -353,22 +353,26 @@ mod tests {
         }
         let chunks = store.tree("log").unwrap().scan_prefix([b'C']).count();
         assert!(chunks < 450, "the appends should share chunks: {chunks}");
+        let all = store
+            .read_all(
+                Position::START,
+                ReadDirection::Forward,
+                1000,
+                &EventFilter::All,
+            )
+            .await
+            .unwrap();
         for stream in &streams {
             let filter = EventFilter::Stream(stream.clone());
             let expected = store
                 .read_all(Position::START, ReadDirection::Forward, 1000, &filter)
                 .await
                 .unwrap();
-            let all = store
-                .read_all(
-                    Position::START,
-                    ReadDirection::Forward,
-                    1000,
-                    &EventFilter::All,
-                )
-                .await
-                .unwrap();
-            let own: Vec<_> = all.into_iter().filter(|e| &e.stream_id == stream).collect();
+            let own: Vec<_> = all
+                .iter()
+                .filter(|e| &e.stream_id == stream)
+                .cloned()
+                .collect();
             assert_eq!(expected, own);
             let forward = store
                 .read_stream(stream, Version::FIRST, ReadDirection::Forward, 1000)
