@@ -73,7 +73,8 @@ pub(super) fn read(dir: &Path) -> Option<u64> {
 /// Refuses a log that sled recovered up to `head` when the mark in `dir`
 /// says more was acknowledged, unless `accept`: the loss is then logged
 /// (`doing` says what is under way) and the mark lowered to `head`,
-/// durably. Returns the mark as it was read.
+/// durably (one write and one fdatasync). Returns the mark as it now
+/// stands.
 pub(super) fn check(
     dir: &Path,
     head: u64,
@@ -92,7 +93,8 @@ pub(super) fn check(
             dir = %dir.display(), acknowledged, recovered = head,
             "{doing} a store that lost acknowledged events, as the config accepts"
         );
-        AckMark::open(dir, acknowledged)?.record_durably(head)?;
+        AckMark::open(dir, head)?.record_durably(head)?;
+        return Ok(Some(head));
     }
     Ok(acknowledged)
 }

@@ -174,7 +174,6 @@ pub(super) fn stage_indexes(batch: &mut sled::Batch, event: &RecordedEvent) {
 }
 
 /// A stored chunk, its layout checked: the events at `first ..= last()`.
-#[derive(Clone)]
 pub(super) struct Chunk {
     first: u64,
     count: usize,

@@ -360,7 +360,7 @@ fn check_format(path: &Path, db: &sled::Db, log: &sled::Tree) -> Result<u64, Sto
     }
     if log.contains_key(META_UPGRADING).map_err(sled_error)? {
         // An upgrade from format 2 that has not finished: running it again
-        // finishes it (`annals::ops::upgrade_sled_store`).
+        // finishes it (`SledStore::upgrade`).
         return Err(StoreError::FormatMismatch {
             found: 2,
             expected: FORMAT_VERSION,

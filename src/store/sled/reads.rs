@@ -8,8 +8,8 @@
 use tracing::warn;
 
 use super::format::{
-    chunk_at, chunk_key, corrupt, decode_u64, id_key, stream_head, stream_key, stream_prefix,
-    Chunk, RecordDecoder, StoredSnapshot,
+    chunk_at, chunk_key, corrupt, decode_u64, event_at, id_key, stream_head, stream_key,
+    stream_prefix, Chunk, RecordDecoder, StoredSnapshot,
 };
 use super::{sled_error, Handles};
 use crate::error::{ReadError, StoreError};
@@ -28,19 +28,12 @@ pub(super) fn read_by_id(
     let Some(position) = handles.log.get(id_key(event_id)).map_err(sled_error)? else {
         return Ok(None);
     };
-    let position = Position(decode_u64(&position)?);
-    if position > head {
+    let position = decode_u64(&position)?;
+    if position > head.0 {
         return Ok(None);
     }
-    let found = read_all(
-        handles,
-        head,
-        position,
-        ReadDirection::Forward,
-        1,
-        &EventFilter::All,
-    )?;
-    match found.into_iter().next() {
+    // One descent to its chunk, which holds it.
+    match event_at(&handles.log, position, &mut RecordDecoder::default())? {
         Some(event) if event.event_id == event_id => Ok(Some(event)),
         _ => Err(corrupt(format_args!(
             "event id {event_id} points at {position}, which holds another"
