@@ -507,3 +507,24 @@ fn sled_store_settings_below_their_minimum_are_refused() {
         );
     }
 }
+
+/// An event size a chunk cannot address (its offsets are 32-bit) is
+/// refused before anything is created; 1 GiB itself is accepted.
+#[test]
+fn a_max_event_size_above_one_gib_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let config = annals::store::SledStoreConfig::new(&path).max_event_size((1 << 30) + 1);
+    match SledStore::open_with(config) {
+        Err(annals::StoreError::InvalidInput(InvalidInput::TooLarge { what, value, max })) => {
+            assert_eq!(
+                (what, value, max),
+                ("max_event_size", (1 << 30) + 1, 1 << 30)
+            );
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(!path.exists(), "the store directory was created");
+    let at_limit = annals::store::SledStoreConfig::new(&path).max_event_size(1 << 30);
+    assert_eq!(at_limit.validate(), Ok(()));
+}
