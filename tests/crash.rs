@@ -696,10 +696,7 @@ async fn check_read_model(store: &SledStore, all: &[RecordedEvent], findings: &m
 
 #[test]
 fn crash_cycles_lose_nothing() {
-    let cycles: u64 = std::env::var("ANNALS_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let cycles: u64 = crate::common::setting("ANNALS_CRASH_CYCLES", 5);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut findings = Findings::default();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);

@@ -30,10 +30,7 @@ const COLD: u64 = 400;
 const TASKS: u64 = 64;
 
 fn commands_per_task() -> u64 {
-    std::env::var("ANNALS_STRESS_COMMANDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40)
+    crate::common::setting("ANNALS_STRESS_COMMANDS", 40)
 }
 
 struct Rng(u64);

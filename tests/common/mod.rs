@@ -292,6 +292,15 @@ impl EventStore for TestStore {
     }
 }
 
+/// The setting `name` from the environment (a case count, a number of
+/// kills), or `default` when it is unset or does not parse.
+pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Every event of `$all`, in order.
 pub async fn whole_log(store: &dyn EventStore) -> Vec<RecordedEvent> {
     store

@@ -181,10 +181,7 @@ fn kill_9_during_sled_projection_never_loses_or_repeats_an_event() {
         child(Path::new(&path));
         return;
     }
-    let cycles: u32 = std::env::var("ANNALS_PROJECTION_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let cycles: u32 = crate::common::setting("ANNALS_PROJECTION_CRASH_CYCLES", 3);
     let dir = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -401,10 +401,7 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 fn cases() -> u32 {
-    std::env::var("ANNALS_IDLE_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(32)
+    crate::common::setting("ANNALS_IDLE_CASES", 32)
 }
 
 proptest! {

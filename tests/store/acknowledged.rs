@@ -177,10 +177,7 @@ impl Rng {
 /// were refused as shorter, so it fails if the check is gone.
 #[test]
 fn a_damaged_log_never_opens_shorter_than_acknowledged() {
-    let cases: u64 = std::env::var("ANNALS_ACK_DAMAGE_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(60);
+    let cases: u64 = crate::common::setting("ANNALS_ACK_DAMAGE_CASES", 60);
     let root = tempfile::tempdir().unwrap();
     let template = root.path().join("template");
     let rt = tokio::runtime::Builder::new_current_thread()

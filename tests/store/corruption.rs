@@ -399,14 +399,8 @@ static PANICS_SEEN: AtomicU64 = AtomicU64::new(0);
 
 #[test]
 fn damaged_files_give_typed_errors_never_panics_or_wrong_data() {
-    let cases: u64 = std::env::var("ANNALS_CORRUPTION_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    let first_seed: u64 = std::env::var("ANNALS_CORRUPTION_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let cases: u64 = crate::common::setting("ANNALS_CORRUPTION_CASES", 300);
+    let first_seed: u64 = crate::common::setting("ANNALS_CORRUPTION_SEED", 1);
     let root = tempfile::tempdir().expect("temp dir");
     let template = root.path().join("template");
     let written = write_template(&template);

@@ -31,10 +31,7 @@ use uuid::Uuid;
 use crate::chunks::{chunk_key, single_chunk, stored_records};
 
 fn cases() -> u32 {
-    std::env::var("ANNALS_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000)
+    crate::common::setting("ANNALS_FUZZ_CASES", 2000)
 }
 
 fn config() -> ProptestConfig {

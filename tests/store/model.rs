@@ -398,10 +398,7 @@ async fn run(setup: Setup, steps: Vec<Step>) -> Result<(), TestCaseError> {
 }
 
 fn cases() -> u32 {
-    std::env::var("ANNALS_MODEL_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(24)
+    crate::common::setting("ANNALS_MODEL_CASES", 24)
 }
 
 proptest! {

@@ -65,10 +65,7 @@ fn upgrade_child() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_killed_anywhere_finishes_on_the_next_run() {
-    let kills: u64 = std::env::var("ANNALS_UPGRADE_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
+    let kills: u64 = crate::common::setting("ANNALS_UPGRADE_KILLS", 6);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let store = SledStore::open(&path).unwrap();
