@@ -136,11 +136,11 @@ impl Projection for StreamCounts {
 /// the store's default): the store the catch-up, scan and open figures
 /// read. Returns how much the process's resident memory grew per event
 /// written, measured before the store is closed: what a long-lived writer
-/// keeps for the log it wrote (0 without `/proc`).
+/// keeps for the log it wrote (`None` without `/proc`).
 pub(crate) async fn fill_bulk(
     path: &Path,
     events: u64,
-) -> Result<f64, Box<dyn Error + Send + Sync>> {
+) -> Result<Option<f64>, Box<dyn Error + Send + Sync>> {
     let store = Arc::new(SledStore::open_with(
         SledStoreConfig::new(path).durability(Durability::Buffered {
             flush_every_ms: 1000,
@@ -171,8 +171,8 @@ pub(crate) async fn fill_bulk(
         task.await??;
     }
     let grown = match (before, rss_bytes()) {
-        (Some(before), Some(after)) => after.saturating_sub(before) as f64 / events as f64,
-        _ => 0.0,
+        (Some(before), Some(after)) => Some(after.saturating_sub(before) as f64 / events as f64),
+        _ => None,
     };
     store.shutdown().await?;
     Ok(grown)
