@@ -18,7 +18,12 @@
 //! cargo run --release --example throughput -- --10m   # + a 10M-event store (~4 GB)
 //! ANNALS_THROUGHPUT_SCALE=3 cargo run --release --example throughput
 //! cargo run --release --example throughput -- --catchup-only # the reads alone
+//! cargo run --release --example throughput -- --appends-only # store vs SQLite
 //! ```
+//!
+//! `--appends-only` runs only `store_appends_per_s_500k` and SQLite's
+//! figure for the same load, and their ratio: the write path of two builds
+//! compared in a few seconds.
 //!
 //! `--catchup-only` runs only the million-event store's figures (catch-up,
 //! decoding the records from memory, SQLite's scan) in a fresh process,
@@ -804,6 +809,18 @@ async fn main() -> Result<()> {
 
     if std::env::args().any(|a| a == "--catchup-only") {
         return catchup_only(&scale).await;
+    }
+    if std::env::args().any(|a| a == "--appends-only") {
+        let sled = sled_appends(scale.store_events).await?;
+        let sqlite = sqlite_appends(scale.store_events).await?;
+        println!("store_appends_per_s_500k: {:.0}", sled.per_second);
+        println!("store_appends_per_group_commit: {:.1}", sled.per_commit);
+        println!("sqlite_appends_per_s_500k: {:.0}", sqlite.per_second);
+        println!(
+            "ratio_to_sqlite_appends: {:.2}",
+            sled.per_second / sqlite.per_second
+        );
+        return Ok(());
     }
 
     // Memory first, while the allocator has no freed memory to reuse.
