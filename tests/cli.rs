@@ -268,6 +268,24 @@ fn stream_key(stream: &str, version: u64) -> Vec<u8> {
     key
 }
 
+/// Points `stream`'s `version` at `position` in the stream index block
+/// that holds it (a block holds a stream's consecutive versions from the
+/// one in its key).
+fn set_stream_entry(log: &sled::Tree, stream: &str, version: u64, position: u64) {
+    let prefix = stream_key(stream, 0)[..stream.len() + 2].to_vec();
+    let (key, value) = log
+        .range(prefix.clone()..=stream_key(stream, version))
+        .next_back()
+        .expect("a block at or below the version")
+        .unwrap();
+    let first = u64::from_be_bytes(key[prefix.len()..].try_into().unwrap());
+    let at = ((version - first) * 8) as usize;
+    let mut value = value.to_vec();
+    assert!(at + 8 <= value.len(), "the block holds version {version}");
+    value[at..at + 8].copy_from_slice(&position.to_be_bytes());
+    log.insert(key, value).unwrap();
+}
+
 fn violations(stdout: &str) -> Vec<Value> {
     json_lines(stdout)
         .into_iter()
@@ -314,8 +332,7 @@ async fn verify_passes_a_sound_store_and_reports_each_kind_of_damage() {
     // A bad index entry: order-2 version 2 points at order-1's first event.
     let bad_index = dir.path().join("bad-index");
     damaged_copy(&sound, &bad_index, |log| {
-        log.insert(stream_key("order-2", 2), &1u64.to_be_bytes())
-            .unwrap();
+        set_stream_entry(log, "order-2", 2, 1);
     });
     let output = expect(1, &[path_str(&bad_index), "verify"]);
     assert!(
@@ -818,7 +835,10 @@ fn upgrade_moves_a_format_2_store_to_this_format() {
     );
     let upgraded = expect(0, &[store, "upgrade"]);
     assert!(
-        upgraded.contains("upgraded 500 events from format 2 to 3"),
+        upgraded.contains(&format!(
+            "upgraded 500 events from format 2 to {}",
+            annals::store::FORMAT_VERSION
+        )),
         "{upgraded}"
     );
     let report = expect(0, &[store, "verify"]);
@@ -826,9 +846,9 @@ fn upgrade_moves_a_format_2_store_to_this_format() {
     assert!(report.contains("no violation"), "{report}");
     let stats = json_lines(&expect(0, &[store, "--json", "stats"]));
     assert_eq!(stats[0]["head"], 500);
-    assert_eq!(stats[0]["format_version"], 3);
+    assert_eq!(stats[0]["format_version"], annals::store::FORMAT_VERSION);
     let again = json_lines(&expect(0, &[store, "--json", "upgrade"]));
-    assert_eq!(again[0]["found_format"], 3);
+    assert_eq!(again[0]["found_format"], annals::store::FORMAT_VERSION);
     assert_eq!(again[0]["chunks_written"], 0);
 }
 

@@ -207,8 +207,11 @@ impl SledProjection for LedgerProjection {
 fn open_store(dir: &str) -> SledStore {
     // The parent's handles are all dropped before the child starts, but sled
     // may release the directory's lock a moment later.
+    // A small stream index flush: kills land in its flushes and in its
+    // tail, both of which the next open must get right.
+    let config = annals::store::SledStoreConfig::new(dir).stream_index_flush_events(64);
     for _ in 0..500 {
-        match SledStore::open(dir) {
+        match SledStore::open_with(config.clone()) {
             Ok(store) => return store,
             Err(annals::StoreError::InUse { .. }) => {
                 std::thread::sleep(Duration::from_millis(10));

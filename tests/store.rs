@@ -29,5 +29,7 @@ mod limits;
 mod model;
 #[path = "store/reopen.rs"]
 mod reopen;
+#[path = "store/stream_index.rs"]
+mod stream_index;
 #[path = "store/upgrade.rs"]
 mod upgrade;

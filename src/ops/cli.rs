@@ -268,10 +268,13 @@ fn store_failure(error: StoreError) -> Failure {
                 .map(|holder| format!(" by {holder}"))
                 .unwrap_or_default()
         )),
-        StoreError::FormatMismatch { found: 2, expected } => Failure::refused(format!(
-            "annals: the store has format version 2 (or its upgrade was interrupted); this \
-             annals reads version {expected}. Run `annals <store> upgrade` to upgrade it in \
-             place; nothing was changed."
+        StoreError::FormatMismatch {
+            found: found @ (2 | 3),
+            expected,
+        } => Failure::refused(format!(
+            "annals: the store has format version {found} (or its upgrade was interrupted); \
+             this annals reads version {expected}. Run `annals <store> upgrade` to upgrade it \
+             in place; nothing was changed."
         )),
         StoreError::FormatMismatch { found, expected } => Failure::refused(format!(
             "annals: the store has format version {found}; this annals reads version {expected}. \

@@ -243,3 +243,84 @@ fn a_damaged_log_never_opens_shorter_than_acknowledged() {
         "no damaged copy was recognised as shorter: the check proves nothing"
     );
 }
+
+/// A group that was never answered can be recovered in part when sled runs
+/// out of space in its flush: its `Mhead` without its chunk
+/// (`tests/full_disk.rs` met it). Opening goes back to the last event when
+/// the mark says nothing after it was acknowledged, and refuses with
+/// `ShorterThanAcknowledged` when it was. Staged by editing a closed
+/// store's `Mhead`, and by removing its last chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_past_the_last_event_opens_at_it_only_if_never_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let store = SledStore::open(&path).unwrap();
+    append(&store, 20).await;
+    store.shutdown().await.unwrap();
+    let set_head = |head: u64, remove_last_chunk: bool| {
+        let db = crate::common::until_unlocked(|| sled::open(&path)).unwrap();
+        let log = db.open_tree("log").unwrap();
+        if remove_last_chunk {
+            let (key, _) = log.scan_prefix(b"C").next_back().unwrap().unwrap();
+            log.remove(key).unwrap();
+        }
+        log.insert(b"Mhead", &head.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    };
+
+    // Position 21's group was torn before its answer: the mark is at 20.
+    set_head(21, false);
+    let store = crate::common::until_unlocked(|| SledStore::open(&path)).unwrap();
+    assert_eq!(store.head_position(), Position(20));
+    let done = store
+        .append(
+            &stream(1),
+            ExpectedVersion::Any,
+            vec![NewEvent::new("Happened", vec![])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.first_position, Position(21));
+    store.shutdown().await.unwrap();
+
+    // The last chunk (an acknowledged event, 21) is gone, its head kept.
+    set_head(21, true);
+    match crate::common::until_unlocked(|| SledStore::open(&path)) {
+        Err(StoreError::ShorterThanAcknowledged {
+            acknowledged,
+            recovered,
+        }) => assert_eq!((acknowledged, recovered), (Position(21), Position(20))),
+        other => panic!(
+            "expected ShorterThanAcknowledged, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+    // Accepted: the stream index no longer points at 21, which the next
+    // append takes.
+    let accepted = SledStoreConfig::new(&path).accept_lost_events(true);
+    let store = SledStore::open_with(accepted).unwrap();
+    assert_eq!(store.head_position(), Position(20));
+    let before = store.stream_version(&stream(1)).await.unwrap();
+    let done = store
+        .append(
+            &stream(1),
+            ExpectedVersion::Exact(before),
+            vec![NewEvent::new("Happened", vec![])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.first_position, Position(21));
+    let events = store
+        .read_stream(
+            &stream(1),
+            annals::Version::FIRST,
+            ReadDirection::Forward,
+            100,
+        )
+        .await
+        .unwrap();
+    let versions: Vec<u64> = events.iter().map(|e| e.version.0).collect();
+    assert_eq!(versions, (1..=before.0 + 1).collect::<Vec<_>>());
+    assert_eq!(events.last().unwrap().position, Position(21));
+    store.shutdown().await.unwrap();
+}

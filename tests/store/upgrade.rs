@@ -13,6 +13,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use annals::store::FORMAT_VERSION;
 use annals::{EventStore, ExpectedVersion, NewEvent, SledStore, StoreError, StreamId};
 
 use crate::chunks;
@@ -117,8 +118,8 @@ async fn an_upgrade_killed_anywhere_finishes_on_the_next_run() {
                 continue;
             }
             // Killed part-way (or before it began): this build refuses the
-            // store, and it is either untouched or marked format 3, which
-            // the format-2 build refuses.
+            // store, and it is either untouched or marked with this build's
+            // format, which the format-2 build refuses.
             match until_unlocked(|| SledStore::open(&path)) {
                 Err(StoreError::FormatMismatch { found: 2, .. }) => {}
                 // The upgrade finished just before the kill, unprinted.
@@ -131,7 +132,7 @@ async fn an_upgrade_killed_anywhere_finishes_on_the_next_run() {
             }
             match format_of(&path) {
                 2 => before_marking += 1,
-                3 => part_way += 1,
+                format if format == FORMAT_VERSION => part_way += 1,
                 other => panic!("a killed upgrade left format {other}"),
             }
         }
@@ -166,4 +167,60 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// A format-3 store (every stream entry written with its group, one key
+/// per event, no `Mindexed`) is refused with its format, and the upgrade
+/// makes it this build's by marking it: its events and streams read back
+/// as they were. Staged with one one-event append per session (a shutdown
+/// writes the session's stream entries, here one per stream), which
+/// writes exactly format 3's keys, then given format 3's meta records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_3_store_is_refused_then_upgraded_by_marking_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    for n in 0..30u8 {
+        let store = until_unlocked(|| SledStore::open(&path)).unwrap();
+        let stream = StreamId::new(format!("order-{}", n % 4)).unwrap();
+        store
+            .append(
+                &stream,
+                ExpectedVersion::Any,
+                vec![NewEvent::new("Placed", vec![n])],
+            )
+            .await
+            .unwrap();
+        store.shutdown().await.unwrap();
+    }
+    let store = until_unlocked(|| SledStore::open(&path)).unwrap();
+    let log = whole_log(&store).await;
+    store.shutdown().await.unwrap();
+    {
+        let db = until_unlocked(|| sled::open(&path)).unwrap();
+        let tree = db.open_tree("log").unwrap();
+        assert_eq!(tree.scan_prefix(b"S").count(), 30, "one key per event");
+        tree.insert(b"Mformat", &3u32.to_be_bytes()).unwrap();
+        tree.remove(b"Mindexed").unwrap();
+        db.flush().unwrap();
+    }
+    match until_unlocked(|| SledStore::open(&path)) {
+        Err(StoreError::FormatMismatch { found: 3, expected }) => {
+            assert_eq!(expected, FORMAT_VERSION)
+        }
+        other => panic!("expected FormatMismatch, got {:?}", other.map(|_| ())),
+    }
+    let summary = until_unlocked(|| SledStore::upgrade(&path)).unwrap();
+    assert_eq!((summary.found_format, summary.chunks_written), (3, 0));
+    let store = until_unlocked(|| SledStore::open(&path)).unwrap();
+    assert_eq!(whole_log(&store).await, log);
+    for n in 0..4 {
+        let stream = StreamId::new(format!("order-{n}")).unwrap();
+        let own: Vec<_> = log
+            .iter()
+            .filter(|e| e.stream_id == stream)
+            .cloned()
+            .collect();
+        assert_eq!(crate::common::whole_stream(&store, &stream).await, own);
+    }
+    store.shutdown().await.unwrap();
 }

@@ -75,6 +75,12 @@ pub struct SledStoreConfig {
     /// then records the recovered head as acknowledged, and later opens
     /// check against it. Default `false`.
     pub accept_lost_events: bool,
+    /// Events whose stream entries are kept in memory before the indexer
+    /// thread writes them to sled in bulk, one key per stream for all of
+    /// them (docs/design.md, "The stream index"). Larger takes fewer sled
+    /// keys per event, and more memory and more to re-read on an open after
+    /// a crash (a clean shutdown writes them all). Default 32,768.
+    pub stream_index_flush_events: usize,
 }
 
 impl SledStoreConfig {
@@ -91,6 +97,7 @@ impl SledStoreConfig {
             min_free_bytes: 16 << 20,
             head_cache_capacity: 100_000,
             accept_lost_events: false,
+            stream_index_flush_events: 32_768,
         }
     }
 
@@ -125,6 +132,13 @@ impl SledStoreConfig {
         self
     }
 
+    /// Sets how many events' stream entries are kept in memory before they
+    /// are written in bulk: see [`SledStoreConfig::stream_index_flush_events`].
+    pub fn stream_index_flush_events(mut self, events: usize) -> Self {
+        self.stream_index_flush_events = events;
+        self
+    }
+
     /// Sets the free space to keep on the filesystem (0: no check).
     pub fn min_free_bytes(mut self, bytes: u64) -> Self {
         self.min_free_bytes = bytes;
@@ -150,8 +164,8 @@ impl SledStoreConfig {
     }
 
     /// Checks the settings [`SledStore::open_with`](super::SledStore::open_with) needs: the event size,
-    /// the live feed, the queue, the group commit and a buffered flush
-    /// period must each be at least 1, and the event size at most 1 GiB.
+    /// the live feed, the queue, the group commit, the stream index's flush
+    /// and a buffered flush period must each be at least 1, and the event size at most 1 GiB.
     ///
     /// # Errors
     /// [`InvalidInput::TooSmall`] naming the first setting below it;
@@ -169,6 +183,10 @@ impl SledStoreConfig {
         at_least_one("live_feed_capacity", self.live_feed_capacity as u64)?;
         at_least_one("queue_capacity", self.queue_capacity as u64)?;
         at_least_one("max_group_commit", self.max_group_commit as u64)?;
+        at_least_one(
+            "stream_index_flush_events",
+            self.stream_index_flush_events as u64,
+        )?;
         if let Durability::Buffered { flush_every_ms } = self.durability {
             at_least_one("flush_every_ms", flush_every_ms)?;
         }

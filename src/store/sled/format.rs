@@ -9,21 +9,25 @@ use crate::error::StoreError;
 use crate::event::{EventFilter, Metadata, Position, RecordedEvent, StreamId, Version};
 
 /// The on-disk format this build reads and writes (docs/design.md).
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 // Key prefixes of the `log` tree. One tree, so that one `sled::Batch` commits
 // a group's events, their indexes and the new head atomically.
 pub(super) const CHUNK: u8 = b'C';
 /// The prefix of format 2's one-record-per-key log, read only by the
-/// upgrade to format 3.
+/// upgrade from it.
 pub(super) const EVENT: u8 = b'E';
 pub(super) const STREAM: u8 = b'S';
 pub(super) const EVENT_ID: u8 = b'I';
 pub(super) const META_FORMAT: &[u8] = b"Mformat";
 pub(super) const META_HEAD: &[u8] = b"Mhead";
 /// Present while an upgrade from format 2 is under way (docs/design.md,
-/// "Upgrading a format-2 store").
+/// "Upgrading a format-2 or format-3 store").
 pub(super) const META_UPGRADING: &[u8] = b"Mupgrading";
+/// The last position whose stream index entries are written (format 4:
+/// the stream index is written off the commit path, see
+/// `stream_index.rs`).
+pub(super) const META_INDEXED: &[u8] = b"Mindexed";
 
 /// An event record, as stored in a chunk (format 2: under `E + position`). Strings and bytes borrow
 /// from the stored value when decoding, so that a filtered scan allocates
@@ -162,15 +166,21 @@ pub(super) fn stage_chunks<R: AsRef<[u8]>>(
     chunks
 }
 
-/// Stages the two index entries of a stored event: its stream's and its
-/// id's, each pointing at its position.
+/// Stages the event-id index entry of a stored event, pointing at its
+/// position. The writer stages only this one; its stream entry is written
+/// later, in bulk (`stream_index.rs`).
+pub(super) fn stage_id_index(batch: &mut sled::Batch, event: &RecordedEvent) {
+    batch.insert(&id_key(event.event_id), &event.position.0.to_be_bytes());
+}
+
+/// Stages both index entries of a stored event, its stream entry as a block
+/// of one version: how the offline import and the upgrade write them.
 pub(super) fn stage_indexes(batch: &mut sled::Batch, event: &RecordedEvent) {
-    let position = event.position.0.to_be_bytes();
     batch.insert(
         stream_key(event.stream_id.as_str(), event.version.0),
-        &position,
+        &event.position.0.to_be_bytes(),
     );
-    batch.insert(&id_key(event.event_id), &position);
+    stage_id_index(batch, event);
 }
 
 /// A stored chunk, its layout checked: the events at `first ..= last()`.
@@ -319,9 +329,11 @@ pub(super) fn stream_key(stream: &str, version: u64) -> Vec<u8> {
     key
 }
 
-/// The version of `stream`'s last event (0 when it has none): the last key
-/// of its index, one descent of the tree. Format 1 kept a head key per
-/// stream instead; writing it cost a fifth of sled's work per event.
+/// The version of `stream`'s last event in its stream index blocks (0 when
+/// it has none): the last block's, one descent of the tree. The tail the
+/// writer has not yet flushed is not seen here (`StreamIndex::head` sees
+/// both). Format 1 kept a head key per stream instead; writing it cost a
+/// fifth of sled's work per event.
 pub(super) fn stream_head(log: &sled::Tree, stream: &str) -> Result<u64, StoreError> {
     let start = stream_prefix(stream);
     let mut end = start.clone();
@@ -330,9 +342,10 @@ pub(super) fn stream_head(log: &sled::Tree, stream: &str) -> Result<u64, StoreEr
     match log.range(start.as_slice()..end.as_slice()).next_back() {
         None => Ok(0),
         Some(entry) => {
-            let (key, _) = entry.map_err(super::sled_error)?;
-            let version = key.get(start.len()..).unwrap_or_default();
-            decode_u64(version)
+            let (key, value) = entry.map_err(super::sled_error)?;
+            let first = decode_u64(key.get(start.len()..).unwrap_or_default())?;
+            let count = super::stream_index::block_positions(&value)?.len() as u64;
+            Ok(first + count - 1)
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What the operations layer (`annals::ops`) needs of the sled store beyond
 //! the [`EventStore`](crate::EventStore) contract: listing checkpoints and
 //! snapshots, deleting a checkpoint, the size on disk, a raw check of the
-//! `log` tree's indexes against its events (format 3, docs/design.md), and
+//! `log` tree's indexes against its events (format 4, docs/design.md), and
 //! an offline loader that writes imported events as they were recorded.
 
 use std::collections::{HashMap, HashSet};
@@ -11,9 +11,10 @@ use std::sync::Arc;
 use super::durability::Syncer;
 use super::format::{
     chunk_at, decode_record, decode_u64, encode_record, event_at, id_key, stage_chunks,
-    stage_indexes, stored_head, stream_head, stream_key, Chunk, RecordDecoder, StoredSnapshot,
-    CHUNK, EVENT_ID, META_HEAD, STREAM,
+    stage_indexes, stored_head, stream_head, Chunk, RecordDecoder, StoredSnapshot, CHUNK, EVENT_ID,
+    META_HEAD, META_INDEXED, STREAM,
 };
+use super::stream_index::{block_at, block_positions, stored_indexed, StreamIndex};
 use super::{check_format, check_path, open_db, sled_error, wait_for_release, Counters};
 use super::{Durability, SledStore};
 use crate::error::StoreError;
@@ -145,6 +146,7 @@ fn directory_size(path: &Path) -> std::io::Result<u64> {
 fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
     let mut check = RawCheck::default();
     let stored_head = stored_head(log)?;
+    let stream_indexed = stored_indexed(log)?;
     let mut last = 0;
     // After a chunk whose layout does not parse, its extent is unknown: the
     // next chunk's start is not reported as a gap.
@@ -196,7 +198,7 @@ fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
             last = position;
             check.events += 1;
             let record = chunk.record(position).expect("a position of the chunk");
-            check_event(log, position, record, &mut check)?;
+            check_event(log, stream_indexed, position, record, &mut check)?;
         }
     }
     if stored_head != last || last != head {
@@ -214,6 +216,7 @@ fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
 /// entry pointing at it.
 fn check_event(
     log: &sled::Tree,
+    stream_indexed: u64,
     position: u64,
     value: &[u8],
     check: &mut RawCheck,
@@ -235,10 +238,14 @@ fn check_event(
         });
         return Ok(());
     };
-    let indexed = log
-        .get(stream_key(stream, record.version))
-        .map_err(sled_error)?;
-    match indexed.map(|v| decode_u64(&v)).transpose() {
+    let indexed = block_at(log, stream, record.version).map(|block| {
+        block.and_then(|(first, positions)| {
+            positions.get((record.version - first) as usize).copied()
+        })
+    });
+    match indexed {
+        // Past `Mindexed`, the entry may still be in the writer's tail.
+        _ if position > stream_indexed => {}
         Ok(Some(p)) if p == position => {}
         found => check.found(RawFinding::NotIndexed {
             position,
@@ -305,13 +312,15 @@ struct OwnedHead {
     event_id: uuid::Uuid,
 }
 
+/// Checks every block of the stream index: each of its versions points at
+/// the event of that stream and version.
 fn check_stream_index(log: &sled::Tree, head: u64, check: &mut RawCheck) -> Result<(), StoreError> {
     for entry in log.scan_prefix([STREAM]) {
         let (key, value) = entry.map_err(sled_error)?;
-        check.index_entries += 1;
         let body = &key[1..];
         let name = || String::from_utf8_lossy(body).replace('\0', "@");
         if body.len() < 9 || body[body.len() - 9] != 0 {
+            check.index_entries += 1;
             check.found(RawFinding::BadIndexEntry {
                 index: "stream",
                 key: name(),
@@ -320,37 +329,40 @@ fn check_stream_index(log: &sled::Tree, head: u64, check: &mut RawCheck) -> Resu
             continue;
         }
         let stream = &body[..body.len() - 9];
-        let version = decode_u64(&body[body.len() - 8..])?;
-        let key_text = format!("{} version {version}", String::from_utf8_lossy(stream));
-        let position = match decode_u64(&value) {
-            Ok(position) => position,
+        let first = decode_u64(&body[body.len() - 8..])?;
+        let positions = match block_positions(&value) {
+            Ok(positions) => positions,
             Err(e) => {
+                check.index_entries += 1;
                 check.found(RawFinding::BadIndexEntry {
                     index: "stream",
-                    key: key_text,
+                    key: format!("{} version {first}", String::from_utf8_lossy(stream)),
                     detail: e.to_string(),
                 });
                 continue;
             }
         };
-        if position > head {
-            continue;
-        }
-        let problem = match indexed_event(log, position)? {
-            Err(why) => Some(why),
-            Ok(event) if event.stream != stream || event.version != version => Some(format!(
-                "points at position {position}, which holds {} version {}",
-                String::from_utf8_lossy(&event.stream),
-                event.version
-            )),
-            Ok(_) => None,
-        };
-        if let Some(detail) = problem {
-            check.found(RawFinding::BadIndexEntry {
-                index: "stream",
-                key: key_text,
-                detail,
-            });
+        for (version, position) in (first..).zip(positions) {
+            check.index_entries += 1;
+            if position > head {
+                continue;
+            }
+            let problem = match indexed_event(log, position)? {
+                Err(why) => Some(why),
+                Ok(event) if event.stream != stream || event.version != version => Some(format!(
+                    "points at position {position}, which holds {} version {}",
+                    String::from_utf8_lossy(&event.stream),
+                    event.version
+                )),
+                Ok(_) => None,
+            };
+            if let Some(detail) = problem {
+                check.found(RawFinding::BadIndexEntry {
+                    index: "stream",
+                    key: format!("{} version {version}", String::from_utf8_lossy(stream)),
+                    detail,
+                });
+            }
         }
     }
     Ok(())
@@ -432,7 +444,12 @@ impl SledLoader {
         let log = db.open_tree("log").map_err(sled_error)?;
         db.open_tree("snapshots").map_err(sled_error)?;
         db.open_tree("checkpoints").map_err(sled_error)?;
-        let head = check_format(path, &db, &log)?;
+        let head = check_format(path, &db, &log, false)?;
+        // A store that stopped without writing its stream index's tail
+        // (killed): write it now, so that every event has its entry.
+        if stored_indexed(&log)? < head {
+            StreamIndex::open(&log, head, 1)?.flush(&log)?;
+        }
         Ok(Self {
             db,
             log,
@@ -490,6 +507,7 @@ impl SledLoader {
             stage_indexes(&mut batch, event);
         }
         batch.insert(META_HEAD, &last.position.0.to_be_bytes());
+        batch.insert(META_INDEXED, &last.position.0.to_be_bytes());
         self.log.apply_batch(batch).map_err(sled_error)?;
         self.head = last.position.0;
         if self.heads.len() > 100_000 {

@@ -8,8 +8,8 @@
 use tracing::warn;
 
 use super::format::{
-    chunk_at, chunk_key, corrupt, decode_u64, event_at, id_key, stream_head, stream_key,
-    stream_prefix, Chunk, RecordDecoder, StoredSnapshot,
+    chunk_at, chunk_key, corrupt, decode_u64, event_at, id_key, Chunk, RecordDecoder,
+    StoredSnapshot,
 };
 use super::{sled_error, Handles};
 use crate::error::{ReadError, StoreError};
@@ -55,26 +55,23 @@ pub(super) fn read_stream(
     validate_limit(limit)?;
     let log = &handles.log;
     let head = head.0;
-    let prefix = stream_prefix(stream.as_str());
-    let range = match direction {
-        ReadDirection::Forward => log.range(stream_key(stream.as_str(), from.0)..),
-        ReadDirection::Backward => log.range(prefix.clone()..=stream_key(stream.as_str(), from.0)),
-    };
+    let entries = handles
+        .streams
+        .entries(log, stream, from.0, direction == ReadDirection::Forward);
     let mut events = Vec::new();
     let mut decoder = RecordDecoder::default();
     // The events of one append share a chunk: the last one read is kept
     // and looked in first.
     let mut last_chunk: Option<Chunk> = None;
-    let push = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, ReadError> {
-        let (key, value) = entry.map_err(sled_error)?;
-        if !key.starts_with(&prefix) {
-            return Ok(false);
-        }
-        let position = decode_u64(&value)?;
+    for entry in entries {
+        let (_, position) = entry?;
         if position > head {
             // Versions and positions grow together: past the head going
             // forward, nothing more; going backward, older ones follow.
-            return Ok(direction == ReadDirection::Backward);
+            if direction == ReadDirection::Forward {
+                break;
+            }
+            continue;
         }
         let missing = || corrupt(format_args!("{stream} index points at missing {position}"));
         let cached = last_chunk
@@ -89,25 +86,25 @@ pub(super) fn read_stream(
             .decode(position, record, &EventFilter::All)?
             .ok_or_else(missing)?;
         events.push(event);
-        Ok(events.len() < limit)
-    };
-    walk(range, direction, push)?;
+        if events.len() >= limit {
+            break;
+        }
+    }
     Ok(events)
 }
 
-/// The last version of `stream` at or below `head`: the index may hold a
-/// group the writer applied and has not yet made durable.
+/// The last version of `stream` at or below `head`: the tail may hold a
+/// group whose head has not moved yet.
 pub(super) fn stream_version(
     handles: &Handles,
     head: Position,
     stream: &StreamId,
 ) -> Result<Version, ReadError> {
-    let prefix = stream_prefix(stream.as_str());
-    for entry in handles.log.scan_prefix(prefix).rev() {
-        let (key, value) = entry.map_err(sled_error)?;
-        if decode_u64(&value)? <= head.0 {
-            let version = key.get(key.len().saturating_sub(8)..).unwrap_or_default();
-            return Ok(Version(decode_u64(version)?));
+    let from = handles.streams.head(&handles.log, stream)?;
+    for entry in handles.streams.entries(&handles.log, stream, from, false) {
+        let (version, position) = entry?;
+        if position <= head.0 {
+            return Ok(Version(version));
         }
     }
     Ok(Version::NONE)
@@ -127,7 +124,7 @@ pub(super) fn read_all(
     if let EventFilter::Stream(stream) = filter {
         // Through the stream's index: the cost follows the stream, not
         // the log. `read_stream` stops at the head as this does.
-        return match version_at_position(&handles.log, stream, from, direction)? {
+        return match version_at_position(handles, stream, from, direction)? {
             Some(version) => read_stream(handles, head, stream, version, direction, limit),
             None => Ok(Vec::new()),
         };
@@ -182,20 +179,19 @@ pub(super) fn read_all(
 /// grow with versions, so a binary search over the index, O(log n) gets.
 /// `None` when there is none.
 fn version_at_position(
-    log: &sled::Tree,
+    handles: &Handles,
     stream: &StreamId,
     from: Position,
     direction: ReadDirection,
 ) -> Result<Option<Version>, StoreError> {
+    let (log, streams) = (&handles.log, &handles.streams);
     let position_of = |version: u64| -> Result<u64, StoreError> {
-        let value = log
-            .get(stream_key(stream.as_str(), version))
-            .map_err(sled_error)?
-            .ok_or_else(|| corrupt(format_args!("{stream} index misses version {version}")))?;
-        decode_u64(&value)
+        streams
+            .position_of(log, stream, version)?
+            .ok_or_else(|| corrupt(format_args!("{stream} index misses version {version}")))
     };
     // The first version whose position is at or after `from`, in 1..=last+1.
-    let last = stream_head(log, stream.as_str())?;
+    let last = streams.head(log, stream)?;
     let (mut low, mut high) = (1, last + 1);
     while low < high {
         let middle = low + (high - low) / 2;
@@ -283,36 +279,10 @@ pub(super) fn load_checkpoint(
         .transpose()?)
 }
 
-/// Feeds `range` to `push` in `direction` until `push` answers `false`:
-/// a stream's index in either direction.
-fn walk(
-    range: sled::Iter,
-    direction: ReadDirection,
-    mut push: impl FnMut(sled::Result<(sled::IVec, sled::IVec)>) -> Result<bool, ReadError>,
-) -> Result<(), ReadError> {
-    match direction {
-        ReadDirection::Forward => {
-            for entry in range {
-                if !push(entry)? {
-                    break;
-                }
-            }
-        }
-        ReadDirection::Backward => {
-            for entry in range.rev() {
-                if !push(entry)? {
-                    break;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::super::format::encode_chunk;
     use super::super::format::tests::encode;
+    use super::super::format::{encode_chunk, stream_key};
     use super::*;
     use crate::event::{ExpectedVersion, NewEvent};
     use crate::store::EventStore;

@@ -1,8 +1,9 @@
-//! The in-place upgrade of a format-2 store to format 3 (docs/design.md,
-//! "Upgrading a format-2 store"): each event's `E` record moves, byte for
-//! byte, into the chunks of format 3, batch by batch, each batch one
-//! atomic sled batch, so that a killed upgrade leaves a store that running
-//! the upgrade again finishes.
+//! The in-place upgrade of a format-2 or format-3 store to this build's
+//! format (docs/design.md, "Upgrading a format-2 or format-3 store"). From
+//! format 2, each event's `E` record moves, byte for byte, into chunks,
+//! batch by batch, each batch one atomic sled batch, so that a killed
+//! upgrade leaves a store that running the upgrade again finishes. From
+//! format 3, only the format record and `Mindexed` are written.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use super::durability::Syncer;
 use super::format::{
     chunk_key, corrupt, decode_u64, last_position, stage_chunks, stored_head, EVENT,
-    FORMAT_VERSION, META_FORMAT, META_UPGRADING,
+    FORMAT_VERSION, META_FORMAT, META_INDEXED, META_UPGRADING,
 };
 use super::{ack_mark, check_path, open_db, sled_error, wait_for_release, Counters, Durability};
 use super::{SledStore, SledStoreConfig};
@@ -22,8 +23,9 @@ pub(super) const EVENTS_PER_BATCH: usize = 4096;
 /// What [`SledStore::upgrade`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct UpgradeSummary {
-    /// The format the store had when this call found it: 2, or 3 when it
-    /// was already upgraded (then nothing was written).
+    /// The format the store had when this call found it: 2 or 3, or
+    /// [`FORMAT_VERSION`] when it was already upgraded (then nothing was
+    /// written).
     pub found_format: u32,
     /// The events the store holds.
     pub events: u64,
@@ -32,23 +34,25 @@ pub struct UpgradeSummary {
 }
 
 impl SledStore {
-    /// Upgrades the format-2 store at `path` to [`FORMAT_VERSION`] 3 in
-    /// place, or finishes an upgrade that was interrupted; a store already
-    /// at format 3 is left as it is. Blocking: it reads and rewrites every
-    /// event (call it from `spawn_blocking` in async code). Positions,
+    /// Upgrades the format-2 or format-3 store at `path` to
+    /// [`FORMAT_VERSION`] in place, or finishes an upgrade that was
+    /// interrupted; a store already at this format is left as it is.
+    /// Blocking: from format 2 it reads and rewrites every event (call it
+    /// from `spawn_blocking` in async code); from format 3 it writes two
+    /// records. Positions,
     /// versions, ids, timestamps, metadata and payloads are kept byte for
     /// byte; snapshots and checkpoints are not touched. The result is
     /// flushed and fdatasynced before this returns.
     ///
     /// While an upgrade is under way (or after it was killed), opening the
     /// store is refused, by this build with `FormatMismatch { found: 2 }`
-    /// and by a format-2 build with `FormatMismatch { found: 3 }`: no build
-    /// ever reads a half-moved log.
+    /// and by an older build with a `FormatMismatch` of this format: no
+    /// build ever reads a half-moved log.
     ///
     /// # Errors
     /// [`StoreError::InUse`] when a store has the directory open;
     /// [`StoreError::NotAStore`]; [`StoreError::FormatMismatch`] for a
-    /// format other than 2 or 3; [`StoreError::ShorterThanAcknowledged`]
+    /// format other than 2, 3 or this one; [`StoreError::ShorterThanAcknowledged`]
     /// when sled recovered fewer events than the store had acknowledged
     /// (see [`SledStore::upgrade_with`] to accept the loss);
     /// [`StoreError::Corrupt`] when the format-2 log has a gap or
@@ -122,6 +126,19 @@ fn upgrade_log(
     match (found, upgrading) {
         (FORMAT_VERSION, false) => return Ok(summary),
         (FORMAT_VERSION, true) => summary.found_format = 2,
+        // Format 3 differs only in writing every stream entry with its
+        // group: all are there, so its index is complete up to the head.
+        (3, false) => {
+            ack_mark::check(path, head, config.accept_lost_events, "upgrading")?;
+            mark_format(path, &log, head, false)?;
+            return Ok(summary);
+        }
+        // The format-3 build's upgrade from format 2, interrupted: this
+        // one finishes it.
+        (3, true) => {
+            summary.found_format = 2;
+            mark_format(path, &log, head, true)?;
+        }
         (2, _) => start(config, &log, head)?,
         (found, _) => {
             return Err(StoreError::FormatMismatch {
@@ -205,9 +222,25 @@ fn start(config: &SledStoreConfig, log: &sled::Tree, head: u64) -> Result<(), St
         return Err(corrupt("a format-2 log that holds chunks"));
     }
     ack_mark::check(path, head, config.accept_lost_events, "upgrading")?;
+    mark_format(path, log, head, true)
+}
+
+/// Writes this build's format, with the stream index complete up to
+/// `head` (formats 2 and 3 write every stream entry with its group) and,
+/// if `upgrading`, the marker of an upgrade under way, in one batch, made
+/// durable before anything else changes.
+fn mark_format(
+    path: &Path,
+    log: &sled::Tree,
+    head: u64,
+    upgrading: bool,
+) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
     batch.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes());
-    batch.insert(META_UPGRADING, &[1u8]);
+    batch.insert(META_INDEXED, &head.to_be_bytes());
+    if upgrading {
+        batch.insert(META_UPGRADING, &[1u8]);
+    }
     log.apply_batch(batch).map_err(sled_error)?;
     log.flush().map_err(sled_error)?;
     Syncer::new(path, Durability::Fsync, Arc::new(Counters::default()))?.sync()?;
@@ -355,7 +388,7 @@ mod tests {
             let partial = upgrade(&SledStoreConfig::new(&path), 64, stop_after).unwrap();
             assert_eq!(partial.found_format, 2);
             // This build refuses it, and so does the format-2 build, which
-            // finds format 3.
+            // finds this build's format.
             refused_as_format_2(&path);
             assert_eq!(format_of(&path), FORMAT_VERSION);
         }

@@ -17,8 +17,9 @@ use super::ack_mark::AckMark;
 use super::durability::Syncer;
 use super::format::{
     chunk_at, corrupt, decode_record, decode_u64, encode_record, id_key, record_utf8, stage_chunks,
-    stage_indexes, stream_head, META_HEAD,
+    stage_id_index, META_HEAD,
 };
+use super::stream_index::StreamIndex;
 use super::{sled_error, Durability};
 use crate::error::{AppendError, StoreError};
 use crate::event::{
@@ -68,6 +69,47 @@ pub(super) struct Writer {
     /// The acknowledged mark, kept at the last durable position (`None`
     /// under [`Durability::Buffered`]).
     pub(super) mark: Option<AckMark>,
+    /// The stream index, whose tail the writer records each durable group
+    /// into; the indexer thread writes it to sled.
+    pub(super) streams: Arc<StreamIndex>,
+    pub(super) indexer: Option<Indexer>,
+}
+
+/// The thread that writes the stream index's tail to sled, woken when the
+/// tail is due a flush.
+pub(super) struct Indexer {
+    wake: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Indexer {
+    fn spawn(
+        streams: Arc<StreamIndex>,
+        log: sled::Tree,
+        counters: Arc<super::Counters>,
+    ) -> std::io::Result<Self> {
+        let (wake, wakes) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("annals-indexer".into())
+            .spawn(move || {
+                while wakes.recv().is_ok() {
+                    if let Err(e) = streams.flush(&log) {
+                        let why = format!("writing the stream index failed: {e}");
+                        error!(error = %why, "the store refuses writes until reopened");
+                        // The writer takes it up at its next group.
+                        let _ = counters.poisoned.set(why);
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { wake, thread })
+    }
+
+    /// Waits for the flush under way, if any, and stops the thread.
+    fn stop(self) {
+        drop(self.wake);
+        let _ = self.thread.join();
+    }
 }
 
 /// One append of a group, decided but not yet durable.
@@ -78,6 +120,15 @@ struct Decided {
 
 impl Writer {
     pub(super) fn run(mut self) {
+        match Indexer::spawn(
+            Arc::clone(&self.streams),
+            self.log.clone(),
+            Arc::clone(&self.syncer.counters),
+        ) {
+            Ok(indexer) => self.indexer = Some(indexer),
+            // The writer then flushes the tail itself.
+            Err(e) => warn!(error = %e, "could not start the stream indexer thread"),
+        }
         let mut group = Vec::new();
         let mut shutdown = None;
         while shutdown.is_none() {
@@ -92,6 +143,17 @@ impl Writer {
                 }
             }
             shutdown = self.commit_group(&mut group);
+        }
+        // The tail's entries go to sled before the last flush, so that the
+        // next open has no tail to rebuild.
+        if let Some(indexer) = self.indexer.take() {
+            indexer.stop();
+        }
+        self.take_indexer_failure();
+        if self.poisoned.is_none() {
+            if let Err(e) = self.streams.flush(&self.log) {
+                self.poison(format!("writing the stream index failed: {e}"));
+            }
         }
         // Drop and shutdown both end here: what was applied gets flushed,
         // unless a write already failed: sled then waits forever for a flush
@@ -127,6 +189,45 @@ impl Writer {
         debug!("event store writer stopped");
     }
 
+    /// Takes up a failure of the indexer thread: its write failed, so what
+    /// sled holds is unknown, as after a failed group.
+    fn take_indexer_failure(&mut self) {
+        if self.poisoned.is_none() {
+            if let Some(why) = self.syncer.counters.poisoned.get() {
+                self.poisoned = Some(why.clone());
+            }
+        }
+    }
+
+    /// Records a durable group in the stream index's tail, and has the tail
+    /// flushed when it is due: by the indexer, or here when the indexer is
+    /// missing or far behind (so that the tail stays bounded).
+    fn index_streams(&mut self, committed: &[RecordedEvent]) {
+        let due = match self.streams.record(committed) {
+            Ok(due) => due,
+            Err(e) => {
+                self.poison(format!("recording the stream index failed: {e}"));
+                return;
+            }
+        };
+        let inline = match &self.indexer {
+            _ if self.streams.overdue() => true,
+            Some(indexer) => {
+                if due {
+                    // Full: a wake is already waiting.
+                    let _ = indexer.wake.try_send(());
+                }
+                false
+            }
+            None => due,
+        };
+        if inline {
+            if let Err(e) = self.streams.flush(&self.log) {
+                self.poison(format!("writing the stream index failed: {e}"));
+            }
+        }
+    }
+
     fn flush_and_sync(&mut self) -> Result<(), String> {
         let _timer = self.metrics.time_sync();
         self.db.flush().map_err(|e| e.to_string())?;
@@ -139,6 +240,7 @@ impl Writer {
         &mut self,
         group: &mut Vec<WriteRequest>,
     ) -> Option<oneshot::Sender<Result<(), StoreError>>> {
+        self.take_indexer_failure();
         let mut batch = sled::Batch::default();
         // Sized for one event per request, the common case, so that a
         // group of thousands does not rehash and regrow as it is decided.
@@ -240,6 +342,11 @@ impl Writer {
                 }
                 self.metrics
                     .group_committed(appended, committed.len() as u64);
+                // In the stream index before the head moves: a reader that
+                // sees the head finds the events' stream entries.
+                if wrote {
+                    self.index_streams(&committed);
+                }
                 // Publish (which moves the head) before answering, so that a
                 // caller whose append returned sees it in `head_position()`
                 // and a subscriber has it on the feed, as with MemoryStore.
@@ -329,7 +436,7 @@ impl Writer {
         }
         let actual = match pending.heads.get(stream).or_else(|| self.heads.get(stream)) {
             Some(&version) => version,
-            None => stream_head(&self.log, stream.as_str())?,
+            None => self.streams.head(&self.log, stream)?,
         };
         if !expected.accepts(Version(actual)) {
             return Err(AppendError::WrongExpectedVersion {
@@ -363,7 +470,7 @@ impl Writer {
             .collect::<Result<Vec<_>, _>>()?;
         pending.records.extend(encoded);
         for event in &recorded {
-            stage_indexes(pending.batch, event);
+            stage_id_index(pending.batch, event);
             pending.new_ids.insert(
                 event.event_id,
                 StoredId {

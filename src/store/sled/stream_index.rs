@@ -1,0 +1,509 @@
+//! The stream index, kept off the commit path (docs/design.md, "The stream
+//! index"). A group commit writes its chunks and event-id entries only; the
+//! stream entries of the newest events live in memory (the *tail*) until an
+//! indexer thread writes them in bulk as *blocks*: one sled key per stream
+//! per flush, `S + stream + \0 + first version`, whose value is the
+//! positions of that stream's consecutive versions from the first (8 bytes
+//! each, big-endian). `Mindexed` is the last position whose entries are in
+//! blocks; opening rebuilds the tail from the log after it.
+//!
+//! sled's CPU per key was the ceiling of the commit path (two index keys
+//! per event); a stream that takes several events between two flushes now
+//! costs one key for all of them, written on another thread.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::format::{corrupt, decode_record, decode_u64, record_utf8, stream_key, stream_prefix};
+use super::format::{Chunk, META_INDEXED};
+use super::sled_error;
+use crate::error::StoreError;
+use crate::event::{RecordedEvent, StreamId};
+
+/// One stream's consecutive versions from `first`, with their positions.
+#[derive(Debug, Clone)]
+pub(super) struct Run {
+    pub(super) first: u64,
+    pub(super) positions: Vec<u64>,
+    /// Rebuilt from the log on open: blocks that a flush cut short by a
+    /// crash wrote for these versions may be there, and the flush of this
+    /// run removes them (its own block covers them).
+    rebuilt: bool,
+}
+
+impl Run {
+    fn last(&self) -> u64 {
+        self.first + self.positions.len() as u64 - 1
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tail {
+    /// Being written to sled by the indexer; read beside `current` until
+    /// its blocks and `Mindexed` are written.
+    flushing: Option<Arc<HashMap<StreamId, Run>>>,
+    current: HashMap<StreamId, Run>,
+    current_events: usize,
+    /// The last position recorded in `current` (or, when it is empty, in
+    /// `flushing`, or the stored `Mindexed`).
+    last: u64,
+}
+
+/// The stream index of one open store: its blocks in the `log` tree and
+/// its tail in memory. Shared by the writer (which records committed
+/// events), the readers and the indexer thread (which flushes).
+#[derive(Debug)]
+pub(super) struct StreamIndex {
+    tail: RwLock<Tail>,
+    /// Events the tail holds before a flush is due.
+    flush_every: usize,
+    /// One flush at a time (the indexer's, or the final one).
+    flush: Mutex<()>,
+}
+
+impl StreamIndex {
+    /// The index of a store whose log ends at `head`: its tail rebuilt from
+    /// the events after `Mindexed` (absent: from the start).
+    pub(super) fn open(
+        log: &sled::Tree,
+        head: u64,
+        flush_every: usize,
+    ) -> Result<Self, StoreError> {
+        let mut indexed = stored_indexed(log)?;
+        if indexed > head {
+            // Only a loss the store was told to accept (or a damaged mark)
+            // leaves the log shorter than its index: drop what points past
+            // the head before new events take those positions.
+            tracing::warn!(
+                indexed,
+                head,
+                "the stream index runs past the last event; cutting it back"
+            );
+            cut_back(log, head)?;
+            indexed = head;
+        }
+        let index = Self {
+            tail: RwLock::new(Tail {
+                last: indexed,
+                ..Tail::default()
+            }),
+            flush_every,
+            flush: Mutex::new(()),
+        };
+        if indexed < head {
+            let start = super::format::chunk_at(log, indexed + 1)?
+                .map_or(indexed + 1, |chunk| chunk.first());
+            let mut tail = index.write_tail();
+            for entry in log.range(chunk_key_bytes(start)..=chunk_key_bytes(head)) {
+                let (key, value) = entry.map_err(sled_error)?;
+                let chunk = Chunk::parse(&key, value)?;
+                for position in chunk.first().max(indexed + 1)..=chunk.last().min(head) {
+                    let bytes = chunk.record(position).expect("a position of the chunk");
+                    let record = decode_record(position, bytes)?;
+                    let stream =
+                        StreamId::new(record_utf8(position, record.stream)?).map_err(corrupt)?;
+                    push(&mut tail, stream, record.version, position, true)?;
+                }
+            }
+        }
+        Ok(index)
+    }
+
+    fn write_tail(&self) -> std::sync::RwLockWriteGuard<'_, Tail> {
+        // Nothing panics while the lock is held.
+        self.tail.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_tail(&self) -> std::sync::RwLockReadGuard<'_, Tail> {
+        self.tail.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a durable group's events, in position order; true when the
+    /// tail is due a flush.
+    pub(super) fn record(&self, events: &[RecordedEvent]) -> Result<bool, StoreError> {
+        let mut tail = self.write_tail();
+        for event in events {
+            push(
+                &mut tail,
+                event.stream_id.clone(),
+                event.version.0,
+                event.position.0,
+                false,
+            )?;
+        }
+        Ok(tail.current_events >= self.flush_every && tail.flushing.is_none())
+    }
+
+    /// Whether the tail has grown so far past its flush (the indexer far
+    /// behind) that the writer should flush it itself.
+    pub(super) fn overdue(&self) -> bool {
+        self.read_tail().current_events >= self.flush_every.saturating_mul(8)
+    }
+
+    /// Writes the tail's entries as blocks, then `Mindexed`, then forgets
+    /// them. Blocks are plain inserts (sled's batch would hold its global
+    /// write lock, and with it the writer, for the whole flush): a crash
+    /// part-way leaves some blocks written and `Mindexed` behind them; the
+    /// open after it rebuilds the tail from `Mindexed`, whose flush writes
+    /// each stream's block under the same first version again and removes
+    /// the blocks inside it. Until then the tail covers those versions and
+    /// reads take them from the tail.
+    pub(super) fn flush(&self, log: &sled::Tree) -> Result<(), StoreError> {
+        let _one = self.flush.lock().unwrap_or_else(|p| p.into_inner());
+        let (runs, last) = {
+            let mut tail = self.write_tail();
+            if tail.current.is_empty() {
+                return Ok(());
+            }
+            let runs = Arc::new(std::mem::take(&mut tail.current));
+            tail.current_events = 0;
+            tail.flushing = Some(Arc::clone(&runs));
+            (runs, tail.last)
+        };
+        for (stream, run) in runs.iter() {
+            if run.rebuilt {
+                // Blocks of an earlier flush of these versions, cut short:
+                // this run's block replaces them.
+                let stale = log.range((
+                    std::ops::Bound::Excluded(stream_key(stream.as_str(), run.first)),
+                    std::ops::Bound::Included(stream_key(stream.as_str(), run.last())),
+                ));
+                for key in stale.keys() {
+                    log.remove(key.map_err(sled_error)?).map_err(sled_error)?;
+                }
+            }
+            let mut value = Vec::with_capacity(run.positions.len() * 8);
+            for position in &run.positions {
+                value.extend_from_slice(&position.to_be_bytes());
+            }
+            log.insert(stream_key(stream.as_str(), run.first), value)
+                .map_err(sled_error)?;
+        }
+        log.insert(META_INDEXED, &last.to_be_bytes())
+            .map_err(sled_error)?;
+        self.write_tail().flushing = None;
+        Ok(())
+    }
+
+    /// Runs `f` on the tail's runs of `stream` (none, one, or the flushing
+    /// one and the current one, in version order), under the tail's lock.
+    fn with_runs<T>(&self, stream: &StreamId, f: impl FnOnce(&[&Run]) -> T) -> T {
+        let tail = self.read_tail();
+        let flushing = tail.flushing.as_ref().and_then(|f| f.get(stream));
+        match (flushing, tail.current.get(stream)) {
+            (Some(old), Some(new)) => f(&[old, new]),
+            (Some(run), None) | (None, Some(run)) => f(&[run]),
+            (None, None) => f(&[]),
+        }
+    }
+
+    /// The version of `stream`'s last event (0 when it has none).
+    pub(super) fn head(&self, log: &sled::Tree, stream: &StreamId) -> Result<u64, StoreError> {
+        match self.with_runs(stream, |runs| runs.last().map(|run| run.last())) {
+            Some(version) => Ok(version),
+            None => super::format::stream_head(log, stream.as_str()),
+        }
+    }
+
+    /// `stream`'s entries `(version, position)` from version `from` in
+    /// `direction`, lazily, the tail's after the blocks'.
+    pub(super) fn entries<'a>(
+        &self,
+        log: &'a sled::Tree,
+        stream: &StreamId,
+        from: u64,
+        forward: bool,
+    ) -> Entries<'a> {
+        // The tail first, then the blocks: a flush that ends in between has
+        // written its blocks before it let go of its runs.
+        let tail: Vec<(u64, u64)> = self.with_runs(stream, |runs| {
+            runs.iter()
+                .flat_map(|run| (run.first..).zip(run.positions.iter().copied()))
+                .collect()
+        });
+        // The blocks hold the versions below the tail's (and may repeat
+        // some of the tail's after a crash part-way through a flush).
+        let below = tail.first().map_or(u64::MAX, |&(version, _)| version);
+        let mut tail: Vec<(u64, u64)> = if forward {
+            tail.into_iter().filter(|&(v, _)| v >= from).collect()
+        } else {
+            tail.into_iter().filter(|&(v, _)| v <= from).rev().collect()
+        };
+        tail.shrink_to_fit();
+        Entries {
+            log,
+            stream: stream.as_str().to_owned(),
+            prefix: stream_prefix(stream.as_str()),
+            from,
+            forward,
+            below,
+            tail: tail.into_iter(),
+            in_tail: !forward,
+            block: Vec::new(),
+            last_key: None,
+            started: false,
+            blocks_done: false,
+            last_given: None,
+        }
+    }
+
+    /// The position of `stream`'s event at `version`, if any.
+    pub(super) fn position_of(
+        &self,
+        log: &sled::Tree,
+        stream: &StreamId,
+        version: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let in_tail = self.with_runs(stream, |runs| {
+            runs.iter()
+                .find(|run| (run.first..=run.last()).contains(&version))
+                .map(|run| run.positions[(version - run.first) as usize])
+        });
+        if in_tail.is_some() {
+            return Ok(in_tail);
+        }
+        Ok(block_at(log, stream.as_str(), version)?
+            .and_then(|(first, positions)| positions.get((version - first) as usize).copied()))
+    }
+}
+
+fn push(
+    tail: &mut Tail,
+    stream: StreamId,
+    version: u64,
+    position: u64,
+    rebuilt: bool,
+) -> Result<(), StoreError> {
+    if position <= tail.last {
+        return Err(corrupt(format_args!(
+            "stream index: position {position} recorded after {}",
+            tail.last
+        )));
+    }
+    tail.last = position;
+    tail.current_events += 1;
+    match tail.current.get_mut(&stream) {
+        Some(run) if run.last() + 1 == version => run.positions.push(position),
+        Some(run) => {
+            return Err(corrupt(format_args!(
+                "{stream} version {version} follows version {}",
+                run.last()
+            )))
+        }
+        None => {
+            tail.current.insert(
+                stream,
+                Run {
+                    first: version,
+                    positions: vec![position],
+                    rebuilt,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Cuts every block back to the versions at or below position `head`
+/// (positions grow with a stream's versions), and sets `Mindexed` to it. A
+/// scan of the whole stream index: only after an accepted loss.
+fn cut_back(log: &sled::Tree, head: u64) -> Result<(), StoreError> {
+    for entry in log.scan_prefix([super::format::STREAM]) {
+        let (key, value) = entry.map_err(sled_error)?;
+        let positions = block_positions(&value)?;
+        let keep = positions.partition_point(|&position| position <= head);
+        if keep == positions.len() {
+            continue;
+        }
+        if keep == 0 {
+            log.remove(key).map_err(sled_error)?;
+        } else {
+            log.insert(key, &value[..keep * 8]).map_err(sled_error)?;
+        }
+    }
+    log.insert(META_INDEXED, &head.to_be_bytes())
+        .map_err(sled_error)?;
+    Ok(())
+}
+
+fn chunk_key_bytes(first: u64) -> [u8; 9] {
+    super::format::chunk_key(first)
+}
+
+/// The stored `Mindexed` (0 when absent).
+pub(super) fn stored_indexed(log: &sled::Tree) -> Result<u64, StoreError> {
+    log.get(META_INDEXED)
+        .map_err(sled_error)?
+        .map_or(Ok(0), |bytes| decode_u64(&bytes))
+}
+
+/// A block's positions, or corrupt when its value is not whole positions.
+pub(super) fn block_positions(value: &[u8]) -> Result<Vec<u64>, StoreError> {
+    if value.is_empty() || value.len() % 8 != 0 {
+        return Err(corrupt(format_args!(
+            "a stream index block of {} bytes",
+            value.len()
+        )));
+    }
+    Ok(value
+        .chunks_exact(8)
+        .map(|bytes| u64::from_be_bytes(bytes.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// The first version of a block key under `prefix`.
+fn block_first(prefix: &[u8], key: &[u8]) -> Result<u64, StoreError> {
+    decode_u64(key.get(prefix.len()..).unwrap_or_default())
+}
+
+/// The block of `stream` whose versions start at or below `version`.
+pub(super) fn block_at(
+    log: &sled::Tree,
+    stream: &str,
+    version: u64,
+) -> Result<Option<(u64, Vec<u64>)>, StoreError> {
+    let start = stream_prefix(stream);
+    match log
+        .range(start.clone()..=stream_key(stream, version))
+        .next_back()
+    {
+        None => Ok(None),
+        Some(entry) => {
+            let (key, value) = entry.map_err(sled_error)?;
+            Ok(Some((block_first(&start, &key)?, block_positions(&value)?)))
+        }
+    }
+}
+
+/// The entries of one stream, as [`StreamIndex::entries`] reads them:
+/// going forward the blocks' then the tail's, going backward the other way
+/// round; a version is given once even where blocks overlap (a flush cut
+/// short by a crash, written again after).
+pub(super) struct Entries<'a> {
+    log: &'a sled::Tree,
+    stream: String,
+    prefix: Vec<u8>,
+    from: u64,
+    forward: bool,
+    /// The tail's first version: blocks give only the versions below it.
+    below: u64,
+    /// The tail's entries to give, in reading order.
+    tail: std::vec::IntoIter<(u64, u64)>,
+    in_tail: bool,
+    /// The entries of the block being read, in reading order, reversed
+    /// for popping.
+    block: Vec<(u64, u64)>,
+    /// The key of the last block read.
+    last_key: Option<Vec<u8>>,
+    started: bool,
+    blocks_done: bool,
+    last_given: Option<u64>,
+}
+
+impl Entries<'_> {
+    /// Reads the next block in reading order into `self.block`; false when
+    /// there is none.
+    fn next_block(&mut self) -> Result<bool, StoreError> {
+        let entry = match (&self.last_key, self.forward) {
+            (None, true) => {
+                // The block holding `from` may start before it.
+                let key = stream_key(&self.stream, self.from);
+                match self.log.range(self.prefix.clone()..=key).next_back() {
+                    Some(entry) => Some(entry),
+                    None => self.log.range(self.prefix.clone()..).next(),
+                }
+            }
+            (None, false) => {
+                let top = self.from.min(self.below.saturating_sub(1));
+                let key = stream_key(&self.stream, top);
+                self.log.range(self.prefix.clone()..=key).next_back()
+            }
+            (Some(after), true) => self
+                .log
+                .range((
+                    std::ops::Bound::Excluded(after.clone()),
+                    std::ops::Bound::Unbounded,
+                ))
+                .next(),
+            (Some(before), false) => self
+                .log
+                .range(self.prefix.clone()..before.clone())
+                .next_back(),
+        };
+        let Some(entry) = entry else {
+            return Ok(false);
+        };
+        let (key, value) = entry.map_err(sled_error)?;
+        if !key.starts_with(&self.prefix) {
+            return Ok(false);
+        }
+        let first = block_first(&self.prefix, &key)?;
+        if self.forward && first >= self.below {
+            return Ok(false);
+        }
+        let positions = block_positions(&value)?;
+        self.last_key = Some(key.to_vec());
+        let (from, below) = (self.from, self.below);
+        let mut entries: Vec<(u64, u64)> = (first..)
+            .zip(positions)
+            .filter(|&(version, _)| version < below)
+            .collect();
+        if self.forward {
+            entries.retain(|&(version, _)| version >= from);
+            entries.reverse();
+        } else {
+            entries.retain(|&(version, _)| version <= from);
+        }
+        self.block = entries;
+        Ok(true)
+    }
+
+    fn next_from_blocks(&mut self) -> Result<Option<(u64, u64)>, StoreError> {
+        loop {
+            while let Some(entry) = self.block.pop() {
+                let fresh = match (self.last_given, self.forward) {
+                    (None, _) => true,
+                    (Some(last), true) => entry.0 > last,
+                    (Some(last), false) => entry.0 < last,
+                };
+                if fresh {
+                    self.last_given = Some(entry.0);
+                    return Ok(Some(entry));
+                }
+            }
+            if self.blocks_done {
+                return Ok(None);
+            }
+            if !self.next_block()? {
+                self.blocks_done = true;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+impl Iterator for Entries<'_> {
+    type Item = Result<(u64, u64), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.forward && !self.started {
+            // Blocks (versions below the tail's) first, then the tail.
+            match self.next_from_blocks() {
+                Ok(Some(entry)) => return Some(Ok(entry)),
+                Ok(None) => self.started = true,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        if self.forward || self.in_tail {
+            if let Some(entry) = self.tail.next() {
+                self.last_given = Some(entry.0);
+                return Some(Ok(entry));
+            }
+            self.in_tail = false;
+        }
+        if self.forward {
+            return None;
+        }
+        self.next_from_blocks().transpose()
+    }
+}
