@@ -7,7 +7,11 @@
 //! cargo run --release --example latency_probe -- store 5000     # appends/s
 //! cargo run --release --example latency_probe -- runtime 5000   # commands/s
 //! PREFILL=500000 SECS=6 cargo run --release --example latency_probe -- store 5000
+//! INDEX_FLUSH=100000000 cargo run --release --example latency_probe -- runtime 39000
 //! ```
+//!
+//! `INDEX_FLUSH` sets `SledStoreConfig::stream_index_flush_events` (a value
+//! above what the run appends: no stream index flush during it).
 //!
 //! Both spread the load over 10,000 streams (warm aggregates, for the
 //! runtime) on a fresh store, optionally holding `PREFILL` events first
@@ -52,7 +56,11 @@ async fn main() -> Result<()> {
     }
 
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(SledStore::open(dir.path().join("store"))?);
+    let mut config = annals::store::SledStoreConfig::new(dir.path().join("store"));
+    if let Ok(events) = std::env::var("INDEX_FLUSH") {
+        config = config.stream_index_flush_events(events.parse()?);
+    }
+    let store = Arc::new(SledStore::open_with(config)?);
     let streams: Vec<StreamId> = (0..STREAMS)
         .map(|n| StreamId::new(format!("counter-{n}")))
         .collect::<Result<_, _>>()?;
