@@ -245,3 +245,55 @@ async fn an_open_rebuilds_what_a_crash_left_unindexed() {
         store.shutdown().await.unwrap();
     }
 }
+
+/// A stream that took more versions between two flushes than one block
+/// holds (512) gets several blocks, none past 4 KiB, and reads across them
+/// both ways, from any version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_longer_than_a_block_reads_across_its_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let store = open(&path, 5_000);
+    let long = stream(0);
+    for round in 0..130u64 {
+        let events = (0..10)
+            .map(|i| NewEvent::new("Placed", (round * 10 + i).to_be_bytes().to_vec()))
+            .collect();
+        store.append(&long, ExpectedVersion::Any, events).await.unwrap();
+        store
+            .append(&stream(1), ExpectedVersion::Any, vec![NewEvent::new("Placed", vec![])])
+            .await
+            .unwrap();
+    }
+    let log = whole_log(&store).await;
+    // From the tail, before any flush.
+    check_streams(&store, &log).await;
+    store.shutdown().await.unwrap();
+    {
+        let db = until_unlocked(|| sled::open(&path)).unwrap();
+        let tree = db.open_tree("log").unwrap();
+        let blocks: Vec<usize> = tree
+            .scan_prefix(b"Sorder-0\0")
+            .values()
+            .map(|value| value.unwrap().len())
+            .collect();
+        assert_eq!(blocks, vec![4096, 4096, 2208], "1,300 versions in blocks of 512");
+    }
+    // From the blocks.
+    let store = open(&path, 5_000);
+    check_streams(&store, &log).await;
+    for version in [1, 511, 512, 513, 1024, 1025, 1300] {
+        let one = store
+            .read_stream(&long, Version(version), ReadDirection::Forward, 1)
+            .await
+            .unwrap();
+        assert_eq!(one[0].version, Version(version));
+        assert_eq!(one[0].payload, (version - 1).to_be_bytes().to_vec());
+        let back = store
+            .read_stream(&long, Version(version), ReadDirection::Backward, 2)
+            .await
+            .unwrap();
+        assert_eq!(back[0].version, Version(version));
+    }
+    store.shutdown().await.unwrap();
+}

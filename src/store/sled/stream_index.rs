@@ -20,6 +20,12 @@ use super::sled_error;
 use crate::error::StoreError;
 use crate::event::{RecordedEvent, StreamId};
 
+/// The most versions one block holds (4 KiB of positions): a stream that
+/// took more between two flushes gets several. A larger value would cost
+/// every read of one version its whole parse, and past 128 KiB sled 0.34
+/// writes the page to a blob file of its own.
+const BLOCK_VERSIONS: usize = 512;
+
 /// One stream's consecutive versions from `first`, with their positions.
 #[derive(Debug, Clone)]
 pub(super) struct Run {
@@ -163,7 +169,7 @@ impl StreamIndex {
         for (stream, run) in runs.iter() {
             if run.rebuilt {
                 // Blocks of an earlier flush of these versions, cut short:
-                // this run's block replaces them.
+                // this run's blocks replace them.
                 let stale = log.range((
                     std::ops::Bound::Excluded(stream_key(stream.as_str(), run.first)),
                     std::ops::Bound::Included(stream_key(stream.as_str(), run.last())),
@@ -172,12 +178,17 @@ impl StreamIndex {
                     log.remove(key.map_err(sled_error)?).map_err(sled_error)?;
                 }
             }
-            let mut value = Vec::with_capacity(run.positions.len() * 8);
-            for position in &run.positions {
-                value.extend_from_slice(&position.to_be_bytes());
+            for (first, positions) in (run.first..)
+                .step_by(BLOCK_VERSIONS)
+                .zip(run.positions.chunks(BLOCK_VERSIONS))
+            {
+                let mut value = Vec::with_capacity(positions.len() * 8);
+                for position in positions {
+                    value.extend_from_slice(&position.to_be_bytes());
+                }
+                log.insert(stream_key(stream.as_str(), first), value)
+                    .map_err(sled_error)?;
             }
-            log.insert(stream_key(stream.as_str(), run.first), value)
-                .map_err(sled_error)?;
         }
         log.insert(META_INDEXED, &last.to_be_bytes())
             .map_err(sled_error)?;
