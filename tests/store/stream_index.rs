@@ -259,9 +259,16 @@ async fn a_stream_longer_than_a_block_reads_across_its_blocks() {
         let events = (0..10)
             .map(|i| NewEvent::new("Placed", (round * 10 + i).to_be_bytes().to_vec()))
             .collect();
-        store.append(&long, ExpectedVersion::Any, events).await.unwrap();
         store
-            .append(&stream(1), ExpectedVersion::Any, vec![NewEvent::new("Placed", vec![])])
+            .append(&long, ExpectedVersion::Any, events)
+            .await
+            .unwrap();
+        store
+            .append(
+                &stream(1),
+                ExpectedVersion::Any,
+                vec![NewEvent::new("Placed", vec![])],
+            )
             .await
             .unwrap();
     }
@@ -277,7 +284,11 @@ async fn a_stream_longer_than_a_block_reads_across_its_blocks() {
             .values()
             .map(|value| value.unwrap().len())
             .collect();
-        assert_eq!(blocks, vec![4096, 4096, 2208], "1,300 versions in blocks of 512");
+        assert_eq!(
+            blocks,
+            vec![4096, 4096, 2208],
+            "1,300 versions in blocks of 512"
+        );
     }
     // From the blocks.
     let store = open(&path, 5_000);
