@@ -448,7 +448,7 @@ impl SledLoader {
         // A store that stopped without writing its stream index's tail
         // (killed): write it now, so that every event has its entry.
         if stored_indexed(&log)? < head {
-            StreamIndex::open(&log, head, 1)?.flush(&log)?;
+            StreamIndex::open(&log, head, 1)?.flush(&log, false)?;
         }
         Ok(Self {
             db,

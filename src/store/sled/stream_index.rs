@@ -14,8 +14,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use super::format::{chunk_at, chunk_key, Chunk, META_INDEXED, STREAM};
 use super::format::{corrupt, decode_record, decode_u64, record_utf8, stream_key, stream_prefix};
-use super::format::{Chunk, META_INDEXED};
 use super::sled_error;
 use crate::error::StoreError;
 use crate::event::{RecordedEvent, StreamId};
@@ -35,7 +35,7 @@ const PACE_EVERY_BLOCKS: usize = 16;
 const PACE_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// One stream's consecutive versions from `first`, with their positions.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct Run {
     pub(super) first: u64,
     pub(super) positions: Vec<u64>,
@@ -105,10 +105,9 @@ impl StreamIndex {
             flush: Mutex::new(()),
         };
         if indexed < head {
-            let start = super::format::chunk_at(log, indexed + 1)?
-                .map_or(indexed + 1, |chunk| chunk.first());
+            let start = chunk_at(log, indexed + 1)?.map_or(indexed + 1, |chunk| chunk.first());
             let mut tail = index.write_tail();
-            for entry in log.range(chunk_key_bytes(start)..=chunk_key_bytes(head)) {
+            for entry in log.range(chunk_key(start)..=chunk_key(head)) {
                 let (key, value) = entry.map_err(sled_error)?;
                 let chunk = Chunk::parse(&key, value)?;
                 for position in chunk.first().max(indexed + 1)..=chunk.last().min(head) {
@@ -168,7 +167,10 @@ impl StreamIndex {
     /// each stream's block under the same first version again and removes
     /// the blocks inside it. Until then the tail covers those versions and
     /// reads take them from the tail.
-    pub(super) fn flush(&self, log: &sled::Tree) -> Result<(), StoreError> {
+    ///
+    /// `paced`: the indexer thread's flush pauses between blocks (see
+    /// [`PACE_EVERY_BLOCKS`]); one that something waits for does not.
+    pub(super) fn flush(&self, log: &sled::Tree, paced: bool) -> Result<(), StoreError> {
         let _one = self.flush.lock().unwrap_or_else(|p| p.into_inner());
         let (runs, last) = {
             let mut tail = self.write_tail();
@@ -181,7 +183,7 @@ impl StreamIndex {
             (runs, tail.last)
         };
         for (written, (stream, run)) in runs.iter().enumerate() {
-            if written % PACE_EVERY_BLOCKS == PACE_EVERY_BLOCKS - 1 && !self.behind() {
+            if paced && written % PACE_EVERY_BLOCKS == PACE_EVERY_BLOCKS - 1 && !self.behind() {
                 std::thread::sleep(PACE_PAUSE);
             }
             if run.rebuilt {
@@ -336,7 +338,7 @@ fn push(
 /// (positions grow with a stream's versions), and sets `Mindexed` to it. A
 /// scan of the whole stream index: only after an accepted loss.
 fn cut_back(log: &sled::Tree, head: u64) -> Result<(), StoreError> {
-    for entry in log.scan_prefix([super::format::STREAM]) {
+    for entry in log.scan_prefix([STREAM]) {
         let (key, value) = entry.map_err(sled_error)?;
         let positions = block_positions(&value)?;
         let keep = positions.partition_point(|&position| position <= head);
@@ -352,10 +354,6 @@ fn cut_back(log: &sled::Tree, head: u64) -> Result<(), StoreError> {
     log.insert(META_INDEXED, &head.to_be_bytes())
         .map_err(sled_error)?;
     Ok(())
-}
-
-fn chunk_key_bytes(first: u64) -> [u8; 9] {
-    super::format::chunk_key(first)
 }
 
 /// The stored `Mindexed` (0 when absent).

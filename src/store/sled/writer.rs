@@ -93,7 +93,7 @@ impl Indexer {
             .name("annals-indexer".into())
             .spawn(move || {
                 while wakes.recv().is_ok() {
-                    if let Err(e) = streams.flush(&log) {
+                    if let Err(e) = streams.flush(&log, true) {
                         let why = format!("writing the stream index failed: {e}");
                         error!(error = %why, "the store refuses writes until reopened");
                         // The writer takes it up at its next group.
@@ -151,7 +151,7 @@ impl Writer {
         }
         self.take_indexer_failure();
         if self.poisoned.is_none() {
-            if let Err(e) = self.streams.flush(&self.log) {
+            if let Err(e) = self.streams.flush(&self.log, false) {
                 self.poison(format!("writing the stream index failed: {e}"));
             }
         }
@@ -222,7 +222,7 @@ impl Writer {
             None => due,
         };
         if inline {
-            if let Err(e) = self.streams.flush(&self.log) {
+            if let Err(e) = self.streams.flush(&self.log, false) {
                 self.poison(format!("writing the stream index failed: {e}"));
             }
         }
