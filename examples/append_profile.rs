@@ -11,7 +11,7 @@
 //! ```
 //!
 //! docs/design.md ("Tree `log`") and the README ("How fast") quote its
-//! counts for format 2 and format 3.
+//! counts for formats 2, 3 and 4.
 
 use std::error::Error;
 use std::sync::Arc;

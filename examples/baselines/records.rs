@@ -1,4 +1,4 @@
-//! The sled store's event record (format 3, docs/design.md "Tree `log`"),
+//! The sled store's event record (formats 3 and 4, docs/design.md "Tree `log`"),
 //! written again here so that the physical baselines work on the very bytes
 //! the store writes: decoding them from memory into the owned
 //! [`RecordedEvent`] a catch-up hands out, and appending them to a plain

@@ -180,7 +180,7 @@ pub(crate) async fn fill_bulk(
 
 /// Plain sled, the floor under a catch-up: opens the shut-down store at
 /// `path` with sled itself (the store's cache size and mode), then touches
-/// the key and value of every chunk of the log (docs/design.md, format 3).
+/// the key and value of every chunk of the log (docs/design.md, "Tree `log`").
 /// Returns how many events the chunks hold (each chunk's count, its first
 /// four bytes), and how long the scan took (the opening not counted). sled
 /// lets go of the directory a few milliseconds after this returns, which
