@@ -256,7 +256,15 @@ mod tests {
     /// A copy of `tests/fixtures/format2`: a store written by the format-2
     /// build (`8a9c815`), and its events as that build read them.
     fn format2_store() -> (tempfile::TempDir, std::path::PathBuf, Vec<String>) {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format2");
+        fixture_store("format2")
+    }
+
+    /// A copy of `tests/fixtures/<name>` (a store and its events as the
+    /// build that wrote it read them).
+    fn fixture_store(name: &str) -> (tempfile::TempDir, std::path::PathBuf, Vec<String>) {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         std::fs::create_dir_all(&path).unwrap();
@@ -466,6 +474,27 @@ mod tests {
         let config = SledStoreConfig::new(&path).accept_lost_events(true);
         assert_eq!(SledStore::upgrade_with(&config).unwrap().events, 500);
         // The mark now says 500: a plain open succeeds.
+        check_upgraded(&path, &expected).await;
+    }
+
+    /// A store written by the format-3 build (`07eb41d`) is refused with
+    /// its format; the upgrade marks it (no chunk moves) and this build
+    /// reads every event, stream, snapshot and checkpoint as that build did.
+    #[tokio::test]
+    async fn a_store_of_the_format_3_build_is_upgraded_by_marking_it() {
+        let (_dir, path, expected) = fixture_store("format3");
+        assert_eq!(format_of(&path), 3);
+        match SledStore::open(&path) {
+            Err(StoreError::FormatMismatch { found, expected }) => {
+                assert_eq!((found, expected), (3, FORMAT_VERSION));
+            }
+            other => panic!("expected FormatMismatch, got {:?}", other.map(|_| ())),
+        }
+        wait_for_release(&path);
+        let summary = SledStore::upgrade(&path).unwrap();
+        assert_eq!((summary.found_format, summary.events), (3, 500));
+        assert_eq!(summary.chunks_written, 0);
+        assert_eq!(format_of(&path), FORMAT_VERSION);
         check_upgraded(&path, &expected).await;
     }
 }
