@@ -490,6 +490,10 @@ fn sled_store_settings_below_their_minimum_are_refused() {
         ("queue_capacity", config().queue_capacity(0)),
         ("max_group_commit", config().max_group_commit(0)),
         (
+            "stream_index_flush_events",
+            config().stream_index_flush_events(0),
+        ),
+        (
             "flush_every_ms",
             config().durability(annals::store::Durability::Buffered { flush_every_ms: 0 }),
         ),

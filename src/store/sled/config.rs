@@ -77,7 +77,7 @@ pub struct SledStoreConfig {
     pub accept_lost_events: bool,
     /// Events whose stream entries are kept in memory before the indexer
     /// thread writes them to sled in bulk, one key per stream for all of
-    /// them (docs/design.md, "The stream index"). Larger takes fewer sled
+    /// them (docs/design.md, "The stream index, off the commit path"). Larger takes fewer sled
     /// keys per event, and more memory and more to re-read on an open after
     /// a crash (a clean shutdown writes them all). Default 32,768.
     pub stream_index_flush_events: usize,
