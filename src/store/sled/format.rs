@@ -329,27 +329,6 @@ pub(super) fn stream_key(stream: &str, version: u64) -> Vec<u8> {
     key
 }
 
-/// The version of `stream`'s last event in its stream index blocks (0 when
-/// it has none): the last block's, one descent of the tree. The tail the
-/// writer has not yet flushed is not seen here (`StreamIndex::head` sees
-/// both). Format 1 kept a head key per stream instead; writing it cost a
-/// fifth of sled's work per event.
-pub(super) fn stream_head(log: &sled::Tree, stream: &str) -> Result<u64, StoreError> {
-    let start = stream_prefix(stream);
-    let mut end = start.clone();
-    // The prefix ends in 0x00; 0x01 in its place bounds exactly this stream.
-    *end.last_mut().expect("the prefix ends in 0x00") = 1;
-    match log.range(start.as_slice()..end.as_slice()).next_back() {
-        None => Ok(0),
-        Some(entry) => {
-            let (key, value) = entry.map_err(super::sled_error)?;
-            let first = decode_u64(key.get(start.len()..).unwrap_or_default())?;
-            let count = super::stream_index::block_positions(&value)?.len() as u64;
-            Ok(first + count - 1)
-        }
-    }
-}
-
 pub(super) fn id_key(id: Uuid) -> [u8; 17] {
     let mut key = [0u8; 17];
     key[0] = EVENT_ID;

@@ -189,7 +189,6 @@ impl SledStore {
             receiver,
             last_position: head,
             syncer,
-            poisoned: None,
             max_group_commit: config.max_group_commit,
             path: path.clone(),
             min_free_bytes: config.min_free_bytes,

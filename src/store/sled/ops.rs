@@ -11,10 +11,10 @@ use std::sync::Arc;
 use super::durability::Syncer;
 use super::format::{
     chunk_at, decode_record, decode_u64, encode_record, event_at, id_key, stage_chunks,
-    stage_indexes, stored_head, stream_head, Chunk, RecordDecoder, StoredSnapshot, CHUNK, EVENT_ID,
-    META_HEAD, META_INDEXED, STREAM,
+    stage_indexes, stored_head, Chunk, RecordDecoder, StoredSnapshot, CHUNK, EVENT_ID, META_HEAD,
+    META_INDEXED, STREAM,
 };
-use super::stream_index::{block_at, block_positions, stored_indexed, StreamIndex};
+use super::stream_index::{block_at, block_positions, blocks_head, stored_indexed, StreamIndex};
 use super::{check_format, check_path, open_db, sled_error, wait_for_release, Counters};
 use super::{Durability, SledStore};
 use crate::error::StoreError;
@@ -238,16 +238,19 @@ fn check_event(
         });
         return Ok(());
     };
-    let indexed = block_at(log, stream, record.version).map(|block| {
-        block.and_then(|(first, positions)| {
-            positions.get((record.version - first) as usize).copied()
+    // Past `Mindexed`, the entry may still be in the tail of the store
+    // that wrote it: not looked for.
+    let indexed = (position <= stream_indexed).then(|| {
+        block_at(log, stream, record.version).map(|block| {
+            block.and_then(|(first, positions)| {
+                positions.get((record.version - first) as usize).copied()
+            })
         })
     });
     match indexed {
-        // Past `Mindexed`, the entry may still be in the writer's tail.
-        _ if position > stream_indexed => {}
-        Ok(Some(p)) if p == position => {}
-        found => check.found(RawFinding::NotIndexed {
+        None => {}
+        Some(Ok(Some(p))) if p == position => {}
+        Some(found) => check.found(RawFinding::NotIndexed {
             position,
             index: "stream",
             detail: format!(
@@ -490,7 +493,7 @@ impl SledLoader {
             events,
             |stream| match heads.get(stream) {
                 Some(&version) => Ok(version),
-                None => stream_head(log, stream.as_str()),
+                None => blocks_head(log, stream.as_str()),
             },
             &stored,
         )?;

@@ -100,8 +100,10 @@ pub(super) fn stream_version(
     head: Position,
     stream: &StreamId,
 ) -> Result<Version, ReadError> {
-    let from = handles.streams.head(&handles.log, stream)?;
-    for entry in handles.streams.entries(&handles.log, stream, from, false) {
+    for entry in handles
+        .streams
+        .entries(&handles.log, stream, u64::MAX, false)
+    {
         let (version, position) = entry?;
         if position <= head.0 {
             return Ok(Version(version));

@@ -1,5 +1,5 @@
 //! The stream index, kept off the commit path (docs/design.md, "The stream
-//! index"). A group commit writes its chunks and event-id entries only; the
+//! index, off the commit path"). A group commit writes its chunks and event-id entries only; the
 //! stream entries of the newest events live in memory (the *tail*) until an
 //! indexer thread writes them in bulk as *blocks*: one sled key per stream
 //! per flush, `S + stream + \0 + first version`, whose value is the
@@ -33,6 +33,18 @@ const BLOCK_VERSIONS: usize = 512;
 /// at 39,000/s from 1.6 ms to 7-9 ms (`latency_probe store 39000`).
 const PACE_EVERY_BLOCKS: usize = 16;
 const PACE_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Who should flush the tail after a group was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Due {
+    /// Nobody yet: the tail is below its flush size, or a flush is under way.
+    No,
+    /// The indexer thread: the tail reached its flush size.
+    Indexer,
+    /// The writer itself, unpaced: the tail holds eight flush sizes, so the
+    /// indexer is far behind (or gone), and memory stays bounded.
+    Writer,
+}
 
 /// One stream's consecutive versions from `first`, with their positions.
 #[derive(Debug)]
@@ -131,9 +143,9 @@ impl StreamIndex {
         self.tail.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a durable group's events, in position order; true when the
-    /// tail is due a flush.
-    pub(super) fn record(&self, events: &[RecordedEvent]) -> Result<bool, StoreError> {
+    /// Records a durable group's events, in position order, and says who
+    /// should flush the tail now, if anyone.
+    pub(super) fn record(&self, events: &[RecordedEvent]) -> Result<Due, StoreError> {
         let mut tail = self.write_tail();
         for event in events {
             push(
@@ -144,19 +156,21 @@ impl StreamIndex {
                 false,
             )?;
         }
-        Ok(tail.current_events >= self.flush_every && tail.flushing.is_none())
+        Ok(
+            if tail.current_events >= self.flush_every.saturating_mul(8) {
+                Due::Writer
+            } else if tail.current_events >= self.flush_every && tail.flushing.is_none() {
+                Due::Indexer
+            } else {
+                Due::No
+            },
+        )
     }
 
     /// Whether the tail that grows beside a flush is already due one: the
     /// flush then runs without pauses.
     fn behind(&self) -> bool {
         self.read_tail().current_events >= self.flush_every
-    }
-
-    /// Whether the tail has grown so far past its flush (the indexer far
-    /// behind) that the writer should flush it itself.
-    pub(super) fn overdue(&self) -> bool {
-        self.read_tail().current_events >= self.flush_every.saturating_mul(8)
     }
 
     /// Writes the tail's entries as blocks, then `Mindexed`, then forgets
@@ -231,7 +245,7 @@ impl StreamIndex {
     pub(super) fn head(&self, log: &sled::Tree, stream: &StreamId) -> Result<u64, StoreError> {
         match self.with_runs(stream, |runs| runs.last().map(|run| run.last())) {
             Some(version) => Ok(version),
-            None => super::format::stream_head(log, stream.as_str()),
+            None => blocks_head(log, stream.as_str()),
         }
     }
 
@@ -246,33 +260,30 @@ impl StreamIndex {
     ) -> Entries<'a> {
         // The tail first, then the blocks: a flush that ends in between has
         // written its blocks before it let go of its runs.
-        let tail: Vec<(u64, u64)> = self.with_runs(stream, |runs| {
-            runs.iter()
-                .flat_map(|run| (run.first..).zip(run.positions.iter().copied()))
-                .collect()
+        let (below, tail) = self.with_runs(stream, |runs| {
+            let below = runs.first().map_or(u64::MAX, |run| run.first);
+            let entries = runs
+                .iter()
+                .flat_map(|run| (run.first..).zip(run.positions.iter().copied()));
+            let tail: Vec<(u64, u64)> = if forward {
+                entries.filter(|&(version, _)| version >= from).collect()
+            } else {
+                let mut tail: Vec<_> = entries.filter(|&(version, _)| version <= from).collect();
+                tail.reverse();
+                tail
+            };
+            (below, tail)
         });
-        // The blocks hold the versions below the tail's (and may repeat
-        // some of the tail's after a crash part-way through a flush).
-        let below = tail.first().map_or(u64::MAX, |&(version, _)| version);
-        let mut tail: Vec<(u64, u64)> = if forward {
-            tail.into_iter().filter(|&(v, _)| v >= from).collect()
-        } else {
-            tail.into_iter().filter(|&(v, _)| v <= from).rev().collect()
-        };
-        tail.shrink_to_fit();
         Entries {
             log,
-            stream: stream.as_str().to_owned(),
             prefix: stream_prefix(stream.as_str()),
             from,
             forward,
             below,
             tail: tail.into_iter(),
-            in_tail: !forward,
+            phase: if forward { Phase::Blocks } else { Phase::Tail },
             block: Vec::new(),
             last_key: None,
-            started: false,
-            blocks_done: false,
             last_given: None,
         }
     }
@@ -382,6 +393,14 @@ fn block_first(prefix: &[u8], key: &[u8]) -> Result<u64, StoreError> {
     decode_u64(key.get(prefix.len()..).unwrap_or_default())
 }
 
+/// The version of `stream`'s last event in its blocks (0 when it has
+/// none): its last block's, one descent of the tree. The tail is not seen
+/// here ([`StreamIndex::head`] sees both).
+pub(super) fn blocks_head(log: &sled::Tree, stream: &str) -> Result<u64, StoreError> {
+    Ok(block_at(log, stream, u64::MAX)?
+        .map_or(0, |(first, positions)| first + positions.len() as u64 - 1))
+}
+
 /// The block of `stream` whose versions start at or below `version`.
 pub(super) fn block_at(
     log: &sled::Tree,
@@ -403,11 +422,11 @@ pub(super) fn block_at(
 
 /// The entries of one stream, as [`StreamIndex::entries`] reads them:
 /// going forward the blocks' then the tail's, going backward the other way
-/// round; a version is given once even where blocks overlap (a flush cut
-/// short by a crash, written again after).
+/// round. A version is given once even where blocks overlap, which only
+/// damaged or hand-edited stores hold (a flush cut short by a crash is
+/// covered by the tail until its rewrite removes what it left).
 pub(super) struct Entries<'a> {
     log: &'a sled::Tree,
-    stream: String,
     prefix: Vec<u8>,
     from: u64,
     forward: bool,
@@ -415,33 +434,45 @@ pub(super) struct Entries<'a> {
     below: u64,
     /// The tail's entries to give, in reading order.
     tail: std::vec::IntoIter<(u64, u64)>,
-    in_tail: bool,
+    phase: Phase,
     /// The entries of the block being read, in reading order, reversed
     /// for popping.
     block: Vec<(u64, u64)>,
     /// The key of the last block read.
     last_key: Option<Vec<u8>>,
-    started: bool,
-    blocks_done: bool,
     last_given: Option<u64>,
 }
 
+/// What [`Entries`] reads from next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Blocks,
+    Tail,
+    Done,
+}
+
 impl Entries<'_> {
+    /// The key of this stream's block that starts at `version`.
+    fn key(&self, version: u64) -> Vec<u8> {
+        let mut key = self.prefix.clone();
+        key.extend_from_slice(&version.to_be_bytes());
+        key
+    }
+
     /// Reads the next block in reading order into `self.block`; false when
     /// there is none.
     fn next_block(&mut self) -> Result<bool, StoreError> {
         let entry = match (&self.last_key, self.forward) {
             (None, true) => {
                 // The block holding `from` may start before it.
-                let key = stream_key(&self.stream, self.from);
+                let key = self.key(self.from);
                 match self.log.range(self.prefix.clone()..=key).next_back() {
                     Some(entry) => Some(entry),
                     None => self.log.range(self.prefix.clone()..).next(),
                 }
             }
             (None, false) => {
-                let top = self.from.min(self.below.saturating_sub(1));
-                let key = stream_key(&self.stream, top);
+                let key = self.key(self.from.min(self.below.saturating_sub(1)));
                 self.log.range(self.prefix.clone()..=key).next_back()
             }
             (Some(after), true) => self
@@ -469,16 +500,20 @@ impl Entries<'_> {
         }
         let positions = block_positions(&value)?;
         self.last_key = Some(key.to_vec());
-        let (from, below) = (self.from, self.below);
+        let (from, below, forward) = (self.from, self.below, self.forward);
         let mut entries: Vec<(u64, u64)> = (first..)
             .zip(positions)
-            .filter(|&(version, _)| version < below)
+            .filter(|&(version, _)| {
+                version < below
+                    && if forward {
+                        version >= from
+                    } else {
+                        version <= from
+                    }
+            })
             .collect();
-        if self.forward {
-            entries.retain(|&(version, _)| version >= from);
+        if forward {
             entries.reverse();
-        } else {
-            entries.retain(|&(version, _)| version <= from);
         }
         self.block = entries;
         Ok(true)
@@ -497,11 +532,7 @@ impl Entries<'_> {
                     return Ok(Some(entry));
                 }
             }
-            if self.blocks_done {
-                return Ok(None);
-            }
             if !self.next_block()? {
-                self.blocks_done = true;
                 return Ok(None);
             }
         }
@@ -512,24 +543,93 @@ impl Iterator for Entries<'_> {
     type Item = Result<(u64, u64), StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.forward && !self.started {
-            // Blocks (versions below the tail's) first, then the tail.
-            match self.next_from_blocks() {
-                Ok(Some(entry)) => return Some(Ok(entry)),
-                Ok(None) => self.started = true,
-                Err(e) => return Some(Err(e)),
+        loop {
+            match self.phase {
+                Phase::Blocks => match self.next_from_blocks() {
+                    Ok(Some(entry)) => return Some(Ok(entry)),
+                    Ok(None) if self.forward => self.phase = Phase::Tail,
+                    Ok(None) => self.phase = Phase::Done,
+                    Err(e) => {
+                        self.phase = Phase::Done;
+                        return Some(Err(e));
+                    }
+                },
+                Phase::Tail => match self.tail.next() {
+                    Some(entry) => {
+                        self.last_given = Some(entry.0);
+                        return Some(Ok(entry));
+                    }
+                    None if self.forward => self.phase = Phase::Done,
+                    None => self.phase = Phase::Blocks,
+                },
+                Phase::Done => return None,
             }
         }
-        if self.forward || self.in_tail {
-            if let Some(entry) = self.tail.next() {
-                self.last_given = Some(entry.0);
-                return Some(Ok(entry));
-            }
-            self.in_tail = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Metadata, Position, Version};
+
+    fn events(
+        stream: &str,
+        versions: std::ops::Range<u64>,
+        first_position: u64,
+    ) -> Vec<RecordedEvent> {
+        versions
+            .zip(first_position..)
+            .map(|(version, position)| RecordedEvent {
+                event_id: uuid::Uuid::now_v7(),
+                stream_id: StreamId::new(stream).unwrap(),
+                version: Version(version),
+                position: Position(position),
+                event_type: "Placed".into(),
+                schema_version: 1,
+                recorded_at_micros: 0,
+                metadata: Metadata::default(),
+                payload: Vec::new(),
+            })
+            .collect()
+    }
+
+    /// The tail asks the indexer at its flush size, nobody while a flush is
+    /// under way, and the writer itself at eight flush sizes, so that it
+    /// stays bounded when the indexer cannot keep up; and what it records
+    /// out of order is refused, not indexed.
+    #[test]
+    fn the_tail_says_who_flushes_it_and_refuses_what_is_out_of_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let log = db.open_tree("log").unwrap();
+        let index = StreamIndex::open(&log, 0, 10).unwrap();
+        assert_eq!(index.record(&events("a", 1..10, 1)).unwrap(), Due::No);
+        assert_eq!(
+            index.record(&events("a", 10..11, 10)).unwrap(),
+            Due::Indexer
+        );
+        // A flush taken aside and not finished: the next tail waits for it,
+        // until it holds eight flush sizes.
+        index.write_tail().flushing = Some(Arc::new(HashMap::new()));
+        let mut next = 11;
+        let mut dues = Vec::new();
+        while next <= 80 {
+            dues.push(index.record(&events("a", next..next + 10, next)).unwrap());
+            next += 10;
         }
-        if self.forward {
-            return None;
-        }
-        self.next_from_blocks().transpose()
+        assert_eq!(
+            dues.iter().filter(|d| **d == Due::Writer).count(),
+            1,
+            "{dues:?}"
+        );
+        assert_eq!(dues.last(), Some(&Due::Writer), "{dues:?}");
+        assert!(
+            dues[..dues.len() - 1].iter().all(|d| *d == Due::No),
+            "{dues:?}"
+        );
+        // A position already recorded, or a version that does not follow.
+        assert!(index.record(&events("b", 1..2, 5)).is_err());
+        assert!(index.record(&events("a", 99..100, next)).is_err());
     }
 }

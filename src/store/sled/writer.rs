@@ -19,7 +19,7 @@ use super::format::{
     chunk_at, corrupt, decode_record, decode_u64, encode_record, id_key, record_utf8, stage_chunks,
     stage_id_index, META_HEAD,
 };
-use super::stream_index::StreamIndex;
+use super::stream_index::{Due, StreamIndex};
 use super::{sled_error, Durability};
 use crate::error::{AppendError, StoreError};
 use crate::event::{
@@ -53,9 +53,6 @@ pub(super) struct Writer {
     pub(super) receiver: mpsc::Receiver<WriteRequest>,
     pub(super) last_position: u64,
     pub(super) syncer: Syncer,
-    /// Set when a write or flush failed: what is on disk is then unknown, so
-    /// every later write is refused until the store is reopened.
-    pub(super) poisoned: Option<String>,
     pub(super) max_group_commit: usize,
     pub(super) path: PathBuf,
     pub(super) min_free_bytes: u64,
@@ -149,8 +146,7 @@ impl Writer {
         if let Some(indexer) = self.indexer.take() {
             indexer.stop();
         }
-        self.take_indexer_failure();
-        if self.poisoned.is_none() {
+        if self.poisoned().is_none() {
             if let Err(e) = self.streams.flush(&self.log, false) {
                 self.poison(format!("writing the stream index failed: {e}"));
             }
@@ -158,9 +154,9 @@ impl Writer {
         // Drop and shutdown both end here: what was applied gets flushed,
         // unless a write already failed: sled then waits forever for a flush
         // the failed I/O cannot complete, and the store is poisoned anyway.
-        let result = match &self.poisoned {
+        let result = match self.poisoned() {
             None => self.flush_and_sync(),
-            Some(why) => Err(why.clone()),
+            Some(why) => Err(why),
         };
         if let (Ok(()), Some(mark)) = (&result, &mut self.mark) {
             if let Err(e) = mark.record_durably(self.last_position) {
@@ -183,26 +179,23 @@ impl Writer {
         if let Some(reply) = shutdown {
             let _ = reply.send(result.map_err(StoreError::Poisoned));
         }
-        if self.poisoned.is_some() {
+        if self.poisoned().is_some() {
             leak_sled_handles(&self.db);
         }
         debug!("event store writer stopped");
     }
 
-    /// Takes up a failure of the indexer thread: its write failed, so what
-    /// sled holds is unknown, as after a failed group.
-    fn take_indexer_failure(&mut self) {
-        if self.poisoned.is_none() {
-            if let Some(why) = self.syncer.counters.poisoned.get() {
-                self.poisoned = Some(why.clone());
-            }
-        }
+    /// Why the store refuses writes, once a write failed (the writer's or
+    /// the indexer's): what sled holds is then unknown, so every later write
+    /// is refused until the store is reopened.
+    fn poisoned(&self) -> Option<String> {
+        self.syncer.counters.poisoned.get().cloned()
     }
 
     /// Records a durable group in the stream index's tail, and has the tail
     /// flushed when it is due: by the indexer, or here when the indexer is
     /// missing or far behind (so that the tail stays bounded).
-    fn index_streams(&mut self, committed: &[RecordedEvent]) {
+    fn index_streams(&self, committed: &[RecordedEvent]) {
         let due = match self.streams.record(committed) {
             Ok(due) => due,
             Err(e) => {
@@ -210,16 +203,14 @@ impl Writer {
                 return;
             }
         };
-        let inline = match &self.indexer {
-            _ if self.streams.overdue() => true,
-            Some(indexer) => {
-                if due {
-                    // Full: a wake is already waiting.
-                    let _ = indexer.wake.try_send(());
-                }
+        let inline = match (due, &self.indexer) {
+            (Due::No, _) => false,
+            (Due::Indexer, Some(indexer)) => {
+                // Full: a wake is already waiting.
+                let _ = indexer.wake.try_send(());
                 false
             }
-            None => due,
+            (Due::Indexer, None) | (Due::Writer, _) => true,
         };
         if inline {
             if let Err(e) = self.streams.flush(&self.log, false) {
@@ -240,7 +231,6 @@ impl Writer {
         &mut self,
         group: &mut Vec<WriteRequest>,
     ) -> Option<oneshot::Sender<Result<(), StoreError>>> {
-        self.take_indexer_failure();
         let mut batch = sled::Batch::default();
         // Sized for one event per request, the common case, so that a
         // group of thousands does not rehash and regrow as it is decided.
@@ -270,8 +260,8 @@ impl Writer {
                     events,
                     reply,
                 } => {
-                    let outcome = match (&self.poisoned, no_space) {
-                        (Some(why), _) => Err(StoreError::Poisoned(why.clone()).into()),
+                    let outcome = match (self.poisoned(), no_space) {
+                        (Some(why), _) => Err(StoreError::Poisoned(why).into()),
                         (None, Some((available, needed))) => {
                             Err(StoreError::DiskFull { available, needed }.into())
                         }
@@ -303,9 +293,9 @@ impl Writer {
         }
 
         let wrote = !committed.is_empty();
-        let result = if let Some(why) = &self.poisoned {
+        let result = if let Some(why) = self.poisoned() {
             // Poisoned part-way through this group: apply none of it.
-            Err(why.clone())
+            Err(why)
         } else if wrote {
             // The group's positions are consecutive from the last one: a
             // refused append takes none.
@@ -383,12 +373,11 @@ impl Writer {
         shutdown
     }
 
-    /// Refuses every later write until the store is reopened.
-    fn poison(&mut self, why: String) {
-        if self.poisoned.is_none() {
+    /// Refuses every later write until the store is reopened; the first
+    /// failure is the one kept.
+    fn poison(&self, why: String) {
+        if self.syncer.counters.poisoned.set(why.clone()).is_ok() {
             error!(error = %why, "a write failed; the store refuses writes until reopened");
-            let _ = self.syncer.counters.poisoned.set(why.clone());
-            self.poisoned = Some(why);
         }
     }
 
