@@ -127,7 +127,7 @@ impl StreamIndex {
                     let record = decode_record(position, bytes)?;
                     let stream =
                         StreamId::new(record_utf8(position, record.stream)?).map_err(corrupt)?;
-                    push(&mut tail, stream, record.version, position, true)?;
+                    push(&mut tail, &stream, record.version, position, true)?;
                 }
             }
         }
@@ -150,7 +150,7 @@ impl StreamIndex {
         for event in events {
             push(
                 &mut tail,
-                event.stream_id.clone(),
+                &event.stream_id,
                 event.version.0,
                 event.position.0,
                 false,
@@ -308,9 +308,11 @@ impl StreamIndex {
     }
 }
 
+/// Adds one entry to the tail's current runs; the stream id is cloned
+/// only for a stream's first entry.
 fn push(
     tail: &mut Tail,
-    stream: StreamId,
+    stream: &StreamId,
     version: u64,
     position: u64,
     rebuilt: bool,
@@ -323,7 +325,7 @@ fn push(
     }
     tail.last = position;
     tail.current_events += 1;
-    match tail.current.get_mut(&stream) {
+    match tail.current.get_mut(stream) {
         Some(run) if run.last() + 1 == version => run.positions.push(position),
         Some(run) => {
             return Err(corrupt(format_args!(
@@ -333,7 +335,7 @@ fn push(
         }
         None => {
             tail.current.insert(
-                stream,
+                stream.clone(),
                 Run {
                     first: version,
                     positions: vec![position],
