@@ -64,7 +64,13 @@ impl Syncer {
                 continue;
             };
             if id > self.synced_blob {
-                File::open(entry.path())?.sync_data()?;
+                match File::open(entry.path()) {
+                    Ok(blob) => blob.sync_data()?,
+                    // sled removed it since the listing (the page it held
+                    // was rewritten or its key removed): nothing to sync.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
                 newest = newest.max(id);
             }
         }
