@@ -23,6 +23,8 @@ mod concurrency;
 mod corruption;
 #[path = "store/decoders.rs"]
 mod decoders;
+#[path = "store/id_index.rs"]
+mod id_index;
 #[path = "store/limits.rs"]
 mod limits;
 #[path = "store/model.rs"]

@@ -269,7 +269,7 @@ fn store_failure(error: StoreError) -> Failure {
                 .unwrap_or_default()
         )),
         StoreError::FormatMismatch {
-            found: found @ (2 | 3),
+            found: found @ (2..=4),
             expected,
         } => Failure::refused(format!(
             "annals: the store has format version {found} (or its upgrade was interrupted); \

@@ -54,3 +54,23 @@ pub fn rewrite_records(tree: &sled::Tree, mut edit: impl FnMut(u64, Vec<u8>) -> 
         }
     }
 }
+
+/// Rewrites the event-id index as formats 2 to 4 kept it, one `I` + id key
+/// per event (value: its position), in place of format 5's runs (`J`
+/// blocks, `K` summaries, `Mruns`): what staging an earlier format needs.
+/// A record starts with its id, which postcard writes as a length (16)
+/// and the 16 bytes.
+pub fn ids_as_keys(tree: &sled::Tree) {
+    for tag in [b'J', b'K'] {
+        for key in tree.scan_prefix([tag]).keys() {
+            tree.remove(key.unwrap()).unwrap();
+        }
+    }
+    tree.remove(b"Mruns").unwrap();
+    for (position, record) in (1u64..).zip(stored_records(tree)) {
+        assert_eq!(record[0], 16, "a record starts with its 16-byte id");
+        let mut key = vec![b'I'];
+        key.extend_from_slice(&record[1..17]);
+        tree.insert(key, &position.to_be_bytes()).unwrap();
+    }
+}

@@ -281,6 +281,11 @@ async fn a_head_past_the_last_event_opens_at_it_only_if_never_acknowledged() {
         .await
         .unwrap();
     assert_eq!(done.first_position, Position(21));
+    let lost = store
+        .read_all(Position(21), ReadDirection::Forward, 1, &EventFilter::All)
+        .await
+        .unwrap()[0]
+        .event_id;
     store.shutdown().await.unwrap();
 
     // The last chunk (an acknowledged event, 21) is gone, its head kept.
@@ -322,5 +327,22 @@ async fn a_head_past_the_last_event_opens_at_it_only_if_never_acknowledged() {
     let versions: Vec<u64> = events.iter().map(|e| e.version.0).collect();
     assert_eq!(versions, (1..=before.0 + 1).collect::<Vec<_>>());
     assert_eq!(events.last().unwrap().position, Position(21));
+    // Nor does the id index: the lost event's id is not found, the new
+    // one at 21 is, and the lost id can be stored again.
+    assert_eq!(store.read_event(lost).await.unwrap(), None);
+    let new = events.last().unwrap();
+    assert_eq!(
+        store.read_event(new.event_id).await.unwrap().as_ref(),
+        Some(new)
+    );
+    let again = store
+        .append(
+            &stream(2),
+            ExpectedVersion::Any,
+            vec![NewEvent::new("Happened", vec![]).with_id(lost)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.first_position, Position(22));
     store.shutdown().await.unwrap();
 }

@@ -1,10 +1,11 @@
 //! The in-place upgrade from format 2, killed (`kill -9`) at random points
 //! and run again until it finishes: every killed state is refused by this
-//! build (and marked format 3, which the format-2 build refuses), and the
+//! build (and marked with this format, which the format-2 build refuses), and the
 //! finished store reads exactly what was written, with sound indexes.
 //!
-//! The format-2 store is made from a format-3 one by moving its records
-//! back under `E` + position (docs/design.md's layouts), so that it can be
+//! The format-2 store is made from one of this format by moving its
+//! records back under `E` + position and its ids under `I` + id
+//! (docs/design.md's layouts), so that it can be
 //! large enough for the upgrade to take many batches;
 //! `tests/fixtures/format2` is a store written by the format-2 build
 //! itself, which the upgrade's unit tests and `tests/cli.rs` use.
@@ -27,6 +28,7 @@ const EVENTS: u64 = 60_000;
 fn downgrade(path: &Path) {
     let db = until_unlocked(|| sled::open(path)).unwrap();
     let log = db.open_tree("log").unwrap();
+    chunks::ids_as_keys(&log);
     let records = chunks::stored_records(&log);
     for entry in log.scan_prefix([b'C']) {
         log.remove(entry.unwrap().0).unwrap();
@@ -174,7 +176,8 @@ fn copy_dir(from: &Path, to: &Path) {
 /// makes it this build's by marking it: its events and streams read back
 /// as they were. Staged with one one-event append per session (a shutdown
 /// writes the session's stream entries, here one per stream), which
-/// writes exactly format 3's keys, then given format 3's meta records.
+/// writes exactly format 3's stream keys, then given format 3's id keys
+/// and meta records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_format_3_store_is_refused_then_upgraded_by_marking_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,6 +202,7 @@ async fn a_format_3_store_is_refused_then_upgraded_by_marking_it() {
         let db = until_unlocked(|| sled::open(&path)).unwrap();
         let tree = db.open_tree("log").unwrap();
         assert_eq!(tree.scan_prefix(b"S").count(), 30, "one key per event");
+        crate::chunks::ids_as_keys(&tree);
         tree.insert(b"Mformat", &3u32.to_be_bytes()).unwrap();
         tree.remove(b"Mindexed").unwrap();
         db.flush().unwrap();
@@ -213,6 +217,10 @@ async fn a_format_3_store_is_refused_then_upgraded_by_marking_it() {
     assert_eq!((summary.found_format, summary.chunks_written), (3, 0));
     let store = until_unlocked(|| SledStore::open(&path)).unwrap();
     assert_eq!(whole_log(&store).await, log);
+    for event in &log {
+        let found = store.read_event(event.event_id).await.unwrap();
+        assert_eq!(found.as_ref(), Some(event));
+    }
     for n in 0..4 {
         let stream = StreamId::new(format!("order-{n}")).unwrap();
         let own: Vec<_> = log

@@ -9,7 +9,7 @@ use crate::error::StoreError;
 use crate::event::{EventFilter, Metadata, Position, RecordedEvent, StreamId, Version};
 
 /// The on-disk format this build reads and writes (docs/design.md).
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 // Key prefixes of the `log` tree. One tree, so that one `sled::Batch` commits
 // a group's events, their indexes and the new head atomically.
@@ -18,15 +18,22 @@ pub(super) const CHUNK: u8 = b'C';
 /// upgrade from it.
 pub(super) const EVENT: u8 = b'E';
 pub(super) const STREAM: u8 = b'S';
+/// Format 4's one key per event id, read only by the upgrade from it.
 pub(super) const EVENT_ID: u8 = b'I';
+/// A block of a run of the event-id index (format 5, `id_index.rs`).
+pub(super) const ID_BLOCK: u8 = b'J';
+/// A piece of a run's summary: its fences and filter.
+pub(super) const ID_SUMMARY: u8 = b'K';
+/// The live runs of the event-id index.
+pub(super) const META_RUNS: &[u8] = b"Mruns";
 pub(super) const META_FORMAT: &[u8] = b"Mformat";
 pub(super) const META_HEAD: &[u8] = b"Mhead";
 /// Present while an upgrade from format 2 is under way (docs/design.md,
-/// "Upgrading a format-2 or format-3 store").
+/// "Upgrading a store of an earlier format").
 pub(super) const META_UPGRADING: &[u8] = b"Mupgrading";
-/// The last position whose stream index entries are written (format 4:
-/// the stream index is written off the commit path, see
-/// `stream_index.rs`).
+/// The last position whose stream entries are in blocks and whose ids are
+/// in listed runs (format 5: both indexes are written off the commit path,
+/// see `stream_index.rs` and `id_index.rs`).
 pub(super) const META_INDEXED: &[u8] = b"Mindexed";
 
 /// An event record, as stored in a chunk (format 2: under `E + position`). Strings and bytes borrow
@@ -164,23 +171,6 @@ pub(super) fn stage_chunks<R: AsRef<[u8]>>(
         chunks += 1;
     }
     chunks
-}
-
-/// Stages the event-id index entry of a stored event, pointing at its
-/// position. The writer stages only this one; its stream entry is written
-/// later, in bulk (`stream_index.rs`).
-pub(super) fn stage_id_index(batch: &mut sled::Batch, event: &RecordedEvent) {
-    batch.insert(&id_key(event.event_id), &event.position.0.to_be_bytes());
-}
-
-/// Stages both index entries of a stored event, its stream entry as a block
-/// of one version: how the offline import and the upgrade write them.
-pub(super) fn stage_indexes(batch: &mut sled::Batch, event: &RecordedEvent) {
-    batch.insert(
-        stream_key(event.stream_id.as_str(), event.version.0),
-        &event.position.0.to_be_bytes(),
-    );
-    stage_id_index(batch, event);
 }
 
 /// A stored chunk, its layout checked: the events at `first ..= last()`.
@@ -326,13 +316,6 @@ pub(super) fn stream_prefix(stream: &str) -> Vec<u8> {
 pub(super) fn stream_key(stream: &str, version: u64) -> Vec<u8> {
     let mut key = stream_prefix(stream);
     key.extend_from_slice(&version.to_be_bytes());
-    key
-}
-
-pub(super) fn id_key(id: Uuid) -> [u8; 17] {
-    let mut key = [0u8; 17];
-    key[0] = EVENT_ID;
-    key[1..].copy_from_slice(id.as_bytes());
     key
 }
 

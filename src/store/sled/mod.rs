@@ -9,6 +9,7 @@ mod ack_mark;
 mod config;
 mod durability;
 mod format;
+mod id_index;
 pub(crate) mod ops;
 mod read_model;
 mod reads;
@@ -34,7 +35,7 @@ pub use self::read_model::{ReadModelBatch, ReadModelView};
 pub use self::upgrade::UpgradeSummary;
 
 use self::durability::Syncer;
-use self::format::{corrupt, last_position, stored_head, META_FORMAT, META_HEAD, META_UPGRADING};
+use self::format::{corrupt, last_position, stored_head, META_FORMAT, META_HEAD};
 use self::writer::{WriteRequest, Writer};
 use crate::error::{AppendError, BackendError, ReadError, StoreError};
 use crate::event::{
@@ -375,11 +376,11 @@ fn check_format(
             expected: FORMAT_VERSION,
         });
     }
-    if log.contains_key(META_UPGRADING).map_err(sled_error)? {
-        // An upgrade from format 2 that has not finished: running it again
-        // finishes it (`SledStore::upgrade`).
+    if let Some(from) = upgrade::upgrading_from(log)? {
+        // An upgrade that has not finished: running it again finishes it
+        // (`SledStore::upgrade`).
         return Err(StoreError::FormatMismatch {
-            found: 2,
+            found: from,
             expected: FORMAT_VERSION,
         });
     }

@@ -1,24 +1,24 @@
 //! What the operations layer (`annals::ops`) needs of the sled store beyond
 //! the [`EventStore`](crate::EventStore) contract: listing checkpoints and
 //! snapshots, deleting a checkpoint, the size on disk, a raw check of the
-//! `log` tree's indexes against its events (format 4, docs/design.md), and
+//! `log` tree's indexes against its events (format 5, docs/design.md), and
 //! an offline loader that writes imported events as they were recorded.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::durability::Syncer;
 use super::format::{
-    chunk_at, decode_record, decode_u64, encode_record, event_at, id_key, stage_chunks,
-    stage_indexes, stored_head, Chunk, RecordDecoder, StoredSnapshot, CHUNK, EVENT_ID, META_HEAD,
-    META_INDEXED, STREAM,
+    chunk_at, decode_record, decode_u64, encode_record, event_at, stage_chunks, stored_head, Chunk,
+    RecordDecoder, StoredSnapshot, CHUNK, ID_BLOCK, META_HEAD, STREAM,
 };
-use super::stream_index::{block_at, block_positions, blocks_head, stored_indexed, StreamIndex};
+use super::id_index::block_entries;
+use super::stream_index::{block_at, block_positions, stored_indexed, Due, StreamIndex};
 use super::{check_format, check_path, open_db, sled_error, wait_for_release, Counters};
 use super::{Durability, SledStore};
 use crate::error::StoreError;
-use crate::event::{Position, RecordedEvent, StreamId};
+use crate::event::{Position, RecordedEvent};
 use crate::store::bulk::{check_batch, BulkError};
 use crate::store::validate_checkpoint_name;
 
@@ -125,7 +125,7 @@ impl SledStore {
     /// id index entries, and every index entry points at its event.
     pub(crate) fn ops_check_log(&self) -> Result<RawCheck, StoreError> {
         let head = self.feed.head().0;
-        self.with_handles(|handles| check_log(&handles.log, head))
+        self.with_handles(|handles| check_log(&handles.log, head, Some(&handles.streams)))
     }
 }
 
@@ -143,7 +143,13 @@ fn directory_size(path: &Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
-fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
+/// The raw check; without `index` (a bare tree in a test) only the log's
+/// layout and the stream blocks.
+fn check_log(
+    log: &sled::Tree,
+    head: u64,
+    index: Option<&StreamIndex>,
+) -> Result<RawCheck, StoreError> {
     let mut check = RawCheck::default();
     let stored_head = stored_head(log)?;
     let stream_indexed = stored_indexed(log)?;
@@ -198,7 +204,7 @@ fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
             last = position;
             check.events += 1;
             let record = chunk.record(position).expect("a position of the chunk");
-            check_event(log, stream_indexed, position, record, &mut check)?;
+            check_event(log, index, stream_indexed, position, record, &mut check)?;
         }
     }
     if stored_head != last || last != head {
@@ -208,7 +214,9 @@ fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
         });
     }
     check_stream_index(log, head, &mut check)?;
-    check_id_index(log, head, &mut check)?;
+    if let Some(index) = index {
+        check_id_index(log, index, head, &mut check)?;
+    }
     Ok(check)
 }
 
@@ -216,6 +224,7 @@ fn check_log(log: &sled::Tree, head: u64) -> Result<RawCheck, StoreError> {
 /// entry pointing at it.
 fn check_event(
     log: &sled::Tree,
+    index: Option<&StreamIndex>,
     stream_indexed: u64,
     position: u64,
     value: &[u8],
@@ -260,8 +269,11 @@ fn check_event(
             ),
         }),
     }
-    let indexed = log.get(id_key(record.event_id)).map_err(sled_error)?;
-    match indexed.map(|v| decode_u64(&v)).transpose() {
+    // Through the live index: the tail holds the newest ids.
+    let Some(index) = index else {
+        return Ok(());
+    };
+    match index.event_position(log, record.event_id) {
         Ok(Some(p)) if p == position => {}
         found => check.found(RawFinding::NotIndexed {
             position,
@@ -371,49 +383,83 @@ fn check_stream_index(log: &sled::Tree, head: u64, check: &mut RawCheck) -> Resu
     Ok(())
 }
 
-fn check_id_index(log: &sled::Tree, head: u64, check: &mut RawCheck) -> Result<(), StoreError> {
-    for entry in log.scan_prefix([EVENT_ID]) {
-        let (key, value) = entry.map_err(sled_error)?;
-        check.index_entries += 1;
-        let Ok(id) = uuid::Uuid::from_slice(&key[1..]) else {
-            check.found(RawFinding::BadIndexEntry {
-                index: "event id",
-                key: format!("{:?}", &key[1..]),
-                detail: "malformed key".into(),
-            });
-            continue;
-        };
-        let position = match decode_u64(&value) {
-            Ok(position) => position,
-            Err(e) => {
+/// Checks every run of the id index (while no merge swaps runs): each
+/// block parses, ids increase through the run, each entry points at the
+/// event with that id, and the run holds as many ids as it says.
+fn check_id_index(
+    log: &sled::Tree,
+    index: &StreamIndex,
+    head: u64,
+    check: &mut RawCheck,
+) -> Result<(), StoreError> {
+    index.id_runs().without_merges(|runs| {
+        for &(run, count) in runs {
+            let mut found = 0u64;
+            let mut previous: Option<u128> = None;
+            let bad = |check: &mut RawCheck, key: String, detail: String| {
                 check.found(RawFinding::BadIndexEntry {
                     index: "event id",
-                    key: id.to_string(),
-                    detail: e.to_string(),
+                    key,
+                    detail,
                 });
-                continue;
+            };
+            let prefix = {
+                let mut prefix = vec![ID_BLOCK];
+                prefix.extend_from_slice(&run.to_be_bytes());
+                prefix
+            };
+            for block in log.scan_prefix(&prefix) {
+                let (key, value) = block.map_err(sled_error)?;
+                let entries = match block_entries(&value) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        check.index_entries += 1;
+                        bad(check, format!("run {run} block {key:?}"), e.to_string());
+                        continue;
+                    }
+                };
+                let first = key.get(9..).and_then(|b| <[u8; 16]>::try_from(b).ok());
+                if first.map(u128::from_be_bytes) != entries.first().map(|&(id, _)| id) {
+                    bad(
+                        check,
+                        format!("run {run} block {key:?}"),
+                        "the block's key is not its first id".into(),
+                    );
+                }
+                for (id, position) in entries {
+                    check.index_entries += 1;
+                    found += 1;
+                    let id = uuid::Uuid::from_u128(id);
+                    if previous.is_some_and(|previous| previous >= id.as_u128()) {
+                        bad(check, id.to_string(), format!("out of order in run {run}"));
+                    }
+                    previous = Some(id.as_u128());
+                    if position > head {
+                        continue;
+                    }
+                    let problem = match indexed_event(log, position)? {
+                        Err(why) => Some(why),
+                        Ok(event) if event.event_id != id => Some(format!(
+                            "points at position {position}, which holds event {}",
+                            event.event_id
+                        )),
+                        Ok(_) => None,
+                    };
+                    if let Some(detail) = problem {
+                        bad(check, id.to_string(), detail);
+                    }
+                }
             }
-        };
-        if position > head {
-            continue;
+            if found != count {
+                bad(
+                    check,
+                    format!("run {run}"),
+                    format!("holds {found} ids, its summary says {count}"),
+                );
+            }
         }
-        let problem = match indexed_event(log, position)? {
-            Err(why) => Some(why),
-            Ok(event) if event.event_id != id => Some(format!(
-                "points at position {position}, which holds event {}",
-                event.event_id
-            )),
-            Ok(_) => None,
-        };
-        if let Some(detail) = problem {
-            check.found(RawFinding::BadIndexEntry {
-                index: "event id",
-                key: id.to_string(),
-                detail,
-            });
-        }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Writes imported events into a sled store directory that no store has
@@ -428,7 +474,8 @@ pub(crate) struct SledLoader {
     log: sled::Tree,
     path: PathBuf,
     head: u64,
-    heads: HashMap<StreamId, u64>,
+    /// The indexes, written as a store's indexer writes them.
+    index: StreamIndex,
 }
 
 impl SledLoader {
@@ -448,17 +495,14 @@ impl SledLoader {
         db.open_tree("snapshots").map_err(sled_error)?;
         db.open_tree("checkpoints").map_err(sled_error)?;
         let head = check_format(path, &db, &log, false)?;
-        // A store that stopped without writing its stream index's tail
-        // (killed): write it now, so that every event has its entry.
-        if stored_indexed(&log)? < head {
-            StreamIndex::open(&log, head, 1)?.flush(&log, false)?;
-        }
+        let flush_every = super::SledStoreConfig::new(path).stream_index_flush_events;
+        let index = StreamIndex::open(&log, head, flush_every)?;
         Ok(Self {
             db,
             log,
             path: path.to_path_buf(),
             head,
-            heads: HashMap::new(),
+            index,
         })
     }
 
@@ -478,25 +522,15 @@ impl SledLoader {
         let mut stored = HashSet::new();
         for event in events {
             if self
-                .log
-                .get(id_key(event.event_id))
-                .map_err(sled_error)?
+                .index
+                .event_position(&self.log, event.event_id)?
                 .is_some()
             {
                 stored.insert(event.event_id);
             }
         }
-        let log = &self.log;
-        let heads = &self.heads;
-        check_batch(
-            self.head,
-            events,
-            |stream| match heads.get(stream) {
-                Some(&version) => Ok(version),
-                None => blocks_head(log, stream.as_str()),
-            },
-            &stored,
-        )?;
+        let (log, index) = (&self.log, &self.index);
+        check_batch(self.head, events, |stream| index.head(log, stream), &stored)?;
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
             return Ok(());
         };
@@ -506,26 +540,29 @@ impl SledLoader {
             .collect::<Result<Vec<_>, _>>()?;
         let mut batch = sled::Batch::default();
         stage_chunks(&mut batch, first.position.0, &records);
-        for event in events {
-            stage_indexes(&mut batch, event);
-        }
         batch.insert(META_HEAD, &last.position.0.to_be_bytes());
-        batch.insert(META_INDEXED, &last.position.0.to_be_bytes());
         self.log.apply_batch(batch).map_err(sled_error)?;
         self.head = last.position.0;
-        if self.heads.len() > 100_000 {
-            self.heads.clear();
-        }
-        for event in events {
-            self.heads.insert(event.stream_id.clone(), event.version.0);
+        // As the writer does after a group: the batch's entries go to the
+        // indexes' tail, flushed once it is due (a crash before that leaves
+        // them to the next open's rebuild).
+        if self.index.record(events)? != Due::No {
+            self.flush_index()?;
         }
         Ok(())
+    }
+
+    fn flush_index(&self) -> Result<(), StoreError> {
+        self.index.flush(&self.log, false)?;
+        self.index
+            .merge(&self.log, &std::sync::atomic::AtomicBool::new(false), false)
     }
 
     /// Makes everything loaded durable (sled's flush, then the fdatasync and
     /// blob fsyncs the store does after every group commit) and releases
     /// the directory.
     pub(crate) fn finish(self) -> Result<(), StoreError> {
+        self.flush_index()?;
         self.db.flush().map_err(sled_error)?;
         let counters = Arc::new(Counters::default());
         Syncer::new(&self.path, Durability::Fsync, counters)?.sync()?;
@@ -553,7 +590,7 @@ mod tests {
             log.insert(key.as_slice(), value.as_slice()).unwrap();
         }
         log.insert(META_HEAD, &head.to_be_bytes()).unwrap();
-        let check = check_log(&log, head).unwrap();
+        let check = check_log(&log, head, None).unwrap();
         let layout = check
             .findings
             .into_iter()

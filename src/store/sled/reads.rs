@@ -8,8 +8,7 @@
 use tracing::warn;
 
 use super::format::{
-    chunk_at, chunk_key, corrupt, decode_u64, event_at, id_key, Chunk, RecordDecoder,
-    StoredSnapshot,
+    chunk_at, chunk_key, corrupt, decode_u64, event_at, Chunk, RecordDecoder, StoredSnapshot,
 };
 use super::{sled_error, Handles};
 use crate::error::{ReadError, StoreError};
@@ -25,10 +24,9 @@ pub(super) fn read_by_id(
     head: Position,
     event_id: uuid::Uuid,
 ) -> Result<Option<RecordedEvent>, ReadError> {
-    let Some(position) = handles.log.get(id_key(event_id)).map_err(sled_error)? else {
+    let Some(position) = handles.streams.event_position(&handles.log, event_id)? else {
         return Ok(None);
     };
-    let position = decode_u64(&position)?;
     if position > head.0 {
         return Ok(None);
     }

@@ -12,10 +12,14 @@
 //! costs one key for all of them, written on another thread.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
+
+use uuid::Uuid;
 
 use super::format::{chunk_at, chunk_key, Chunk, META_INDEXED, STREAM};
 use super::format::{corrupt, decode_record, decode_u64, record_utf8, stream_key, stream_prefix};
+use super::id_index::{IdRuns, Pace};
 use super::sled_error;
 use crate::error::StoreError;
 use crate::event::{RecordedEvent, StreamId};
@@ -63,12 +67,19 @@ impl Run {
     }
 }
 
+/// A tail being written to sled: its stream runs and its ids.
+#[derive(Debug, Default)]
+struct TailEntries {
+    streams: HashMap<StreamId, Run>,
+    ids: HashMap<Uuid, u64>,
+}
+
 #[derive(Debug, Default)]
 struct Tail {
     /// Being written to sled by the indexer; read beside `current` until
-    /// its blocks and `Mindexed` are written.
-    flushing: Option<Arc<HashMap<StreamId, Run>>>,
-    current: HashMap<StreamId, Run>,
+    /// its blocks, its id run and `Mindexed` are written.
+    flushing: Option<Arc<TailEntries>>,
+    current: TailEntries,
     current_events: usize,
     /// The last position recorded in `current` (or, when it is empty, in
     /// `flushing`, or the stored `Mindexed`).
@@ -85,6 +96,8 @@ pub(super) struct StreamIndex {
     flush_every: usize,
     /// One flush at a time (the indexer's, or the final one).
     flush: Mutex<()>,
+    /// The event-id index's runs.
+    ids: IdRuns,
 }
 
 impl StreamIndex {
@@ -96,6 +109,7 @@ impl StreamIndex {
         flush_every: usize,
     ) -> Result<Self, StoreError> {
         let mut indexed = stored_indexed(log)?;
+        let ids = IdRuns::open(log)?;
         if indexed > head {
             // Only a loss the store was told to accept (or a damaged mark)
             // leaves the log shorter than its index: drop what points past
@@ -107,6 +121,7 @@ impl StreamIndex {
             );
             cut_back(log, head)?;
             indexed = head;
+            ids.cut_back(log, head)?;
         }
         let index = Self {
             tail: RwLock::new(Tail {
@@ -115,6 +130,7 @@ impl StreamIndex {
             }),
             flush_every,
             flush: Mutex::new(()),
+            ids,
         };
         if indexed < head {
             let start = chunk_at(log, indexed + 1)?.map_or(indexed + 1, |chunk| chunk.first());
@@ -127,7 +143,13 @@ impl StreamIndex {
                     let record = decode_record(position, bytes)?;
                     let stream =
                         StreamId::new(record_utf8(position, record.stream)?).map_err(corrupt)?;
-                    push(&mut tail, &stream, record.version, position, true)?;
+                    push(
+                        &mut tail,
+                        (&stream, record.version),
+                        record.event_id,
+                        position,
+                        true,
+                    )?;
                 }
             }
         }
@@ -150,8 +172,8 @@ impl StreamIndex {
         for event in events {
             push(
                 &mut tail,
-                &event.stream_id,
-                event.version.0,
+                (&event.stream_id, event.version.0),
+                event.event_id,
                 event.position.0,
                 false,
             )?;
@@ -186,17 +208,17 @@ impl StreamIndex {
     /// [`PACE_EVERY_BLOCKS`]); one that something waits for does not.
     pub(super) fn flush(&self, log: &sled::Tree, paced: bool) -> Result<(), StoreError> {
         let _one = self.flush.lock().unwrap_or_else(|p| p.into_inner());
-        let (runs, last) = {
+        let (entries, last) = {
             let mut tail = self.write_tail();
-            if tail.current.is_empty() {
+            if tail.current.ids.is_empty() {
                 return Ok(());
             }
-            let runs = Arc::new(std::mem::take(&mut tail.current));
+            let entries = Arc::new(std::mem::take(&mut tail.current));
             tail.current_events = 0;
-            tail.flushing = Some(Arc::clone(&runs));
-            (runs, tail.last)
+            tail.flushing = Some(Arc::clone(&entries));
+            (entries, tail.last)
         };
-        for (written, (stream, run)) in runs.iter().enumerate() {
+        for (written, (stream, run)) in entries.streams.iter().enumerate() {
             if paced && written % PACE_EVERY_BLOCKS == PACE_EVERY_BLOCKS - 1 && !self.behind() {
                 std::thread::sleep(PACE_PAUSE);
             }
@@ -223,18 +245,66 @@ impl StreamIndex {
                     .map_err(sled_error)?;
             }
         }
-        log.insert(META_INDEXED, &last.to_be_bytes())
-            .map_err(sled_error)?;
+        let mut ids: Vec<(u128, u64)> = entries
+            .ids
+            .iter()
+            .map(|(id, &position)| (id.as_u128(), position))
+            .collect();
+        ids.sort_unstable();
+        let behind = || self.behind();
+        // The run, then `Mruns` and `Mindexed` in one batch.
+        self.ids
+            .add(log, &ids, last, &mut Pace::new(paced, &behind))?;
         self.write_tail().flushing = None;
         Ok(())
+    }
+
+    /// Merges the id index's runs where four share a size (the indexer's
+    /// work after a flush); returns early once `stop` is set.
+    pub(super) fn merge(
+        &self,
+        log: &sled::Tree,
+        stop: &AtomicBool,
+        paced: bool,
+    ) -> Result<(), StoreError> {
+        let behind = || self.behind();
+        self.ids.merge(log, stop, &mut Pace::new(paced, &behind))
+    }
+
+    /// The position of the event whose id is `id`, if stored: the tail's
+    /// entry, or the runs'.
+    pub(super) fn event_position(
+        &self,
+        log: &sled::Tree,
+        id: Uuid,
+    ) -> Result<Option<u64>, StoreError> {
+        {
+            let tail = self.read_tail();
+            let in_tail = tail.current.ids.get(&id).or_else(|| {
+                tail.flushing
+                    .as_ref()
+                    .and_then(|flushing| flushing.ids.get(&id))
+            });
+            if let Some(&position) = in_tail {
+                return Ok(Some(position));
+            }
+        }
+        // After the tail: a flush adds its run before it lets go of its
+        // entries.
+        self.ids.find(log, id)
+    }
+
+    /// The id index's runs.
+    pub(super) fn id_runs(&self) -> &IdRuns {
+        &self.ids
     }
 
     /// Runs `f` on the tail's runs of `stream` (none, one, or the flushing
     /// one and the current one, in version order), under the tail's lock.
     fn with_runs<T>(&self, stream: &StreamId, f: impl FnOnce(&[&Run]) -> T) -> T {
         let tail = self.read_tail();
-        let flushing = tail.flushing.as_ref().and_then(|f| f.get(stream));
-        match (flushing, tail.current.get(stream)) {
+        let flushing = tail.flushing.as_ref().and_then(|f| f.streams.get(stream));
+        match (flushing, tail.current.streams.get(stream)) {
             (Some(old), Some(new)) => f(&[old, new]),
             (Some(run), None) | (None, Some(run)) => f(&[run]),
             (None, None) => f(&[]),
@@ -312,8 +382,8 @@ impl StreamIndex {
 /// only for a stream's first entry.
 fn push(
     tail: &mut Tail,
-    stream: &StreamId,
-    version: u64,
+    (stream, version): (&StreamId, u64),
+    id: Uuid,
     position: u64,
     rebuilt: bool,
 ) -> Result<(), StoreError> {
@@ -323,9 +393,14 @@ fn push(
             tail.last
         )));
     }
+    if tail.current.ids.insert(id, position).is_some() {
+        return Err(corrupt(format_args!(
+            "event id {id} recorded twice, the second time at {position}"
+        )));
+    }
     tail.last = position;
     tail.current_events += 1;
-    match tail.current.get_mut(stream) {
+    match tail.current.streams.get_mut(stream) {
         Some(run) if run.last() + 1 == version => run.positions.push(position),
         Some(run) => {
             return Err(corrupt(format_args!(
@@ -334,7 +409,7 @@ fn push(
             )))
         }
         None => {
-            tail.current.insert(
+            tail.current.streams.insert(
                 stream.clone(),
                 Run {
                     first: version,
@@ -613,7 +688,7 @@ mod tests {
         );
         // A flush taken aside and not finished: the next tail waits for it,
         // until it holds eight flush sizes.
-        index.write_tail().flushing = Some(Arc::new(HashMap::new()));
+        index.write_tail().flushing = Some(Arc::new(TailEntries::default()));
         let mut next = 11;
         let mut dues = Vec::new();
         while next <= 80 {

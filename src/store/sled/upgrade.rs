@@ -1,18 +1,20 @@
-//! The in-place upgrade of a format-2 or format-3 store to this build's
-//! format (docs/design.md, "Upgrading a format-2 or format-3 store"). From
-//! format 2, each event's `E` record moves, byte for byte, into chunks,
-//! batch by batch, each batch one atomic sled batch, so that a killed
-//! upgrade leaves a store that running the upgrade again finishes. From
-//! format 3, only the format record and `Mindexed` are written.
+//! The in-place upgrade of a format-2, 3 or 4 store to this build's format
+//! (docs/design.md, "Upgrading a store of an earlier format"). From format
+//! 2, each event's `E` record moves, byte for byte, into chunks, batch by
+//! batch, each batch one atomic sled batch, so that a killed upgrade
+//! leaves a store that running the upgrade again finishes. From every
+//! earlier format, the one-key-per-event id index (`I + id`) becomes the
+//! first run of the id index (`id_index.rs`), then its keys are removed.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use super::durability::Syncer;
 use super::format::{
-    chunk_key, corrupt, decode_u64, last_position, stage_chunks, stored_head, EVENT,
-    FORMAT_VERSION, META_FORMAT, META_INDEXED, META_UPGRADING,
+    chunk_key, corrupt, decode_u64, last_position, stage_chunks, stored_head, EVENT, EVENT_ID,
+    FORMAT_VERSION, META_FORMAT, META_INDEXED, META_RUNS, META_UPGRADING,
 };
+use super::id_index::IdRuns;
 use super::{ack_mark, check_path, open_db, sled_error, wait_for_release, Counters, Durability};
 use super::{SledStore, SledStoreConfig};
 use crate::error::StoreError;
@@ -23,7 +25,8 @@ pub(super) const EVENTS_PER_BATCH: usize = 4096;
 /// What [`SledStore::upgrade`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct UpgradeSummary {
-    /// The format the store had when this call found it: 2 or 3, or
+    /// The format the store had when this call found it (for an upgrade
+    /// this call finished, the format it started from): 2, 3 or 4, or
     /// [`FORMAT_VERSION`] when it was already upgraded (then nothing was
     /// written).
     pub found_format: u32,
@@ -34,25 +37,25 @@ pub struct UpgradeSummary {
 }
 
 impl SledStore {
-    /// Upgrades the format-2 or format-3 store at `path` to
+    /// Upgrades the format-2, 3 or 4 store at `path` to
     /// [`FORMAT_VERSION`] in place, or finishes an upgrade that was
     /// interrupted; a store already at this format is left as it is.
-    /// Blocking: from format 2 it reads and rewrites every event (call it
-    /// from `spawn_blocking` in async code); from format 3 it writes two
-    /// records. Positions,
+    /// Blocking (call it from `spawn_blocking` in async code): it rewrites
+    /// the id index (about 24 bytes per event), and from format 2 it also
+    /// reads and rewrites every event. Positions,
     /// versions, ids, timestamps, metadata and payloads are kept byte for
     /// byte; snapshots and checkpoints are not touched. The result is
     /// flushed and fdatasynced before this returns.
     ///
     /// While an upgrade is under way (or after it was killed), opening the
-    /// store is refused, by this build with `FormatMismatch { found: 2 }`
-    /// and by an older build with a `FormatMismatch` of this format: no
-    /// build ever reads a half-moved log.
+    /// store is refused, by this build with `FormatMismatch` of the format
+    /// it upgrades from, and by an older build with a `FormatMismatch` of
+    /// this format: no build ever reads a half-upgraded log.
     ///
     /// # Errors
     /// [`StoreError::InUse`] when a store has the directory open;
     /// [`StoreError::NotAStore`]; [`StoreError::FormatMismatch`] for a
-    /// format other than 2, 3 or this one; [`StoreError::ShorterThanAcknowledged`]
+    /// format other than 2, 3, 4 or this one; [`StoreError::ShorterThanAcknowledged`]
     /// when sled recovered fewer events than the store had acknowledged
     /// (see [`SledStore::upgrade_with`] to accept the loss);
     /// [`StoreError::Corrupt`] when the format-2 log has a gap or
@@ -117,27 +120,33 @@ fn upgrade_log(
             .map_err(|_| corrupt("format version record"))?,
     );
     let head = stored_head(&log)?;
-    let upgrading = log.contains_key(META_UPGRADING).map_err(sled_error)?;
+    let upgrading = upgrading_from(&log)?;
     let mut summary = UpgradeSummary {
         found_format: found,
         events: head,
         chunks_written: 0,
     };
     match (found, upgrading) {
-        (FORMAT_VERSION, false) => return Ok(summary),
-        (FORMAT_VERSION, true) => summary.found_format = 2,
-        // Format 3 differs only in writing every stream entry with its
-        // group: all are there, so its index is complete up to the head.
-        (3, false) => {
+        (FORMAT_VERSION, None) => return Ok(summary),
+        // This build's upgrade, interrupted: finished below.
+        (FORMAT_VERSION, Some(from)) => summary.found_format = from,
+        // Format 4 differs in its id index only. Its `Mindexed` stays: the
+        // tail after it is rebuilt from the log on open, as format 4's was.
+        (4, None) => {
             ack_mark::check(path, head, config.accept_lost_events, "upgrading")?;
-            mark_format(path, &log, head, false)?;
-            return Ok(summary);
+            mark_format(path, &log, None, 4)?;
         }
-        // The format-3 build's upgrade from format 2, interrupted: this
+        // Format 3 also wrote every stream entry with its group: all are
+        // there, so its stream index is complete up to the head.
+        (3, None) => {
+            ack_mark::check(path, head, config.accept_lost_events, "upgrading")?;
+            mark_format(path, &log, Some(head), 3)?;
+        }
+        // A format-3 or 4 build's upgrade from format 2, interrupted: this
         // one finishes it.
-        (3, true) => {
+        (3 | 4, Some(_)) => {
             summary.found_format = 2;
-            mark_format(path, &log, head, true)?;
+            mark_format(path, &log, Some(head), 2)?;
         }
         (2, _) => start(config, &log, head)?,
         (found, _) => {
@@ -179,6 +188,9 @@ fn upgrade_log(
         return Err(corrupt(format_args!(
             "upgraded log ends at {last}, its stored head is {head}"
         )));
+    }
+    if !convert_id_index(&log, head, per_batch, max_batches - batches)? {
+        return Ok(summary);
     }
     log.remove(META_UPGRADING).map_err(sled_error)?;
     db.flush().map_err(sled_error)?;
@@ -222,25 +234,84 @@ fn start(config: &SledStoreConfig, log: &sled::Tree, head: u64) -> Result<(), St
         return Err(corrupt("a format-2 log that holds chunks"));
     }
     ack_mark::check(path, head, config.accept_lost_events, "upgrading")?;
-    mark_format(path, log, head, true)
+    mark_format(path, log, Some(head), 2)
+}
+
+/// The format an upgrade under way started from: `Mupgrading` holds it
+/// (a format-3 or 4 build wrote `[1]`, upgrading from format 2).
+pub(super) fn upgrading_from(log: &sled::Tree) -> Result<Option<u32>, StoreError> {
+    let Some(value) = log.get(META_UPGRADING).map_err(sled_error)? else {
+        return Ok(None);
+    };
+    match value.as_ref() {
+        [1] => Ok(Some(2)),
+        bytes => Ok(Some(u32::from_be_bytes(
+            bytes
+                .try_into()
+                .map_err(|_| corrupt("the upgrade marker"))?,
+        ))),
+    }
+}
+
+/// Turns the earlier formats' id index, one `I + id` key per event, into
+/// the first run of this format's: the run, and `Mruns` naming it, then
+/// the `I` keys removed, `per_batch` to a sled batch. Run again after a
+/// kill: before `Mruns` is written the run is garbage that opening the
+/// runs removes; after, only the removal is left. False when it stopped
+/// (as a kill would) before the removal's batch number `max_batches`.
+fn convert_id_index(
+    log: &sled::Tree,
+    head: u64,
+    per_batch: usize,
+    max_batches: usize,
+) -> Result<bool, StoreError> {
+    if !log.contains_key(META_RUNS).map_err(sled_error)? {
+        let runs = IdRuns::open(log)?;
+        let entries = log.scan_prefix([EVENT_ID]).map(|entry| {
+            let (key, value) = entry.map_err(sled_error)?;
+            let id = key
+                .get(1..)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .ok_or_else(|| corrupt(format_args!("an id key of {} bytes", key.len())))?;
+            Ok((u128::from_be_bytes(id), decode_u64(&value)?))
+        });
+        runs.add_sorted(log, entries, head)?;
+    }
+    let mut batches = 0;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for key in log.scan_prefix([EVENT_ID]).keys().take(per_batch) {
+            batch.remove(key.map_err(sled_error)?);
+            removed += 1;
+        }
+        if removed == 0 {
+            return Ok(true);
+        }
+        if batches == max_batches {
+            return Ok(false);
+        }
+        log.apply_batch(batch).map_err(sled_error)?;
+        batches += 1;
+    }
 }
 
 /// Writes this build's format, with the stream index complete up to
-/// `head` (formats 2 and 3 write every stream entry with its group) and,
-/// if `upgrading`, the marker of an upgrade under way, in one batch, made
-/// durable before anything else changes.
+/// `indexed` when given (formats 2 and 3 write every stream entry with its
+/// group), and the marker of an upgrade under way from format `from`, in
+/// one batch, made durable before anything else changes.
 fn mark_format(
     path: &Path,
     log: &sled::Tree,
-    head: u64,
-    upgrading: bool,
+    indexed: Option<u64>,
+    from: u32,
 ) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
     batch.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes());
-    batch.insert(META_INDEXED, &head.to_be_bytes());
-    if upgrading {
-        batch.insert(META_UPGRADING, &[1u8]);
+    if let Some(indexed) = indexed {
+        batch.insert(META_INDEXED, &indexed.to_be_bytes());
     }
+    batch.insert(META_UPGRADING, &from.to_be_bytes());
     log.apply_batch(batch).map_err(sled_error)?;
     log.flush().map_err(sled_error)?;
     Syncer::new(path, Durability::Fsync, Arc::new(Counters::default()))?.sync()?;
@@ -477,24 +548,65 @@ mod tests {
         check_upgraded(&path, &expected).await;
     }
 
-    /// A store written by the format-3 build (`07eb41d`) is refused with
-    /// its format; the upgrade marks it (no chunk moves) and this build
-    /// reads every event, stream, snapshot and checkpoint as that build did.
-    #[tokio::test]
-    async fn a_store_of_the_format_3_build_is_upgraded_by_marking_it() {
-        let (_dir, path, expected) = fixture_store("format3");
-        assert_eq!(format_of(&path), 3);
-        match SledStore::open(&path) {
+    fn refused_as(path: &Path, format: u32) {
+        match SledStore::open(path) {
             Err(StoreError::FormatMismatch { found, expected }) => {
-                assert_eq!((found, expected), (3, FORMAT_VERSION));
+                assert_eq!((found, expected), (format, FORMAT_VERSION));
             }
             other => panic!("expected FormatMismatch, got {:?}", other.map(|_| ())),
         }
-        wait_for_release(&path);
-        let summary = SledStore::upgrade(&path).unwrap();
-        assert_eq!((summary.found_format, summary.events), (3, 500));
-        assert_eq!(summary.chunks_written, 0);
-        assert_eq!(format_of(&path), FORMAT_VERSION);
+        wait_for_release(path);
+    }
+
+    /// The `I` keys left, and the runs `Mruns` lists, of the store at `path`.
+    fn id_keys_and_runs(path: &Path) -> (usize, usize) {
+        let db = sled::open(path).unwrap();
+        let log = db.open_tree("log").unwrap();
+        let ids = log.scan_prefix([EVENT_ID]).count();
+        let runs = super::super::id_index::stored_runs(&log).unwrap().0.len();
+        drop(log);
+        drop(db);
+        wait_for_release(path);
+        (ids, runs)
+    }
+
+    /// A store written by the format-3 build (`07eb41d`) or the format-4
+    /// build (`ded12d8`) is refused with its format; the upgrade moves no
+    /// chunk, turns the id keys into one run, and this build reads every
+    /// event, stream, id, snapshot and checkpoint as that build did.
+    #[tokio::test]
+    async fn stores_of_the_format_3_and_4_builds_are_upgraded_without_moving_events() {
+        for format in [3, 4] {
+            let (_dir, path, expected) = fixture_store(&format!("format{format}"));
+            assert_eq!(format_of(&path), format);
+            assert_eq!(id_keys_and_runs(&path), (500, 0));
+            refused_as(&path, format);
+            let summary = SledStore::upgrade(&path).unwrap();
+            assert_eq!((summary.found_format, summary.events), (format, 500));
+            assert_eq!(summary.chunks_written, 0);
+            assert_eq!(format_of(&path), FORMAT_VERSION);
+            assert_eq!(id_keys_and_runs(&path), (0, 1));
+            check_upgraded(&path, &expected).await;
+        }
+    }
+
+    /// Killed while it removes the id keys (after their run is listed),
+    /// the upgrade leaves a store both builds refuse, which the next run
+    /// finishes.
+    #[tokio::test]
+    async fn an_upgrade_killed_while_it_converts_the_id_index_is_finished_by_the_next() {
+        let (_dir, path, expected) = fixture_store("format4");
+        for stop_after in [0, 3] {
+            let partial = upgrade(&SledStoreConfig::new(&path), 64, stop_after).unwrap();
+            assert_eq!(partial.found_format, 4);
+            assert_eq!(format_of(&path), FORMAT_VERSION);
+            let (ids, runs) = id_keys_and_runs(&path);
+            assert_eq!((ids, runs), (500 - 64 * stop_after, 1));
+            refused_as(&path, 4);
+        }
+        let finished = SledStore::upgrade(&path).unwrap();
+        assert_eq!(finished.found_format, 4);
+        assert_eq!(id_keys_and_runs(&path), (0, 1));
         check_upgraded(&path, &expected).await;
     }
 }

@@ -16,11 +16,10 @@ use uuid::Uuid;
 use super::ack_mark::AckMark;
 use super::durability::Syncer;
 use super::format::{
-    chunk_at, corrupt, decode_record, decode_u64, encode_record, id_key, record_utf8, stage_chunks,
-    stage_id_index, META_HEAD,
+    chunk_at, corrupt, decode_record, encode_record, record_utf8, stage_chunks, META_HEAD,
 };
 use super::stream_index::{Due, StreamIndex};
-use super::{sled_error, Durability};
+use super::Durability;
 use crate::error::{AppendError, StoreError};
 use crate::event::{
     now_micros, AppendResult, ExpectedVersion, NewEvent, Position, RecordedEvent, StreamId, Version,
@@ -76,6 +75,9 @@ pub(super) struct Writer {
 /// tail is due a flush.
 pub(super) struct Indexer {
     wake: std::sync::mpsc::SyncSender<()>,
+    /// Cuts a merge of id runs short at shutdown (opening removes what it
+    /// wrote), so that closing the store never waits for one.
+    stop: Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -86,12 +88,17 @@ impl Indexer {
         counters: Arc<super::Counters>,
     ) -> std::io::Result<Self> {
         let (wake, wakes) = std::sync::mpsc::sync_channel::<()>(1);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("annals-indexer".into())
             .spawn(move || {
                 while wakes.recv().is_ok() {
-                    if let Err(e) = streams.flush(&log, true) {
-                        let why = format!("writing the stream index failed: {e}");
+                    let flushed = streams
+                        .flush(&log, true)
+                        .and_then(|()| streams.merge(&log, &stopping, true));
+                    if let Err(e) = flushed {
+                        let why = format!("writing the store's indexes failed: {e}");
                         error!(error = %why, "the store refuses writes until reopened");
                         // The writer takes it up at its next group.
                         let _ = counters.poisoned.set(why);
@@ -99,11 +106,13 @@ impl Indexer {
                     }
                 }
             })?;
-        Ok(Self { wake, thread })
+        Ok(Self { wake, stop, thread })
     }
 
-    /// Waits for the flush under way, if any, and stops the thread.
+    /// Waits for the flush under way, if any (a merge stops early), and
+    /// stops the thread.
     fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         drop(self.wake);
         let _ = self.thread.join();
     }
@@ -270,7 +279,6 @@ impl Writer {
                             expected,
                             events,
                             &mut Pending {
-                                batch: &mut batch,
                                 heads: &mut heads,
                                 new_ids: &mut new_ids,
                                 next_position: &mut next_position,
@@ -459,7 +467,6 @@ impl Writer {
             .collect::<Result<Vec<_>, _>>()?;
         pending.records.extend(encoded);
         for event in &recorded {
-            stage_id_index(pending.batch, event);
             pending.new_ids.insert(
                 event.event_id,
                 StoredId {
@@ -488,15 +495,11 @@ impl Writer {
         if let Some(stored) = new_ids.get(&id) {
             return Ok(Some(stored.clone()));
         }
-        // Always looked up, even for an id above every stored one (fresh
-        // v7 ids nearly always are): the gets keep sled's index pages
-        // consolidated. Skipping them made sled write 70% more (a million
-        // events: an 895 MB log against 522 MB, six times the system time)
-        // and opening the store 35 times slower (3.1-3.9 s against 89 ms).
-        let Some(position) = self.log.get(id_key(id)).map_err(sled_error)? else {
+        // A fresh id costs the tail's lookup and the runs' filters, no
+        // sled read.
+        let Some(position) = self.streams.event_position(&self.log, id)? else {
             return Ok(None);
         };
-        let position = decode_u64(&position)?;
         let chunk = chunk_at(&self.log, position)?
             .ok_or_else(|| corrupt(format_args!("event id {id} points at missing {position}")))?;
         let bytes = chunk
@@ -513,7 +516,6 @@ impl Writer {
 
 /// What the appends of a group have staged so far.
 struct Pending<'a> {
-    batch: &'a mut sled::Batch,
     heads: &'a mut HashMap<StreamId, u64>,
     new_ids: &'a mut HashMap<Uuid, StoredId>,
     next_position: &'a mut u64,
