@@ -18,7 +18,7 @@ pub(super) const CHUNK: u8 = b'C';
 /// upgrade from it.
 pub(super) const EVENT: u8 = b'E';
 pub(super) const STREAM: u8 = b'S';
-/// Format 4's one key per event id, read only by the upgrade from it.
+/// Formats 2 to 4's one key per event id, read only by the upgrade.
 pub(super) const EVENT_ID: u8 = b'I';
 /// A block of a run of the event-id index (format 5, `id_index.rs`).
 pub(super) const ID_BLOCK: u8 = b'J';

@@ -172,7 +172,12 @@ impl IdRun {
                 words
             })
             .collect::<Vec<_>>();
-        if !rest.is_empty() || blocks.is_empty() || fences.windows(2).any(|w| w[0] >= w[1]) {
+        // Every block but the last is full: fewer fences would hide ids.
+        if !rest.is_empty()
+            || blocks.is_empty()
+            || fences.len() as u64 != count.div_ceil(BLOCK_ENTRIES as u64)
+            || fences.windows(2).any(|w| w[0] >= w[1])
+        {
             return Err(bad());
         }
         Ok(Self {
@@ -251,7 +256,7 @@ pub(super) fn stored_runs(log: &sled::Tree) -> Result<(Vec<(u64, u64)>, u64), St
             )
         })
         .collect::<Vec<_>>();
-    if runs.iter().any(|&(run, _)| run >= next) {
+    if next == u64::MAX || runs.iter().any(|&(run, _)| run >= next) {
         return Err(corrupt("the id index's run list names a run past its next"));
     }
     Ok((runs, next))
@@ -269,9 +274,11 @@ fn runs_value(runs: &[Arc<IdRun>], next: u64) -> Vec<u8> {
 
 /// Pauses between blocks of a long write (see [`PACE_EVERY_BLOCKS`]).
 pub(super) struct Pace<'a> {
-    pub(super) paced: bool,
+    paced: bool,
     /// Whether the tail is due a flush: the write then goes on unpaused.
-    pub(super) behind: &'a dyn Fn() -> bool,
+    behind: &'a dyn Fn() -> bool,
+    /// A merge's: flushes the tail when it is due, between two blocks.
+    flush: Option<&'a dyn Fn() -> Result<(), StoreError>>,
     written: usize,
 }
 
@@ -280,15 +287,29 @@ impl<'a> Pace<'a> {
         Self {
             paced,
             behind,
+            flush: None,
             written: 0,
         }
     }
 
-    fn block_written(&mut self) {
+    /// Has the write flush the tail when it comes due (a merge's).
+    pub(super) fn flush_when_behind(&mut self, flush: &'a dyn Fn() -> Result<(), StoreError>) {
+        self.flush = Some(flush);
+    }
+
+    fn block_written(&mut self) -> Result<(), StoreError> {
         self.written += 1;
-        if self.paced && self.written % PACE_EVERY_BLOCKS == 0 && !(self.behind)() {
+        if self.written % PACE_EVERY_BLOCKS != 0 {
+            return Ok(());
+        }
+        if (self.behind)() {
+            if let Some(flush) = self.flush {
+                flush()?;
+            }
+        } else if self.paced {
             std::thread::sleep(PACE_PAUSE);
         }
+        Ok(())
     }
 }
 
@@ -349,8 +370,7 @@ impl<'a, 'p> RunWriter<'a, 'p> {
             .insert(block_key(self.run, self.block_first), block)
             .map_err(sled_error)?;
         self.fences.push(self.block_first);
-        self.pace.block_written();
-        Ok(())
+        self.pace.block_written()
     }
 
     fn finish(mut self) -> Result<IdRun, StoreError> {
@@ -382,7 +402,7 @@ pub(super) struct RunEntries<'a> {
 impl RunEntries<'_> {
     pub(super) fn new(log: &sled::Tree, run: u64) -> RunEntries<'_> {
         RunEntries {
-            blocks: log.range(run_prefix(ID_BLOCK, run)..run_prefix(ID_BLOCK, run + 1)),
+            blocks: log.range(run_prefix(ID_BLOCK, run).to_vec()..run_end(ID_BLOCK, run)),
             block: Vec::new().into_iter(),
             _log: std::marker::PhantomData,
         }
@@ -414,7 +434,9 @@ impl Iterator for RunEntries<'_> {
 /// merges runs).
 #[derive(Debug)]
 pub(super) struct IdRuns {
-    /// The live runs, newest first. Replaced whole, so a lookup reads one
+    /// The live runs (a flush's new run first, a merged run where its
+    /// inputs were; ids are unique, so the order only saves probes).
+    /// Replaced whole, so a lookup reads one
     /// consistent list while a merge swaps runs.
     runs: RwLock<Arc<Vec<Arc<IdRun>>>>,
     next_run: AtomicU64,
@@ -465,7 +487,7 @@ impl IdRuns {
         Arc::clone(&self.runs.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Runs `f` on the live runs, `(run, count)` newest first, while no
+    /// Runs `f` on the live runs, `(run, count)`, while no
     /// merge removes one.
     pub(super) fn without_merges<T>(&self, f: impl FnOnce(&[(u64, u64)]) -> T) -> T {
         let _one = self.merging.lock().unwrap_or_else(|p| p.into_inner());
@@ -480,7 +502,9 @@ impl IdRuns {
     /// The position stored for `id` in the runs, if any.
     pub(super) fn find(&self, log: &sled::Tree, id: Uuid) -> Result<Option<u64>, StoreError> {
         let id = id.as_u128();
-        loop {
+        // A merge swaps the list once per four runs: a lookup that keeps
+        // meeting removed blocks is looking at damage, not at merges.
+        for _ in 0..16 {
             let runs = self.current();
             let mut vanished = false;
             for run in runs.iter() {
@@ -502,12 +526,13 @@ impl IdRuns {
             // A merge removes its inputs' blocks after it swapped the list:
             // look again in the new list, which has their merged run.
             if Arc::ptr_eq(&runs, &self.current()) {
-                return Err(corrupt(format_args!(
-                    "the id index misses a block of a live run, looking up {}",
-                    Uuid::from_u128(id)
-                )));
+                break;
             }
         }
+        Err(corrupt(format_args!(
+            "the id index misses a block of a live run, looking up {}",
+            Uuid::from_u128(id)
+        )))
     }
 
     /// Writes `entries` (sorted by id, unique) as a new run and then, in
@@ -596,31 +621,46 @@ impl IdRuns {
         stop: &AtomicBool,
         pace: &mut Pace<'_>,
     ) -> Result<(), StoreError> {
-        let _one = self.merging.lock().unwrap_or_else(|p| p.into_inner());
+        // Held by another merge, or by `verify` reading the runs: this one
+        // is left to the next flush.
+        let _one = match self.merging.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        };
         while let Some(inputs) = merge_candidates(&self.current()) {
-            if !self.merge_runs(log, &inputs, u64::MAX, stop, pace)? {
+            if !self.merge_runs(log, &inputs, u64::MAX, stop, pace, None)? {
                 return Ok(());
             }
         }
         Ok(())
     }
 
-    /// Rewrites every run as one without the entries past `head`: after a
-    /// loss the store was told to accept, before new events take those
+    /// Rewrites every run as one without the entries past `head`, then
+    /// writes its list and `Mindexed` = `head` in one batch: after a loss
+    /// the store was told to accept, before new events take those
     /// positions.
     pub(super) fn cut_back(&self, log: &sled::Tree, head: u64) -> Result<(), StoreError> {
         let _one = self.merging.lock().unwrap_or_else(|p| p.into_inner());
         let inputs: Vec<Arc<IdRun>> = self.current().iter().cloned().collect();
         if inputs.is_empty() {
-            return Ok(());
+            return self.swap(log, &[], None, Some(head));
         }
         let never = AtomicBool::new(false);
         let no = || false;
-        self.merge_runs(log, &inputs, head, &never, &mut Pace::new(false, &no))?;
+        self.merge_runs(
+            log,
+            &inputs,
+            head,
+            &never,
+            &mut Pace::new(false, &no),
+            Some(head),
+        )?;
         Ok(())
     }
 
-    /// Merges `inputs` into one run of their entries at or below `head`;
+    /// Merges `inputs` into one run of their entries at or below
+    /// `keep_through`, swapped in with `Mindexed` = `indexed` if given;
     /// false when `stop` cut it short.
     fn merge_runs(
         &self,
@@ -629,6 +669,7 @@ impl IdRuns {
         keep_through: u64,
         stop: &AtomicBool,
         pace: &mut Pace<'_>,
+        indexed: Option<u64>,
     ) -> Result<bool, StoreError> {
         let run = self.next_run.fetch_add(1, Ordering::Relaxed);
         let capacity = inputs.iter().map(|run| run.count).sum();
@@ -667,7 +708,7 @@ impl IdRuns {
         }
         let merged = Arc::new(writer.finish()?);
         let removed: Vec<u64> = inputs.iter().map(|run| run.run).collect();
-        self.swap(log, &removed, Some(merged), None)?;
+        self.swap(log, &removed, Some(merged), indexed)?;
         Ok(true)
     }
 }
@@ -714,12 +755,19 @@ fn present_runs(log: &sled::Tree, tag: u8) -> Result<Vec<u64>, StoreError> {
     Ok(runs)
 }
 
-fn remove_run_keys(log: &sled::Tree, tag: u8, run: u64) -> Result<(), StoreError> {
-    let end = match run.checked_add(1) {
+/// The first key after every key of `run` under `tag`.
+fn run_end(tag: u8, run: u64) -> Vec<u8> {
+    match run.checked_add(1) {
         Some(next) => run_prefix(tag, next).to_vec(),
         None => vec![tag + 1],
-    };
-    for key in log.range(run_prefix(tag, run).to_vec()..end).keys() {
+    }
+}
+
+fn remove_run_keys(log: &sled::Tree, tag: u8, run: u64) -> Result<(), StoreError> {
+    for key in log
+        .range(run_prefix(tag, run).to_vec()..run_end(tag, run))
+        .keys()
+    {
         log.remove(key.map_err(sled_error)?).map_err(sled_error)?;
     }
     Ok(())
@@ -747,10 +795,10 @@ mod tests {
     fn a_summary_reads_back_and_damage_is_refused() {
         let mut filter = Filter::with_capacity(3);
         filter.insert(7);
-        let run = IdRun {
+        let mut run = IdRun {
             run: 4,
             count: 3,
-            fences: vec![1, 9],
+            fences: vec![1],
             filter,
         };
         let back = IdRun::from_summary(4, &run.summary()).unwrap();
@@ -760,6 +808,11 @@ mod tests {
         );
         let summary = run.summary();
         assert!(IdRun::from_summary(4, &summary[..summary.len() - 1]).is_err());
+        // 171 ids take two blocks: one fence would hide the last id.
+        run.count = 171;
+        assert!(IdRun::from_summary(4, &run.summary()).is_err());
+        run.fences.push(9);
+        assert!(IdRun::from_summary(4, &run.summary()).is_ok());
     }
 
     fn runs_of(counts: &[u64]) -> Vec<Arc<IdRun>> {

@@ -393,6 +393,9 @@ fn check_id_index(
     check: &mut RawCheck,
 ) -> Result<(), StoreError> {
     index.id_runs().without_merges(|runs| {
+        // Entries between the acknowledged head and the stored one belong
+        // to a group not yet answered; past the stored head, to nothing.
+        let stored = stored_head(log)?;
         for &(run, count) in runs {
             let mut found = 0u64;
             let mut previous: Option<u128> = None;
@@ -434,6 +437,14 @@ fn check_id_index(
                         bad(check, id.to_string(), format!("out of order in run {run}"));
                     }
                     previous = Some(id.as_u128());
+                    if position > stored {
+                        bad(
+                            check,
+                            id.to_string(),
+                            format!("points at position {position}, past the head {stored}"),
+                        );
+                        continue;
+                    }
                     if position > head {
                         continue;
                     }

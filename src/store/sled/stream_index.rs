@@ -1,11 +1,13 @@
 //! The stream index, kept off the commit path (docs/design.md, "The stream
-//! index, off the commit path"). A group commit writes its chunks and event-id entries only; the
-//! stream entries of the newest events live in memory (the *tail*) until an
-//! indexer thread writes them in bulk as *blocks*: one sled key per stream
-//! per flush, `S + stream + \0 + first version`, whose value is the
+//! index, off the commit path"), and the tail of both indexes. A group
+//! commit writes its chunks only; the stream entries and event ids of the
+//! newest events live in memory (the *tail*) until an indexer thread
+//! writes them in bulk: the stream entries as *blocks*, one sled key per
+//! stream per flush, `S + stream + \0 + first version`, whose value is the
 //! positions of that stream's consecutive versions from the first (8 bytes
-//! each, big-endian). `Mindexed` is the last position whose entries are in
-//! blocks; opening rebuilds the tail from the log after it.
+//! each, big-endian), and the ids as a run of the id index
+//! (`id_index.rs`). `Mindexed` is the last position whose entries are
+//! written; opening rebuilds the tail from the log after it.
 //!
 //! sled's CPU per key was the ceiling of the commit path (two index keys
 //! per event); a stream that takes several events between two flushes now
@@ -120,8 +122,11 @@ impl StreamIndex {
                 "the stream index runs past the last event; cutting it back"
             );
             cut_back(log, head)?;
-            indexed = head;
+            // The runs, then `Mindexed` with their list in one batch: a
+            // crash before it leaves `Mindexed` past the head, and the next
+            // open cuts both back again.
             ids.cut_back(log, head)?;
+            indexed = head;
         }
         let index = Self {
             tail: RwLock::new(Tail {
@@ -195,8 +200,17 @@ impl StreamIndex {
         self.read_tail().current_events >= self.flush_every
     }
 
-    /// Writes the tail's entries as blocks, then `Mindexed`, then forgets
-    /// them. Blocks are plain inserts (sled's batch would hold its global
+    /// The indexer's flush, paced, if the tail is (still) due one: a merge
+    /// may have flushed it since the wake.
+    pub(super) fn flush_if_due(&self, log: &sled::Tree) -> Result<(), StoreError> {
+        if self.behind() {
+            self.flush(log, true)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the tail's stream entries as blocks, then its ids as a run
+    /// with `Mindexed` (`IdRuns::add`), then forgets them. Blocks are plain inserts (sled's batch would hold its global
     /// write lock, and with it the writer, for the whole flush): a crash
     /// part-way leaves some blocks written and `Mindexed` behind them; the
     /// open after it rebuilds the tail from `Mindexed`, whose flush writes
@@ -210,6 +224,14 @@ impl StreamIndex {
         let _one = self.flush.lock().unwrap_or_else(|p| p.into_inner());
         let (entries, last) = {
             let mut tail = self.write_tail();
+            if tail.flushing.is_some() {
+                // Only a flush that failed leaves its entries there (the
+                // store is poisoned then): taking the next tail aside would
+                // drop them, and `Mindexed` would then pass them for good.
+                return Err(StoreError::Poisoned(
+                    "an earlier flush of the store's indexes failed".into(),
+                ));
+            }
             if tail.current.ids.is_empty() {
                 return Ok(());
             }
@@ -260,7 +282,9 @@ impl StreamIndex {
     }
 
     /// Merges the id index's runs where four share a size (the indexer's
-    /// work after a flush); returns early once `stop` is set.
+    /// work after a flush); returns early once `stop` is set. A tail that
+    /// comes due meanwhile is flushed between two of the merge's blocks, so
+    /// that a long merge does not leave the writer to flush it.
     pub(super) fn merge(
         &self,
         log: &sled::Tree,
@@ -268,7 +292,10 @@ impl StreamIndex {
         paced: bool,
     ) -> Result<(), StoreError> {
         let behind = || self.behind();
-        self.ids.merge(log, stop, &mut Pace::new(paced, &behind))
+        let flush = || self.flush(log, paced);
+        let mut pace = Pace::new(paced, &behind);
+        pace.flush_when_behind(&flush);
+        self.ids.merge(log, stop, &mut pace)
     }
 
     /// The position of the event whose id is `id`, if stored: the tail's
@@ -393,21 +420,26 @@ fn push(
             tail.last
         )));
     }
-    if tail.current.ids.insert(id, position).is_some() {
+    // Checked before anything changes: a refused entry leaves the tail
+    // as it was.
+    if let Some(run) = tail.current.streams.get(stream) {
+        if run.last() + 1 != version {
+            return Err(corrupt(format_args!(
+                "{stream} version {version} follows version {}",
+                run.last()
+            )));
+        }
+    }
+    if tail.current.ids.contains_key(&id) {
         return Err(corrupt(format_args!(
             "event id {id} recorded twice, the second time at {position}"
         )));
     }
+    tail.current.ids.insert(id, position);
     tail.last = position;
     tail.current_events += 1;
     match tail.current.streams.get_mut(stream) {
-        Some(run) if run.last() + 1 == version => run.positions.push(position),
-        Some(run) => {
-            return Err(corrupt(format_args!(
-                "{stream} version {version} follows version {}",
-                run.last()
-            )))
-        }
+        Some(run) => run.positions.push(position),
         None => {
             tail.current.streams.insert(
                 stream.clone(),
@@ -423,8 +455,9 @@ fn push(
 }
 
 /// Cuts every block back to the versions at or below position `head`
-/// (positions grow with a stream's versions), and sets `Mindexed` to it. A
-/// scan of the whole stream index: only after an accepted loss.
+/// (positions grow with a stream's versions). A scan of the whole stream
+/// index: only after an accepted loss. `Mindexed` is set by the id index's
+/// cut-back after it.
 fn cut_back(log: &sled::Tree, head: u64) -> Result<(), StoreError> {
     for entry in log.scan_prefix([STREAM]) {
         let (key, value) = entry.map_err(sled_error)?;
@@ -439,8 +472,6 @@ fn cut_back(log: &sled::Tree, head: u64) -> Result<(), StoreError> {
             log.insert(key, &value[..keep * 8]).map_err(sled_error)?;
         }
     }
-    log.insert(META_INDEXED, &head.to_be_bytes())
-        .map_err(sled_error)?;
     Ok(())
 }
 
@@ -708,5 +739,14 @@ mod tests {
         // A position already recorded, or a version that does not follow.
         assert!(index.record(&events("b", 1..2, 5)).is_err());
         assert!(index.record(&events("a", 99..100, next)).is_err());
+        // The flush taken aside stands for one that failed: a later flush
+        // refuses rather than take the tail aside over it, and writes
+        // nothing (`Mindexed` stays where it was).
+        assert!(matches!(
+            index.flush(&log, false),
+            Err(StoreError::Poisoned(_))
+        ));
+        assert_eq!(stored_indexed(&log).unwrap(), 0);
+        assert_eq!(index.read_tail().current_events, 80);
     }
 }

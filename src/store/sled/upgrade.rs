@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::durability::Syncer;
 use super::format::{
     chunk_key, corrupt, decode_u64, last_position, stage_chunks, stored_head, EVENT, EVENT_ID,
-    FORMAT_VERSION, META_FORMAT, META_INDEXED, META_RUNS, META_UPGRADING,
+    FORMAT_VERSION, META_FORMAT, META_HEAD, META_INDEXED, META_RUNS, META_UPGRADING,
 };
 use super::id_index::IdRuns;
 use super::{ack_mark, check_path, open_db, sled_error, wait_for_release, Counters, Durability};
@@ -119,7 +119,7 @@ fn upgrade_log(
             .try_into()
             .map_err(|_| corrupt("format version record"))?,
     );
-    let head = stored_head(&log)?;
+    let mut head = stored_head(&log)?;
     let upgrading = upgrading_from(&log)?;
     let mut summary = UpgradeSummary {
         found_format: found,
@@ -130,23 +130,34 @@ fn upgrade_log(
         (FORMAT_VERSION, None) => return Ok(summary),
         // This build's upgrade, interrupted: finished below.
         (FORMAT_VERSION, Some(from)) => summary.found_format = from,
-        // Format 4 differs in its id index only. Its `Mindexed` stays: the
-        // tail after it is rebuilt from the log on open, as format 4's was.
-        (4, None) => {
-            ack_mark::check(path, head, config.accept_lost_events, "upgrading")?;
-            mark_format(path, &log, None, 4)?;
-        }
-        // Format 3 also wrote every stream entry with its group: all are
-        // there, so its stream index is complete up to the head.
-        (3, None) => {
-            ack_mark::check(path, head, config.accept_lost_events, "upgrading")?;
-            mark_format(path, &log, Some(head), 3)?;
+        // Formats 3 and 4 differ in their id index (and format 3 in
+        // writing every stream entry with its group: `Mindexed` = its head).
+        // Format 4's `Mindexed` stays: the tail after it is rebuilt from
+        // the log on open, as format 4's was.
+        (3 | 4, None) => {
+            let last = last_position(&log)?;
+            let indexed = (found == 3).then_some(head);
+            if last > head {
+                return Err(corrupt(format_args!(
+                    "stored head position {head} but last event at {last}"
+                )));
+            }
+            // A head past the last event: sled 0.34 can recover a torn
+            // group's `Mhead` without its chunk (docs/design.md,
+            // "Opening"). As opening does, the head goes back to the last
+            // event unless that loses acknowledged events; what the
+            // indexes hold past it is cut back (the id keys here, the
+            // rest by the first open, which finds `Mindexed` past it).
+            ack_mark::check(path, last, config.accept_lost_events, "upgrading")?;
+            mark_format(path, &log, indexed, found, (last < head).then_some(last))?;
+            head = last;
+            summary.events = last;
         }
         // A format-3 or 4 build's upgrade from format 2, interrupted: this
         // one finishes it.
         (3 | 4, Some(_)) => {
             summary.found_format = 2;
-            mark_format(path, &log, Some(head), 2)?;
+            mark_format(path, &log, Some(head), 2, None)?;
         }
         (2, _) => start(config, &log, head)?,
         (found, _) => {
@@ -234,7 +245,7 @@ fn start(config: &SledStoreConfig, log: &sled::Tree, head: u64) -> Result<(), St
         return Err(corrupt("a format-2 log that holds chunks"));
     }
     ack_mark::check(path, head, config.accept_lost_events, "upgrading")?;
-    mark_format(path, log, Some(head), 2)
+    mark_format(path, log, Some(head), 2, None)
 }
 
 /// The format an upgrade under way started from: `Mupgrading` holds it
@@ -267,14 +278,22 @@ fn convert_id_index(
 ) -> Result<bool, StoreError> {
     if !log.contains_key(META_RUNS).map_err(sled_error)? {
         let runs = IdRuns::open(log)?;
-        let entries = log.scan_prefix([EVENT_ID]).map(|entry| {
-            let (key, value) = entry.map_err(sled_error)?;
-            let id = key
-                .get(1..)
-                .and_then(|b| <[u8; 16]>::try_from(b).ok())
-                .ok_or_else(|| corrupt(format_args!("an id key of {} bytes", key.len())))?;
-            Ok((u128::from_be_bytes(id), decode_u64(&value)?))
-        });
+        let entries = log
+            .scan_prefix([EVENT_ID])
+            .map(|entry| {
+                let (key, value) = entry.map_err(sled_error)?;
+                let id = key
+                    .get(1..)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .ok_or_else(|| corrupt(format_args!("an id key of {} bytes", key.len())))?;
+                Ok((u128::from_be_bytes(id), decode_u64(&value)?))
+            })
+            // Entries of a group torn past the head point at nothing.
+            .filter(|entry| {
+                entry
+                    .as_ref()
+                    .map_or(true, |&(_, position)| position <= head)
+            });
         runs.add_sorted(log, entries, head)?;
     }
     let mut batches = 0;
@@ -298,16 +317,21 @@ fn convert_id_index(
 
 /// Writes this build's format, with the stream index complete up to
 /// `indexed` when given (formats 2 and 3 write every stream entry with its
-/// group), and the marker of an upgrade under way from format `from`, in
-/// one batch, made durable before anything else changes.
+/// group), the head when given, and the marker of an upgrade under way
+/// from format `from`, in one batch, made durable before anything else
+/// changes.
 fn mark_format(
     path: &Path,
     log: &sled::Tree,
     indexed: Option<u64>,
     from: u32,
+    head: Option<u64>,
 ) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
     batch.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes());
+    if let Some(head) = head {
+        batch.insert(META_HEAD, &head.to_be_bytes());
+    }
     if let Some(indexed) = indexed {
         batch.insert(META_INDEXED, &indexed.to_be_bytes());
     }
@@ -588,6 +612,74 @@ mod tests {
             assert_eq!(id_keys_and_runs(&path), (0, 1));
             check_upgraded(&path, &expected).await;
         }
+    }
+
+    /// A format-4 store whose stored head is past its last chunk (sled 0.34
+    /// can recover a torn group's `Mhead` without its chunk) is refused
+    /// unchanged while its mark says those events were acknowledged; with
+    /// the loss accepted it is upgraded at its last event, and neither
+    /// index points past it.
+    #[tokio::test]
+    async fn a_format_4_store_whose_head_is_past_its_last_event_is_upgraded_at_it() {
+        let (_dir, path, expected) = fixture_store("format4");
+        let last = {
+            let db = sled::open(&path).unwrap();
+            let log = db.open_tree("log").unwrap();
+            let (key, _) = log.scan_prefix([b'C']).next_back().unwrap().unwrap();
+            log.remove(key).unwrap();
+            let last = last_position(&log).unwrap();
+            db.flush().unwrap();
+            drop(log);
+            drop(db);
+            wait_for_release(&path);
+            last
+        };
+        assert!(last < 500);
+        assert!(matches!(
+            SledStore::upgrade(&path),
+            Err(StoreError::ShorterThanAcknowledged { .. })
+        ));
+        assert_eq!(format_of(&path), 4);
+        let config = SledStoreConfig::new(&path).accept_lost_events(true);
+        let summary = SledStore::upgrade_with(&config).unwrap();
+        assert_eq!((summary.found_format, summary.events), (4, last));
+        let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.head_position(), Position(last));
+        let all = store
+            .read_all(
+                Position::START,
+                ReadDirection::Forward,
+                10_000,
+                &EventFilter::All,
+            )
+            .await
+            .unwrap();
+        let read: Vec<String> = all.iter().map(|e| format!("{e:?}")).collect();
+        assert_eq!(read, expected[..last as usize]);
+        // The lost events' ids are found nowhere, and can be stored again.
+        let lost: Vec<uuid::Uuid> = expected[last as usize..]
+            .iter()
+            .map(|line| {
+                let at = line.find("event_id: ").unwrap() + "event_id: ".len();
+                line[at..at + 36].parse().unwrap()
+            })
+            .collect();
+        assert!(!lost.is_empty());
+        for id in &lost {
+            assert_eq!(store.read_event(*id).await.unwrap(), None);
+        }
+        let again = store
+            .append(
+                &StreamId::new("order-1").unwrap(),
+                ExpectedVersion::Any,
+                vec![NewEvent::new("Changed", b"again".to_vec()).with_id(lost[0])],
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.first_position, Position(last + 1));
+        let report = crate::ops::verify(&store).await.unwrap();
+        assert!(report.is_sound(), "{:?}", report.violations);
+        store.shutdown().await.unwrap();
     }
 
     /// Killed while it removes the id keys (after their run is listed),

@@ -95,7 +95,7 @@ impl Indexer {
             .spawn(move || {
                 while wakes.recv().is_ok() {
                     let flushed = streams
-                        .flush(&log, true)
+                        .flush_if_due(&log)
                         .and_then(|()| streams.merge(&log, &stopping, true));
                     if let Err(e) = flushed {
                         let why = format!("writing the store's indexes failed: {e}");
@@ -222,8 +222,18 @@ impl Writer {
             (Due::Indexer, None) | (Due::Writer, _) => true,
         };
         if inline {
-            if let Err(e) = self.streams.flush(&self.log, false) {
-                self.poison(format!("writing the stream index failed: {e}"));
+            // Without an indexer thread the writer also merges the id
+            // runs, or they would only grow in number.
+            let never = std::sync::atomic::AtomicBool::new(false);
+            let flushed = self
+                .streams
+                .flush(&self.log, false)
+                .and_then(|()| match self.indexer {
+                    Some(_) => Ok(()),
+                    None => self.streams.merge(&self.log, &never, false),
+                });
+            if let Err(e) = flushed {
+                self.poison(format!("writing the store's indexes failed: {e}"));
             }
         }
     }
@@ -506,6 +516,11 @@ impl Writer {
             .record(position)
             .expect("the chunk holds the position");
         let record = decode_record(position, bytes)?;
+        if record.event_id != id {
+            return Err(corrupt(format_args!(
+                "event id {id} points at {position}, which holds another"
+            )));
+        }
         Ok(Some(StoredId {
             stream: StreamId::new(record_utf8(position, record.stream)?).map_err(corrupt)?,
             version: Version(record.version),
