@@ -345,7 +345,7 @@ fn mark_format(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{EventFilter, Position, ReadDirection, StreamId, Version};
+    use crate::event::{EventFilter, Position, ReadDirection, RecordedEvent, StreamId, Version};
     use crate::store::{EventStore, ExpectedVersion, NewEvent};
 
     /// A copy of `tests/fixtures/format2`: a store written by the format-2
@@ -394,10 +394,9 @@ mod tests {
         }
     }
 
-    /// Opens the upgraded store and checks that it reads exactly what the
-    /// format-2 build read, by every read path, and takes new appends.
-    async fn check_upgraded(path: &Path, expected: &[String]) {
-        let store = SledStore::open(path).unwrap();
+    /// Every event of `store`, and each one's `Debug` line, as the
+    /// fixtures' `events.txt` holds them.
+    async fn whole_log_as_lines(store: &SledStore) -> (Vec<RecordedEvent>, Vec<String>) {
         let all = store
             .read_all(
                 Position::START,
@@ -407,7 +406,15 @@ mod tests {
             )
             .await
             .unwrap();
-        let read: Vec<String> = all.iter().map(|e| format!("{e:?}")).collect();
+        let lines = all.iter().map(|e| format!("{e:?}")).collect();
+        (all, lines)
+    }
+
+    /// Opens the upgraded store and checks that it reads exactly what the
+    /// format-2 build read, by every read path, and takes new appends.
+    async fn check_upgraded(path: &Path, expected: &[String]) {
+        let store = SledStore::open(path).unwrap();
+        let (all, read) = whole_log_as_lines(&store).await;
         assert_eq!(read, expected);
         let backward = store
             .read_all(
@@ -645,16 +652,7 @@ mod tests {
         assert_eq!((summary.found_format, summary.events), (4, last));
         let store = SledStore::open(&path).unwrap();
         assert_eq!(store.head_position(), Position(last));
-        let all = store
-            .read_all(
-                Position::START,
-                ReadDirection::Forward,
-                10_000,
-                &EventFilter::All,
-            )
-            .await
-            .unwrap();
-        let read: Vec<String> = all.iter().map(|e| format!("{e:?}")).collect();
+        let (_, read) = whole_log_as_lines(&store).await;
         assert_eq!(read, expected[..last as usize]);
         // The lost events' ids are found nowhere, and can be stored again.
         let lost: Vec<uuid::Uuid> = expected[last as usize..]
