@@ -305,12 +305,23 @@ fn store_failure(error: StoreError) -> Failure {
 fn lock_holder(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let inode = std::fs::metadata(path.join("db")).ok()?.ino();
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    let pid = locks.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (pid, file) = (fields.get(4)?, fields.get(5)?);
-        let lock_inode: u64 = file.rsplit(':').next()?.parse().ok()?;
-        (fields.get(1) == Some(&"FLOCK") && lock_inode == inode).then(|| pid.to_string())
+    let holder = |locks: &str| {
+        locks.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (pid, file) = (fields.get(4)?, fields.get(5)?);
+            let lock_inode: u64 = file.rsplit(':').next()?.parse().ok()?;
+            (fields.get(1) == Some(&"FLOCK") && lock_inode == inode).then(|| pid.to_string())
+        })
+    };
+    // The kernel writes `/proc/locks` a page at a time from a list that
+    // other processes change meanwhile, so one read can miss a line (a CI
+    // run once named no holder for a store held all along, while other
+    // tests opened and closed stores beside it): read again.
+    let pid = (0..3).find_map(|attempt| {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        holder(&std::fs::read_to_string("/proc/locks").ok()?)
     })?;
     let command = std::fs::read(format!("/proc/{pid}/cmdline"))
         .ok()
