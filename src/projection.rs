@@ -31,7 +31,7 @@ pub use self::error::{BatchFailure, ProjectionControlError};
 pub use self::handle::ProjectionHandle;
 pub use self::sled::{SledProjection, TypedSledProjection};
 pub(crate) use self::subscription::Delivery;
-pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE};
+pub use self::subscription::{subscribe, Subscription, DEFAULT_PAGE_SIZE, READ_AHEAD_MIN_PAGE};
 pub use crate::error::{ProjectionError, SubscriptionError};
 pub use crate::store::{ReadModelBatch, ReadModelView};
 
@@ -326,6 +326,7 @@ pub struct ProjectionConfig {
     pub(crate) checkpoint_every_events: u64,
     pub(crate) checkpoint_interval: Duration,
     pub(crate) batch_size: usize,
+    pub(crate) read_page_size: usize,
     pub(crate) max_recorded_skips: usize,
 }
 
@@ -345,9 +346,10 @@ impl ProjectionConfig {
                 name: name.into(),
                 filter: EventFilter::All,
                 failure_policy: FailurePolicy::default(),
-                checkpoint_every_events: 1000,
+                checkpoint_every_events: 10_000,
                 checkpoint_interval: Duration::from_secs(1),
                 batch_size: 256,
+                read_page_size: 4096,
                 max_recorded_skips: 100,
             },
         }
@@ -370,10 +372,14 @@ impl ProjectionConfig {
     }
 
     /// When the checkpoint is saved: after this many handled events
-    /// (default 1000), or when this much time passed since the last save
+    /// (default 10,000), or when this much time passed since the last save
     /// with progress since (default 1 s). The handling goes on while the
     /// store makes a save durable; a save that comes due meanwhile starts
-    /// after it.
+    /// after it. After a crash, a plain projection handles again what came
+    /// after its last save: at most about this many events or this much
+    /// time's worth, whichever is less. Each save is an fdatasync: at the
+    /// millions of events per second of a catch-up, one every 1,000 events
+    /// cost about a sixth of the rate.
     pub fn checkpoint_every(&self) -> (u64, Duration) {
         (self.checkpoint_every_events, self.checkpoint_interval)
     }
@@ -382,6 +388,15 @@ impl ProjectionConfig {
     /// [`ReadModel`], one [`ReadModel::handle_batch`] call). Default 256.
     pub fn batch_size(&self) -> usize {
         self.batch_size
+    }
+
+    /// How many events one catch-up read asks the store for; a page is
+    /// never smaller than [`batch_size`](Self::batch_size). Default 4,096.
+    /// While catching up the projection holds up to two pages: the one it
+    /// handles and the next, which it reads meanwhile (see
+    /// [`subscribe`](crate::projection::subscribe)).
+    pub fn read_page_size(&self) -> usize {
+        self.read_page_size.max(self.batch_size)
     }
 
     /// How many skipped events the status lists (the newest). Default 100.
@@ -395,6 +410,7 @@ impl ProjectionConfig {
         use crate::error::at_least_one;
         at_least_one("checkpoint_every_events", self.checkpoint_every_events)?;
         at_least_one("batch_size", self.batch_size as u64)?;
+        at_least_one("read_page_size", self.read_page_size as u64)?;
         if let FailurePolicy::Retry { max_attempts, .. } = self.failure_policy {
             at_least_one("max_attempts", u64::from(max_attempts))?;
         }
@@ -429,6 +445,14 @@ impl ProjectionConfigBuilder {
         self
     }
 
+    /// Sets how many events one catch-up read asks for (at least 1; a page
+    /// is never smaller than the batch size). Lower it for large events:
+    /// a catch-up holds up to two pages.
+    pub fn read_page_size(mut self, events: usize) -> Self {
+        self.config.read_page_size = events;
+        self
+    }
+
     /// Sets how many skipped events the status lists (0: none, only the
     /// count).
     pub fn max_recorded_skips(mut self, events: usize) -> Self {
@@ -440,8 +464,8 @@ impl ProjectionConfigBuilder {
     ///
     /// # Errors
     /// [`InvalidInput`] for a name the checkpoints cannot hold, or a setting
-    /// below its minimum: the events of `checkpoint_every`, `batch_size` and
-    /// a retry's `max_attempts` must be at least 1.
+    /// below its minimum: the events of `checkpoint_every`, `batch_size`,
+    /// `read_page_size` and a retry's `max_attempts` must be at least 1.
     pub fn build(self) -> Result<ProjectionConfig, InvalidInput> {
         self.config.validate()?;
         Ok(self.config)

@@ -468,6 +468,58 @@ async fn terminated_connections_lose_nothing_acknowledged_and_the_store_recovers
     assert_eq!(store.head_position(), Position(log.len() as u64));
 }
 
+/// A catch-up with pages large enough to be read ahead: the next page is
+/// read on a blocking thread that drives the PostgreSQL client there, while
+/// appends go on. Every event arrives once, in order, across the switch to
+/// live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_read_ahead_on_postgresql_delivers_every_event_in_order() {
+    use annals::projection::READ_AHEAD_MIN_PAGE;
+    if pg_support::disabled() {
+        return;
+    }
+    let store = Arc::new(pg_support::open(pg_support::config()));
+    let append = |store: Arc<PostgresStore>, streams: std::ops::Range<usize>| async move {
+        for n in streams {
+            let events = (0..100)
+                .map(|_| NewEvent::new("Happened", vec![1]))
+                .collect();
+            store
+                .append(
+                    &stream(&format!("order-{n}")),
+                    ExpectedVersion::NoStream,
+                    events,
+                )
+                .await
+                .expect("append");
+        }
+    };
+    // Two and a half pages before the subscription, more while it catches up.
+    let before = READ_AHEAD_MIN_PAGE * 5 / 200;
+    append(Arc::clone(&store), 0..before).await;
+    let mut subscription = subscribe(
+        Arc::clone(&store) as Arc<dyn EventStore>,
+        Position::START,
+        EventFilter::All,
+    )
+    .with_page_size(READ_AHEAD_MIN_PAGE);
+    let during = tokio::spawn(append(Arc::clone(&store), before..before + 20));
+    let count = (before + 20) * 100;
+    let mut seen = Vec::with_capacity(count);
+    while seen.len() < count {
+        let next = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+            .await
+            .expect("the subscriber stalled")
+            .expect("the subscription ended")
+            .expect("subscription error");
+        seen.push(next.position.0);
+    }
+    during.await.unwrap();
+    let expected: Vec<u64> = (1..=count as u64).collect();
+    assert_eq!(seen, expected, "a gap, a repeat or a reordering");
+    store.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn reopening_continues_at_the_head_with_every_field_intact() {
     if pg_support::disabled() {

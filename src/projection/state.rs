@@ -113,7 +113,7 @@ impl ActorState {
         lease: NameLease,
     ) -> (Self, watch::Receiver<ProjectionStatus>) {
         let subscription = subscribe(Arc::clone(&store), checkpoint, config.filter.clone())
-            .with_page_size(config.batch_size.max(64));
+            .with_page_size(config.read_page_size());
         let (status, receiver) = watch::channel(ProjectionStatus {
             name: config.name.clone(),
             state: ProjectionState::Running,
@@ -340,7 +340,8 @@ impl ActorState {
 
     /// Tops the batch up with what the subscription has without waiting: the
     /// rest of the current page in one move, then (if the batch has room) the
-    /// next page, which the store answers at once.
+    /// next page if it is ready (the embedded store answers a read at once;
+    /// a page still being read ahead waits for the next step).
     fn fill_batch(&mut self) {
         while self.pending.len() < self.config.batch_size && self.pending_passed.is_none() {
             let room = self.config.batch_size - self.pending.len();
@@ -601,7 +602,7 @@ impl ActorState {
             Position::START,
             self.config.filter.clone(),
         )
-        .with_page_size(self.config.batch_size.max(64));
+        .with_page_size(self.config.read_page_size());
         self.pending.clear();
         self.pending_passed = None;
         self.position = Position::START;

@@ -39,9 +39,13 @@ async fn failing_reads_and_checkpoint_saves_lose_and_repeat_nothing() {
     plan.seed = 42;
     let faulty = Arc::new(FaultyStore::new(Arc::clone(&inner), plan));
     let seen = Arc::new(Mutex::new(Vec::new()));
+    // Pages of 64 events: a lagging projection reads often, so reads fail
+    // often (the default 4,096 reads a few times a run at this handler's
+    // pace; the read ahead's failures are in the subscription's own tests).
     let config = ProjectionConfig::builder("faults")
         .checkpoint_every(20, Duration::from_millis(10))
-        .batch_size(8);
+        .batch_size(8)
+        .read_page_size(64);
     let store: Arc<dyn EventStore> = faulty.clone();
     let handle = loop {
         // Loading the checkpoint may fail too: that is a typed error.

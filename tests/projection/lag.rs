@@ -99,6 +99,85 @@ async fn sled_store_slow_subscriber_with_tiny_feed() {
     slow_subscriber(Arc::new(store)).await;
 }
 
+/// A subscriber with pages large enough to be read ahead, a tiny live feed
+/// and appends going on while it is behind: it catches up page by page
+/// with the next page read ahead, lags, and switches to live and back, and
+/// still sees every event once, in order.
+async fn lagging_subscriber_reading_ahead(store: Arc<dyn EventStore>) {
+    use annals::projection::READ_AHEAD_MIN_PAGE;
+    let page = READ_AHEAD_MIN_PAGE;
+    let total = (7 * page / 2) as u64;
+    let writers = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut written = 0;
+            let mut append = 0;
+            while written < total {
+                let count = 37.min(total - written);
+                let events = (0..count)
+                    .map(|_| NewEvent::new("Happened", Vec::new()))
+                    .collect();
+                let stream = StreamId::new(format!("order-{}", append % 5)).unwrap();
+                store
+                    .append(&stream, ExpectedVersion::Any, events)
+                    .await
+                    .expect("append");
+                written += count;
+                append += 1;
+                if append % 16 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    // Subscribed once two and a half pages are in: the catch-up reads its
+    // second page ahead, with appends still going on.
+    while store.head_position().0 < (5 * page / 2) as u64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut subscription =
+        subscribe(Arc::clone(&store), Position::START, EventFilter::All).with_page_size(page);
+    for expected in 1..=total {
+        let event = tokio::time::timeout(Duration::from_secs(20), subscription.next())
+            .await
+            .expect("the subscriber stalled")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            event.position,
+            Position(expected),
+            "gap, duplicate or reordering"
+        );
+        if expected % 512 == 0 {
+            // Behind: the tiny feed drops commits, the next read catches up.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    writers.await.unwrap();
+    let extra = tokio::time::timeout(Duration::from_millis(30), subscription.next()).await;
+    assert!(extra.is_err(), "no event after the last one: {extra:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_lagging_subscriber_reading_ahead() {
+    lagging_subscriber_reading_ahead(Arc::new(
+        MemoryStore::with_limits(DEFAULT_MAX_EVENT_SIZE, 2).unwrap(),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_store_lagging_subscriber_reading_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open_with(
+        SledStoreConfig::new(dir.path())
+            .durability(Durability::Flush)
+            .live_feed_capacity(2),
+    )
+    .unwrap();
+    lagging_subscriber_reading_ahead(Arc::new(store)).await;
+}
+
 /// Records positions; sleeps per event when slow; blocks on `gate` when stuck.
 struct Recorder {
     seen: Arc<Mutex<Vec<Position>>>,

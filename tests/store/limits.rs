@@ -441,6 +441,7 @@ async fn projection_settings_below_their_minimum_are_refused() {
     };
     for (config, what) in [
         (config().batch_size(0), "batch_size"),
+        (config().read_page_size(0), "read_page_size"),
         (
             config().checkpoint_every(0, Duration::from_secs(1)),
             "checkpoint_every_events",
@@ -457,11 +458,20 @@ async fn projection_settings_below_their_minimum_are_refused() {
     // The minimums themselves are fine.
     let config = config()
         .batch_size(1)
+        .read_page_size(1)
         .checkpoint_every(1, Duration::ZERO)
         .max_recorded_skips(0)
         .build()
         .unwrap();
     assert_eq!((config.batch_size(), config.checkpoint_every().0), (1, 1));
+    assert_eq!(config.read_page_size(), 1);
+    // A page is never smaller than a batch.
+    let wide = ProjectionConfig::builder("wide")
+        .batch_size(5000)
+        .read_page_size(100)
+        .build()
+        .unwrap();
+    assert_eq!(wide.read_page_size(), 5000);
     let handle = ProjectionHandle::spawn(Arc::clone(&store), config, Ignore)
         .await
         .expect("settings at their minimum");
