@@ -790,6 +790,7 @@ async fn catchup_only(scale: &Scale) -> Result<()> {
     let sqlite_scan_per_s = tokio::task::spawn_blocking(move || sqlite_scan(events)).await??;
     println!("catchup_events_per_s: {:.0}", store.catchup_per_s);
     println!("decode_events_per_s: {decode_per_s:.0}");
+    println!("ratio_to_decode: {:.2}", store.catchup_per_s / decode_per_s);
     println!("sqlite_scan_events_per_s: {sqlite_scan_per_s:.0}");
     println!(
         "ratio_to_sqlite_scan: {:.2}",
