@@ -79,24 +79,28 @@ async fn slow_subscriber(store: Arc<dyn EventStore>) {
     assert!(extra.is_err(), "no event after the last one: {extra:?}");
 }
 
+/// A memory store whose live feed holds two commits.
+fn tiny_feed_memory_store() -> Arc<dyn EventStore> {
+    Arc::new(MemoryStore::with_limits(DEFAULT_MAX_EVENT_SIZE, 2).unwrap())
+}
+
+/// A sled store in `dir` whose live feed holds two commits.
+fn tiny_feed_sled_store(dir: &tempfile::TempDir) -> Arc<dyn EventStore> {
+    let config = SledStoreConfig::new(dir.path())
+        .durability(Durability::Flush)
+        .live_feed_capacity(2);
+    Arc::new(SledStore::open_with(config).unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_slow_subscriber_with_tiny_feed() {
-    slow_subscriber(Arc::new(
-        MemoryStore::with_limits(DEFAULT_MAX_EVENT_SIZE, 2).unwrap(),
-    ))
-    .await;
+    slow_subscriber(tiny_feed_memory_store()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_store_slow_subscriber_with_tiny_feed() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open_with(
-        SledStoreConfig::new(dir.path())
-            .durability(Durability::Flush)
-            .live_feed_capacity(2),
-    )
-    .unwrap();
-    slow_subscriber(Arc::new(store)).await;
+    slow_subscriber(tiny_feed_sled_store(&dir)).await;
 }
 
 /// A subscriber with pages large enough to be read ahead, a tiny live feed
@@ -160,22 +164,13 @@ async fn lagging_subscriber_reading_ahead(store: Arc<dyn EventStore>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_lagging_subscriber_reading_ahead() {
-    lagging_subscriber_reading_ahead(Arc::new(
-        MemoryStore::with_limits(DEFAULT_MAX_EVENT_SIZE, 2).unwrap(),
-    ))
-    .await;
+    lagging_subscriber_reading_ahead(tiny_feed_memory_store()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_store_lagging_subscriber_reading_ahead() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open_with(
-        SledStoreConfig::new(dir.path())
-            .durability(Durability::Flush)
-            .live_feed_capacity(2),
-    )
-    .unwrap();
-    lagging_subscriber_reading_ahead(Arc::new(store)).await;
+    lagging_subscriber_reading_ahead(tiny_feed_sled_store(&dir)).await;
 }
 
 /// Records positions; sleeps per event when slow; blocks on `gate` when stuck.
