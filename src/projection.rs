@@ -394,7 +394,7 @@ impl ProjectionConfig {
     /// never smaller than [`batch_size`](Self::batch_size). Default 4,096.
     /// While catching up the projection holds up to two pages: the one it
     /// handles and the next, which it reads meanwhile (see
-    /// [`subscribe`](crate::projection::subscribe)).
+    /// [`subscribe`]).
     pub fn read_page_size(&self) -> usize {
         self.read_page_size.max(self.batch_size)
     }
