@@ -738,6 +738,131 @@ mod tests {
         assert_eq!(last, appended[2 * page..]);
     }
 
+    /// A store whose `$all` reads after position 1 never answer, as a
+    /// query on a half-open connection would not (`stalled` says one is
+    /// waiting); the rest is a memory store's.
+    #[derive(Debug, Default)]
+    struct StalledReads {
+        inner: MemoryStore,
+        stalled: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl EventStore for StalledReads {
+        async fn append(
+            &self,
+            stream: &StreamId,
+            expected: ExpectedVersion,
+            events: Vec<NewEvent>,
+        ) -> Result<crate::event::AppendResult, crate::error::AppendError> {
+            self.inner.append(stream, expected, events).await
+        }
+        async fn read_stream(
+            &self,
+            stream: &StreamId,
+            from: crate::event::Version,
+            direction: ReadDirection,
+            limit: usize,
+        ) -> Result<Vec<RecordedEvent>, ReadError> {
+            self.inner.read_stream(stream, from, direction, limit).await
+        }
+        async fn stream_version(
+            &self,
+            stream: &StreamId,
+        ) -> Result<crate::event::Version, ReadError> {
+            self.inner.stream_version(stream).await
+        }
+        async fn read_all(
+            &self,
+            from: Position,
+            direction: ReadDirection,
+            limit: usize,
+            filter: &EventFilter,
+        ) -> Result<Vec<RecordedEvent>, ReadError> {
+            if from > Position(1) {
+                self.stalled
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+            self.inner.read_all(from, direction, limit, filter).await
+        }
+        fn head_position(&self) -> Position {
+            self.inner.head_position()
+        }
+        fn subscribe_live(&self) -> LiveFeed {
+            self.inner.subscribe_live()
+        }
+        async fn save_snapshot(
+            &self,
+            stream: &StreamId,
+            snapshot: crate::event::Snapshot,
+        ) -> Result<(), crate::error::StoreError> {
+            self.inner.save_snapshot(stream, snapshot).await
+        }
+        async fn load_snapshot(
+            &self,
+            stream: &StreamId,
+        ) -> Result<Option<crate::event::Snapshot>, ReadError> {
+            self.inner.load_snapshot(stream).await
+        }
+        async fn delete_snapshot(&self, stream: &StreamId) -> Result<(), crate::error::StoreError> {
+            self.inner.delete_snapshot(stream).await
+        }
+        async fn save_checkpoint(
+            &self,
+            name: &str,
+            position: Position,
+        ) -> Result<(), crate::error::StoreError> {
+            self.inner.save_checkpoint(name, position).await
+        }
+        async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, ReadError> {
+            self.inner.load_checkpoint(name).await
+        }
+        async fn shutdown(&self) -> Result<(), crate::error::StoreError> {
+            self.inner.shutdown().await
+        }
+    }
+
+    #[test]
+    fn a_read_ahead_that_never_answers_ends_with_the_subscription() {
+        let (done, finished) = std::sync::mpsc::channel();
+        // Its own thread: without the cancellation, dropping the runtime
+        // waits forever for the blocking thread of the read ahead.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let page = READ_AHEAD_MIN_PAGE;
+                let store = Arc::new(StalledReads::default());
+                append_many(&store.inner, page + 1).await;
+                let shared: Arc<dyn EventStore> = store.clone();
+                let mut subscription =
+                    subscribe(shared, Position::START, EventFilter::All).with_page_size(page);
+                assert!(matches!(
+                    subscription.next_delivery().await,
+                    Ok(Delivery::Event(_))
+                ));
+                assert_eq!(
+                    read_ahead_from(&subscription),
+                    Some(Position(page as u64 + 1))
+                );
+                // The read ahead has started and waits: before that,
+                // dropping it only keeps it from starting.
+                while !store.stalled.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            });
+            drop(runtime);
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the runtime shut down with the subscription's read ahead waiting");
+    }
+
     #[tokio::test]
     async fn filtered_out_tails_are_reported_as_passed_in_catch_up_and_live() {
         let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
