@@ -385,31 +385,45 @@ fn check_format(
         });
     }
     let head = stored_head(log)?;
-    // O(log n), not a scan: the stored head must be the last event.
-    let last = last_position(log)?;
+    let last = settle_head(path, log, head, accept_lost_events, "opening")?;
     if last < head {
-        // Part of a group that was never answered: sled 0.34, run out of
-        // space in the group's flush, can recover its `Mhead` without its
-        // chunk (measured: `tests/full_disk.rs`). What is missing is a
-        // loss only if it was acknowledged, which the mark tells (then
-        // `ShorterThanAcknowledged`, or accepted); otherwise the head
-        // goes back to the last event.
-        ack_mark::check(path, last, accept_lost_events, "opening")?;
-        warn!(
-            path = %path.display(), stored = head, last,
-            "the stored head is past the last event, which no answer covered; opening at the last event"
-        );
         log.insert(META_HEAD, &last.to_be_bytes())
             .map_err(sled_error)?;
         db.flush().map_err(sled_error)?;
-        return Ok(last);
     }
-    if last != head {
+    Ok(last)
+}
+
+/// Where the log of `path` really ends, given its stored `head`: the last
+/// event's position (O(log n), not a scan). A head past the last event is
+/// part of a group that was never answered: sled 0.34, run out of space in
+/// the group's flush, can recover its `Mhead` without its chunk (measured:
+/// `tests/full_disk.rs`). What is missing is a loss only if it was
+/// acknowledged, which the mark tells (then `ShorterThanAcknowledged`, or
+/// accepted; `doing` names what is under way); otherwise the caller moves
+/// the head back to the returned last event. An event past the head is
+/// corruption.
+pub(super) fn settle_head(
+    path: &Path,
+    log: &sled::Tree,
+    head: u64,
+    accept_lost_events: bool,
+    doing: &str,
+) -> Result<u64, StoreError> {
+    let last = last_position(log)?;
+    if last > head {
         return Err(corrupt(format_args!(
             "stored head position {head} but last event at {last}"
         )));
     }
-    Ok(head)
+    if last < head {
+        ack_mark::check(path, last, accept_lost_events, doing)?;
+        warn!(
+            path = %path.display(), stored = head, last,
+            "the stored head is past the last event, which no answer covered; {doing} at the last event"
+        );
+    }
+    Ok(last)
 }
 
 /// Refuses a log that sled recovered shorter than the store had

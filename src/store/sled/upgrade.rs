@@ -15,7 +15,9 @@ use super::format::{
     FORMAT_VERSION, META_FORMAT, META_HEAD, META_INDEXED, META_RUNS, META_UPGRADING,
 };
 use super::id_index::IdRuns;
-use super::{ack_mark, check_path, open_db, sled_error, wait_for_release, Counters, Durability};
+use super::{
+    ack_mark, check_path, open_db, settle_head, sled_error, wait_for_release, Counters, Durability,
+};
 use super::{SledStore, SledStoreConfig};
 use crate::error::StoreError;
 
@@ -135,19 +137,13 @@ fn upgrade_log(
         // Format 4's `Mindexed` stays: the tail after it is rebuilt from
         // the log on open, as format 4's was.
         (3 | 4, None) => {
-            let last = last_position(&log)?;
             let indexed = (found == 3).then_some(head);
-            if last > head {
-                return Err(corrupt(format_args!(
-                    "stored head position {head} but last event at {last}"
-                )));
-            }
-            // A head past the last event: sled 0.34 can recover a torn
-            // group's `Mhead` without its chunk (docs/design.md,
-            // "Opening"). As opening does, the head goes back to the last
-            // event unless that loses acknowledged events; what the
-            // indexes hold past it is cut back (the id keys here, the
-            // rest by the first open, which finds `Mindexed` past it).
+            // A head past the last event goes back to it as on opening;
+            // what the indexes hold past it is cut back (the id keys here,
+            // the rest by the first open, which finds `Mindexed` past it).
+            let last = settle_head(path, &log, head, config.accept_lost_events, "upgrading")?;
+            // The mark against the log (after a torn group `settle_head`
+            // already checked it, and this finds it settled).
             ack_mark::check(path, last, config.accept_lost_events, "upgrading")?;
             mark_format(path, &log, indexed, found, (last < head).then_some(last))?;
             head = last;
@@ -254,13 +250,18 @@ pub(super) fn upgrading_from(log: &sled::Tree) -> Result<Option<u32>, StoreError
     let Some(value) = log.get(META_UPGRADING).map_err(sled_error)? else {
         return Ok(None);
     };
-    match value.as_ref() {
-        [1] => Ok(Some(2)),
-        bytes => Ok(Some(u32::from_be_bytes(
-            bytes
-                .try_into()
-                .map_err(|_| corrupt("the upgrade marker"))?,
-        ))),
+    let from = match value.as_ref() {
+        [1] => 2,
+        bytes => bytes.try_into().map(u32::from_be_bytes).unwrap_or(0),
+    };
+    // Only the formats this build upgrades from were ever written there.
+    if (2..FORMAT_VERSION).contains(&from) {
+        Ok(Some(from))
+    } else {
+        Err(corrupt(format_args!(
+            "the upgrade marker holds {:?}, not a format this build upgrades from",
+            value.as_ref()
+        )))
     }
 }
 
@@ -587,6 +588,33 @@ mod tests {
             other => panic!("expected FormatMismatch, got {:?}", other.map(|_| ())),
         }
         wait_for_release(path);
+    }
+
+    #[test]
+    fn an_upgrade_marker_naming_no_earlier_format_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = sled::open(dir.path()).unwrap().open_tree("log").unwrap();
+        assert_eq!(upgrading_from(&log).unwrap(), None);
+        for (marker, from) in [
+            (vec![1], 2),
+            (2u32.to_be_bytes().to_vec(), 2),
+            (4u32.to_be_bytes().to_vec(), 4),
+        ] {
+            log.insert(META_UPGRADING, marker).unwrap();
+            assert_eq!(upgrading_from(&log).unwrap(), Some(from));
+        }
+        for marker in [
+            vec![9],
+            FORMAT_VERSION.to_be_bytes().to_vec(),
+            9u32.to_be_bytes().to_vec(),
+            vec![0; 5],
+        ] {
+            log.insert(META_UPGRADING, marker.clone()).unwrap();
+            assert!(
+                matches!(upgrading_from(&log), Err(StoreError::Corrupt(_))),
+                "{marker:?}"
+            );
+        }
     }
 
     /// The `I` keys left, and the runs `Mruns` lists, of the store at `path`.
