@@ -317,12 +317,18 @@ fn lock_holder(path: &Path) -> Option<String> {
     // other processes change meanwhile, so one read can miss a line (a CI
     // run once named no holder for a store held all along, while other
     // tests opened and closed stores beside it): read again.
-    let pid = (0..3).find_map(|attempt| {
+    // A file that cannot be read is not read again.
+    let mut pid = None;
+    for attempt in 0..3 {
         if attempt > 0 {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        holder(&std::fs::read_to_string("/proc/locks").ok()?)
-    })?;
+        pid = holder(&std::fs::read_to_string("/proc/locks").ok()?);
+        if pid.is_some() {
+            break;
+        }
+    }
+    let pid = pid?;
     let command = std::fs::read(format!("/proc/{pid}/cmdline"))
         .ok()
         .map(|raw| {
