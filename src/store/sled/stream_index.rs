@@ -13,6 +13,7 @@
 //! per event); a stream that takes several events between two flushes now
 //! costs one key for all of them, written on another thread.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
@@ -31,14 +32,6 @@ use crate::event::{RecordedEvent, StreamId};
 /// every read of one version its whole parse, and past 128 KiB sled 0.34
 /// writes the page to a blob file of its own.
 const BLOCK_VERSIONS: usize = 512;
-
-/// A flush pauses for [`PACE_PAUSE`] after every this many blocks while the
-/// tail that grows beside it is not yet due: written in one burst, a flush
-/// of 10,000 streams' blocks stalled the writer's group commits (sled's
-/// global lock, its shared I/O threads, the CPU) and took p99 of appends
-/// at 39,000/s from 1.6 ms to 7-9 ms (`latency_probe store 39000`).
-const PACE_EVERY_BLOCKS: usize = 16;
-const PACE_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// Who should flush the tail after a group was recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +66,7 @@ impl Run {
 #[derive(Debug, Default)]
 struct TailEntries {
     streams: HashMap<StreamId, Run>,
+    /// One entry per event recorded: its length is the tail's size.
     ids: HashMap<Uuid, u64>,
 }
 
@@ -82,7 +76,6 @@ struct Tail {
     /// its blocks, its id run and `Mindexed` are written.
     flushing: Option<Arc<TailEntries>>,
     current: TailEntries,
-    current_events: usize,
     /// The last position recorded in `current` (or, when it is empty, in
     /// `flushing`, or the stored `Mindexed`).
     last: u64,
@@ -184,9 +177,9 @@ impl StreamIndex {
             )?;
         }
         Ok(
-            if tail.current_events >= self.flush_every.saturating_mul(8) {
+            if tail.current.ids.len() >= self.flush_every.saturating_mul(8) {
                 Due::Writer
-            } else if tail.current_events >= self.flush_every && tail.flushing.is_none() {
+            } else if tail.current.ids.len() >= self.flush_every && tail.flushing.is_none() {
                 Due::Indexer
             } else {
                 Due::No
@@ -197,7 +190,7 @@ impl StreamIndex {
     /// Whether the tail that grows beside a flush is already due one: the
     /// flush then runs without pauses.
     fn behind(&self) -> bool {
-        self.read_tail().current_events >= self.flush_every
+        self.read_tail().current.ids.len() >= self.flush_every
     }
 
     /// The indexer's flush, paced, if the tail is (still) due one: a merge
@@ -236,14 +229,13 @@ impl StreamIndex {
                 return Ok(());
             }
             let entries = Arc::new(std::mem::take(&mut tail.current));
-            tail.current_events = 0;
             tail.flushing = Some(Arc::clone(&entries));
             (entries, tail.last)
         };
-        for (written, (stream, run)) in entries.streams.iter().enumerate() {
-            if paced && written % PACE_EVERY_BLOCKS == PACE_EVERY_BLOCKS - 1 && !self.behind() {
-                std::thread::sleep(PACE_PAUSE);
-            }
+        // One pace for the whole flush: its stream blocks, then its id run.
+        let behind = || self.behind();
+        let mut pace = Pace::new(paced, &behind);
+        for (stream, run) in &entries.streams {
             if run.rebuilt {
                 // Blocks of an earlier flush of these versions, cut short:
                 // this run's blocks replace them.
@@ -265,6 +257,7 @@ impl StreamIndex {
                 }
                 log.insert(stream_key(stream.as_str(), first), value)
                     .map_err(sled_error)?;
+                pace.block_written()?;
             }
         }
         let mut ids: Vec<(u128, u64)> = entries
@@ -273,10 +266,8 @@ impl StreamIndex {
             .map(|(id, &position)| (id.as_u128(), position))
             .collect();
         ids.sort_unstable();
-        let behind = || self.behind();
         // The run, then `Mruns` and `Mindexed` in one batch.
-        self.ids
-            .add(log, &ids, last, &mut Pace::new(paced, &behind))?;
+        self.ids.add(log, &ids, last, &mut pace)?;
         self.write_tail().flushing = None;
         Ok(())
     }
@@ -430,14 +421,16 @@ fn push(
             )));
         }
     }
-    if tail.current.ids.contains_key(&id) {
-        return Err(corrupt(format_args!(
-            "event id {id} recorded twice, the second time at {position}"
-        )));
-    }
-    tail.current.ids.insert(id, position);
+    // One hash of the id: the event's entry, or the refusal of a second.
+    match tail.current.ids.entry(id) {
+        Entry::Occupied(_) => {
+            return Err(corrupt(format_args!(
+                "event id {id} recorded twice, the second time at {position}"
+            )));
+        }
+        Entry::Vacant(entry) => entry.insert(position),
+    };
     tail.last = position;
-    tail.current_events += 1;
     match tail.current.streams.get_mut(stream) {
         Some(run) => run.positions.push(position),
         None => {
@@ -747,6 +740,6 @@ mod tests {
             Err(StoreError::Poisoned(_))
         ));
         assert_eq!(stored_indexed(&log).unwrap(), 0);
-        assert_eq!(index.read_tail().current_events, 80);
+        assert_eq!(index.read_tail().current.ids.len(), 80);
     }
 }
